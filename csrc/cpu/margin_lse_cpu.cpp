@@ -1,0 +1,270 @@
+// The fused primitive margin_lse / margin_lse_backward on the CPU.
+//
+// Classes are processed in blocks of `class_block(D)` rows of W, in parallel
+// (at::parallel_for, one block per task). For a block, the cosine tile (N x B) comes from
+// one GEMM of the normalized features with the block's normalized weights, the margin
+// is applied to the few target entries in place, and the tile is folded into per-block
+// (max, sum-exp) partials; nothing N x C is ever allocated. Memory beyond inputs and
+// outputs: a few N x B and B x D tiles per thread, N x C/B partials in the forward pass,
+// one N x D accumulator per thread in the backward pass.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../margin_math.h"
+
+namespace margin_ops {
+namespace {
+
+MarginKind parse_margin(c10::string_view margin) {
+  if (margin == "arcface") return MarginKind::ArcFace;
+  if (margin == "arcface_easy") return MarginKind::ArcFaceEasy;
+  if (margin == "cosface") return MarginKind::CosFace;
+  if (margin == "combined") return MarginKind::Combined;
+  if (margin == "sphereface") return MarginKind::SphereFace;
+  TORCH_CHECK_VALUE(false,
+                    "margin must be one of 'arcface', 'arcface_easy', 'cosface', 'combined', "
+                    "'sphereface', got '", margin, "'");
+}
+
+MarginParams make_params(c10::string_view margin, double s, double m1, double m2, double m3,
+                         double lamb, bool feature_scale, bool detach_margin_grad) {
+  MarginParams p{};
+  p.kind = parse_margin(margin);
+  p.s = s;
+  p.m1 = m1;
+  p.m2 = m2;
+  p.m3 = m3;
+  p.lamb = lamb;
+  p.feature_scale = feature_scale;
+  p.detach_grad = detach_margin_grad;
+  TORCH_CHECK_VALUE(p.kind != MarginKind::SphereFace || (m1 >= 1 && m1 == std::floor(m1)),
+                    "m1 must be an integer >= 1 for margin='sphereface', got ", m1);
+  finalize(p);
+  return p;
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (N, D), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.size(1),
+                    "weight must be (C, D) with D = x.size(1) = ", x.size(1), ", got shape ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) >= 1, "weight must have at least one class (row)");
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()) && weight.scalar_type() == x.scalar_type(),
+                   "x and weight must share one floating dtype, got ", x.scalar_type(), " and ",
+                   weight.scalar_type());
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == x.size(0),
+                    "labels must be (N,) with N = x.size(0) = ", x.size(0), ", got shape ",
+                    labels.sizes());
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "labels must be int64, got ",
+                   labels.scalar_type());
+}
+
+at::ScalarType accumulation_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Rows of W per block: about 256K accumulation elements, so each thread's B x D tiles stay
+// near 1 MB (cache-sized) while the GEMMs keep a useful size.
+int64_t class_block(int64_t dim) {
+  return std::clamp<int64_t>((int64_t{1} << 18) / std::max<int64_t>(dim, 1), 64, 4096);
+}
+
+struct NormalizedRows {
+  at::Tensor hat;   // (R, D) rows / max(‖row‖, eps)
+  at::Tensor norm;  // (R,)   ‖row‖
+};
+
+NormalizedRows normalize_rows(const at::Tensor& t) {
+  auto norm = t.norm(2, {1});
+  return {t / norm.clamp_min(kNormEps).unsqueeze(1), norm};
+}
+
+// Pulls a gradient back through t̂ = t / max(‖t‖, eps): the tangent projection
+// (I − t̂ t̂ᵀ) / ‖t‖ where ‖t‖ > eps, and I / eps on the floor.
+at::Tensor normalize_rows_backward(const at::Tensor& grad_hat, const NormalizedRows& n) {
+  auto radial = (grad_hat * n.hat).sum(1, /*keepdim=*/true);
+  auto above_floor = (n.norm > kNormEps).unsqueeze(1);
+  auto tangent = at::where(above_floor, grad_hat - n.hat * radial, grad_hat);
+  return tangent / n.norm.clamp_min(kNormEps).unsqueeze(1);
+}
+
+// Calls visit(row, column_in_block) for every row whose label lies in [c0, c1).
+template <typename Visit>
+void for_each_target(const int64_t* labels, int64_t n, int64_t c0, int64_t c1, Visit visit) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (labels[i] >= c0 && labels[i] < c1) visit(i, labels[i] - c0);
+  }
+}
+
+// Shared by both passes: the clamped cosine tile of block [c0, c1) and its normalized
+// weight rows.
+struct CosineTile {
+  NormalizedRows w;
+  at::Tensor cos;  // (N, B) accumulation dtype, clamped to [−1, 1]
+};
+
+CosineTile cosine_tile(const at::Tensor& x_hat, const at::Tensor& weight, int64_t c0, int64_t c1,
+                       at::ScalarType acc, at::Tensor* unclamped_max = nullptr,
+                       at::Tensor* unclamped_argmax = nullptr) {
+  auto w = normalize_rows(weight.slice(0, c0, c1).to(acc));
+  auto cos = at::mm(x_hat, w.hat.t());
+  if (unclamped_max != nullptr) std::tie(*unclamped_max, *unclamped_argmax) = cos.max(1);
+  cos.clamp_(-1, 1);
+  return {std::move(w), std::move(cos)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_lse_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
+    c10::string_view margin, double s, double m1, double m2, double m3, double lamb,
+    bool feature_scale, bool detach_margin_grad) {
+  check_inputs(x, weight, labels);
+  const MarginParams params =
+      make_params(margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad);
+  const auto acc = accumulation_type(x.scalar_type());
+  const int64_t n = x.size(0), num_classes = weight.size(0);
+  const auto opts = x.options().dtype(acc);
+  auto target_logit = at::zeros({n}, opts);
+  if (n == 0) {
+    return {at::empty({0}, opts), target_logit, at::empty({0}, opts),
+            at::empty({0}, opts.dtype(at::kLong))};
+  }
+  const auto xn = normalize_rows(x.to(acc).contiguous());
+  const auto scale = feature_scale ? xn.norm.contiguous() : at::full({n}, s, opts);
+  const auto labels_c = labels.contiguous();
+  const int64_t* y = labels_c.data_ptr<int64_t>();
+  const int64_t block = class_block(x.size(1));
+  const int64_t num_blocks = (num_classes + block - 1) / block;
+  auto part_max = at::empty({num_blocks, n}, opts);
+  auto part_sum = at::empty({num_blocks, n}, opts);
+  auto part_cos = at::empty({num_blocks, n}, opts);
+  auto part_pred = at::empty({num_blocks, n}, opts.dtype(at::kLong));
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "margin_lse_cpu", [&] {
+    const scalar_t* scale_ptr = scale.data_ptr<scalar_t>();
+    scalar_t* target_ptr = target_logit.data_ptr<scalar_t>();
+    at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t c0 = b * block, c1 = std::min(num_classes, c0 + block);
+        at::Tensor block_max_cos, block_pred;
+        auto tile = cosine_tile(xn.hat, weight, c0, c1, acc, &block_max_cos, &block_pred);
+        part_cos[b].copy_(block_max_cos);
+        part_pred[b].copy_(block_pred.add_(c0));
+        auto logits = tile.cos.mul(scale.unsqueeze(1));
+        const auto cos_a = tile.cos.accessor<scalar_t, 2>();
+        auto logits_a = logits.accessor<scalar_t, 2>();
+        for_each_target(y, n, c0, c1, [&](int64_t i, int64_t col) {
+          const auto tm = target_margin<scalar_t>(cos_a[i][col], params);
+          logits_a[i][col] = scale_ptr[i] * tm.phi;
+          target_ptr[i] = logits_a[i][col];  // each row's target lies in one block only
+        });
+        auto row_max = logits.amax(1);
+        part_max[b].copy_(row_max);
+        part_sum[b].copy_(logits.sub_(row_max.unsqueeze(1)).exp_().sum(1));
+      }
+    });
+  });
+
+  auto global_max = part_max.amax(0);
+  auto lse = global_max + (part_sum * (part_max - global_max).exp()).sum(0).log();
+  auto [max_cos, best_block] = part_cos.max(0);  // first block on ties: the lowest class
+  auto pred = part_pred.gather(0, best_block.unsqueeze(0)).squeeze(0);
+  return {lse, target_logit, max_cos, pred};
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_lse_backward_cpu(
+    const at::Tensor& grad_lse, const at::Tensor& grad_target_logit, const at::Tensor& x,
+    const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
+    c10::string_view margin, double s, double m1, double m2, double m3, double lamb,
+    bool feature_scale, bool detach_margin_grad) {
+  check_inputs(x, weight, labels);
+  const MarginParams params =
+      make_params(margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad);
+  const auto acc = accumulation_type(x.scalar_type());
+  const int64_t n = x.size(0), dim = x.size(1), num_classes = weight.size(0);
+  for (const auto* t : {&grad_lse, &grad_target_logit, &lse}) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == n, "per-row gradients and lse must be (N,)");
+  }
+  const auto opts = x.options().dtype(acc);
+  auto grad_weight = at::empty_like(weight);
+  if (n == 0) return {at::zeros_like(x), grad_weight.zero_()};
+
+  const auto x_acc = x.to(acc).contiguous();
+  const auto xn = normalize_rows(x_acc);
+  const auto scale = feature_scale ? xn.norm.contiguous() : at::full({n}, s, opts);
+  const auto g_lse = grad_lse.to(acc).contiguous().unsqueeze(1);
+  const auto g_target = grad_target_logit.to(acc).contiguous();
+  const auto lse_col = lse.to(acc).contiguous().unsqueeze(1);
+  const auto labels_c = labels.contiguous();
+  const int64_t* y = labels_c.data_ptr<int64_t>();
+  const int64_t block = class_block(dim);
+  const int64_t num_blocks = (num_classes + block - 1) / block;
+  // dx̂ is a sum over all classes: one accumulator per thread, added in a fixed order
+  // afterwards, so the result does not depend on scheduling.
+  const int num_threads = at::get_num_threads();
+  auto grad_x_hat_part = at::zeros({num_threads, n, dim}, opts);
+  // Σ_c dlogit_ic · logit_ic / s_i per row: the gradient through s_i = ‖x_i‖.
+  auto scale_grad_part = at::zeros({num_threads, n}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "margin_lse_backward_cpu", [&] {
+    const scalar_t* scale_ptr = scale.data_ptr<scalar_t>();
+    const scalar_t* g_target_ptr = g_target.data_ptr<scalar_t>();
+    at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
+      const int tid = at::get_thread_num();
+      auto grad_x_hat = grad_x_hat_part[tid];
+      auto scale_grad = scale_grad_part[tid];
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t c0 = b * block, c1 = std::min(num_classes, c0 + block);
+        auto tile = cosine_tile(xn.hat, weight, c0, c1, acc);
+        const auto cos_a = tile.cos.accessor<scalar_t, 2>();
+        // dlogit = g_lse · P + g_target · [c = y], built in place in one N x B tile.
+        auto dlogit = tile.cos.mul(scale.unsqueeze(1));
+        auto dlogit_a = dlogit.accessor<scalar_t, 2>();
+        for_each_target(y, n, c0, c1, [&](int64_t i, int64_t col) {
+          dlogit_a[i][col] = scale_ptr[i] * target_margin<scalar_t>(cos_a[i][col], params).phi;
+        });
+        dlogit.sub_(lse_col).exp_().mul_(g_lse);
+        if (feature_scale) scale_grad.add_((dlogit * tile.cos).sum(1));
+        auto scale_grad_a = scale_grad.accessor<scalar_t, 1>();
+        for_each_target(y, n, c0, c1, [&](int64_t i, int64_t col) {
+          const scalar_t softmax_term = dlogit_a[i][col];
+          dlogit_a[i][col] += g_target_ptr[i];
+          if (feature_scale) {
+            // The tile sum above weighted this entry by c without g_target; its logit is s·φ.
+            const scalar_t phi = target_margin<scalar_t>(cos_a[i][col], params).phi;
+            scale_grad_a[i] += dlogit_a[i][col] * phi - softmax_term * cos_a[i][col];
+          }
+        });
+        // dc = s · dlogit, times dφ/dc on the target.
+        auto& grad_cos = dlogit.mul_(scale.unsqueeze(1));
+        for_each_target(y, n, c0, c1, [&](int64_t i, int64_t col) {
+          dlogit_a[i][col] *= target_margin<scalar_t>(cos_a[i][col], params).slope;
+        });
+        auto grad_w_hat = at::mm(grad_cos.t(), xn.hat);
+        grad_weight.slice(0, c0, c1).copy_(normalize_rows_backward(grad_w_hat, tile.w));
+        grad_x_hat.addmm_(grad_cos, tile.w.hat);
+      }
+    });
+  });
+
+  auto grad_x = normalize_rows_backward(grad_x_hat_part.sum(0), xn);
+  if (feature_scale) {
+    // d‖x‖/dx = x / ‖x‖, and 0 at x = 0 (as torch.norm's backward).
+    auto direction = x_acc / xn.norm.unsqueeze(1);
+    direction.masked_fill_((xn.norm == 0).unsqueeze(1), 0);
+    grad_x.add_(scale_grad_part.sum(0).unsqueeze(1) * direction);
+  }
+  return {grad_x.to(x.scalar_type()), grad_weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(margin, CPU, m) {
+  m.impl("margin_lse", &margin_lse_cpu);
+  m.impl("margin_lse_backward", &margin_lse_backward_cpu);
+}
+
+}  // namespace margin_ops

@@ -1,0 +1,118 @@
+"""Which implementation of the fused primitive the ops use.
+
+Backends:
+
+* ``"cpu"``: the C++ kernels of ``torch.ops.margin.margin_lse`` for CPU tensors.
+* ``"cuda"``: the CUDA C++ kernels, when this install was built with them.
+* ``"triton"``: the Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``).
+* ``"reference"``: :mod:`margin_ops.reference`, plain PyTorch with the N x C logits.
+
+By default each device uses its fastest built backend (CPU: ``"cpu"``; CUDA: ``"cuda"``,
+else ``"triton"``). ``with margin_ops.backend(name):`` or the environment variable
+``MARGIN_OPS_BACKEND`` chooses one explicitly; a backend that cannot run on the
+tensors' device is an error, never a silent fallback. Under ``torch.compile`` the backend
+in force when the graph is traced is the one compiled in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Callable, NamedTuple
+
+import torch
+
+from . import reference
+
+ENV_VAR = "MARGIN_OPS_BACKEND"
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+
+
+class Backend(NamedTuple):
+    #: margin_lse implementation: (x, weight, labels, *margin args) -> (lse, target_logit, max_cos, pred)
+    margin_lse: Callable
+    #: device types it runs on, given the current environment
+    devices: Callable[[], tuple]
+    #: why it is unavailable, or None
+    missing: Callable[[], str | None]
+
+
+def _native_missing(device_type: str) -> Callable[[], str | None]:
+    def missing():
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("margin::margin_lse", device_type.upper()):
+            return f"this install has no {device_type.upper()} kernels (see README: building for GPU)"
+        return None
+    return missing
+
+
+_registry: dict[str, Backend] = {
+    "cpu": Backend(lambda *a: torch.ops.margin.margin_lse(*a), lambda: ("cpu",), _native_missing("cpu")),
+    "cuda": Backend(lambda *a: torch.ops.margin.margin_lse(*a), lambda: ("cuda",), _native_missing("cuda")),
+    "reference": Backend(reference.margin_lse, lambda: ("cpu", "cuda"), lambda: None),
+    "triton": Backend(None, lambda: (), lambda: "the triton package is not installed"),
+}
+
+_selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("margin_ops_backend", default=None)
+
+
+def register(name: str, backend: Backend) -> None:
+    """Installs an implementation (used by margin_ops.triton when triton imports)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}")
+    _registry[name] = backend
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {name!r}")
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Context manager: the ops use backend ``name`` inside the block."""
+    _check_name(name)
+    token = _selected.set(name)
+    try:
+        yield
+    finally:
+        _selected.reset(token)
+
+
+def available_backends() -> dict[str, str | None]:
+    """{backend: None if usable here, else why not}."""
+    return {name: _registry[name].missing() for name in BACKENDS}
+
+
+def default_backend(device_type: str) -> str:
+    """The fastest built backend for a device type ('cpu' or 'cuda')."""
+    candidates = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}.get(device_type, ())
+    for name in candidates:
+        if _registry[name].missing() is None and device_type in _registry[name].devices():
+            return name
+    raise RuntimeError(
+        f"margin_ops has no kernels for {device_type} tensors in this install "
+        f"({'; '.join(f'{n}: {_registry[n].missing()}' for n in candidates) or 'unsupported device'}). "
+        f"Rebuild with nvcc present, install triton, or select backend('reference') explicitly."
+    )
+
+
+def current_backend(device: torch.device) -> str:
+    """The backend the ops will use for tensors on ``device``."""
+    name = _selected.get() or os.environ.get(ENV_VAR) or None
+    if name is None:
+        return default_backend(device.type)
+    _check_name(name)
+    chosen = _registry[name]
+    why = chosen.missing()
+    if why is not None:
+        raise RuntimeError(f"backend {name!r} is not available: {why}")
+    if device.type not in chosen.devices():
+        raise RuntimeError(f"backend {name!r} cannot run on {device.type} tensors "
+                           f"(it runs on: {', '.join(chosen.devices()) or 'nothing here'})")
+    return name
+
+
+def margin_lse_for(device: torch.device) -> Callable:
+    """The margin_lse implementation of the current backend for ``device``."""
+    return _registry[current_backend(device)].margin_lse
