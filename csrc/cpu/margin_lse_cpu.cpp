@@ -100,21 +100,27 @@ void for_each_target(const int64_t* labels, int64_t n, int64_t c0, int64_t c1, V
   }
 }
 
-// Shared by both passes: the clamped cosine tile of block [c0, c1) and its normalized
-// weight rows.
+// The cosine tile of classes [c0, c1). The block's weights are never normalized in
+// memory: their inverse norms scale the N x B tile's columns instead, which is cheaper
+// than a pass over the B x D block whenever N < D, and is what the GPU kernels do.
 struct CosineTile {
-  NormalizedRows w;
-  at::Tensor cos;  // (N, B) accumulation dtype, clamped to [−1, 1]
+  at::Tensor weight;    // (B, D) the block's raw rows, accumulation dtype
+  at::Tensor norm;      // (B,)   ‖w_c‖
+  at::Tensor inv_norm;  // (B,)   1 / max(‖w_c‖, eps)
+  at::Tensor cos;       // (N, B) x̂ · ŵ clamped to [−1, 1]
 };
 
 CosineTile cosine_tile(const at::Tensor& x_hat, const at::Tensor& weight, int64_t c0, int64_t c1,
                        at::ScalarType acc, at::Tensor* unclamped_max = nullptr,
                        at::Tensor* unclamped_argmax = nullptr) {
-  auto w = normalize_rows(weight.slice(0, c0, c1).to(acc));
-  auto cos = at::mm(x_hat, w.hat.t());
-  if (unclamped_max != nullptr) std::tie(*unclamped_max, *unclamped_argmax) = cos.max(1);
-  cos.clamp_(-1, 1);
-  return {std::move(w), std::move(cos)};
+  CosineTile t;
+  t.weight = weight.slice(0, c0, c1).to(acc);
+  t.norm = t.weight.norm(2, {1});
+  t.inv_norm = t.norm.clamp_min(kNormEps).reciprocal_();
+  t.cos = at::mm(x_hat, t.weight.t()).mul_(t.inv_norm.unsqueeze(0));
+  if (unclamped_max != nullptr) std::tie(*unclamped_max, *unclamped_argmax) = t.cos.max(1);
+  t.cos.clamp_(-1, 1);
+  return t;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_lse_cpu(
@@ -147,6 +153,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_lse_cpu(
     const scalar_t* scale_ptr = scale.data_ptr<scalar_t>();
     scalar_t* target_ptr = target_logit.data_ptr<scalar_t>();
     at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
+      // Worker threads do not inherit the caller's dispatch state: keep autograd out.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t c0 = b * block, c1 = std::min(num_classes, c0 + block);
         at::Tensor block_max_cos, block_pred;
@@ -213,9 +221,11 @@ std::tuple<at::Tensor, at::Tensor> margin_lse_backward_cpu(
     const scalar_t* scale_ptr = scale.data_ptr<scalar_t>();
     const scalar_t* g_target_ptr = g_target.data_ptr<scalar_t>();
     at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       const int tid = at::get_thread_num();
       auto grad_x_hat = grad_x_hat_part[tid];
       auto scale_grad = scale_grad_part[tid];
+      auto scale_grad_a = scale_grad.accessor<scalar_t, 1>();
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t c0 = b * block, c1 = std::min(num_classes, c0 + block);
         auto tile = cosine_tile(xn.hat, weight, c0, c1, acc);
@@ -228,7 +238,6 @@ std::tuple<at::Tensor, at::Tensor> margin_lse_backward_cpu(
         });
         dlogit.sub_(lse_col).exp_().mul_(g_lse);
         if (feature_scale) scale_grad.add_((dlogit * tile.cos).sum(1));
-        auto scale_grad_a = scale_grad.accessor<scalar_t, 1>();
         for_each_target(y, n, c0, c1, [&](int64_t i, int64_t col) {
           const scalar_t softmax_term = dlogit_a[i][col];
           dlogit_a[i][col] += g_target_ptr[i];
@@ -243,9 +252,18 @@ std::tuple<at::Tensor, at::Tensor> margin_lse_backward_cpu(
         for_each_target(y, n, c0, c1, [&](int64_t i, int64_t col) {
           dlogit_a[i][col] *= target_margin<scalar_t>(cos_a[i][col], params).slope;
         });
-        auto grad_w_hat = at::mm(grad_cos.t(), xn.hat);
-        grad_weight.slice(0, c0, c1).copy_(normalize_rows_backward(grad_w_hat, tile.w));
-        grad_x_hat.addmm_(grad_cos, tile.w.hat);
+        // Through ŵ = w / max(‖w‖, eps): dw = (dŵ − ŵ (ŵ·dŵ)) / ‖w‖ above the floor, dŵ / eps
+        // on it, with dŵ = dcᵀ x̂ and ŵ·dŵ = Σ_i dc_ic c_ic taken from the tile.
+        auto radial = (grad_cos * tile.cos).sum(0).masked_fill_(tile.norm <= kNormEps, 0);
+        grad_cos.mul_(tile.inv_norm.unsqueeze(0));  // dc · diag(1/‖w‖): now ŵ-free
+        auto radial_coef = radial.mul_(tile.inv_norm).mul_(tile.inv_norm).neg_().unsqueeze(1);
+        auto grad_w = grad_weight.slice(0, c0, c1);
+        if (grad_w.scalar_type() == acc) {
+          at::mm_out(grad_w, grad_cos.t(), xn.hat).addcmul_(tile.weight, radial_coef);
+        } else {
+          grad_w.copy_(at::mm(grad_cos.t(), xn.hat).addcmul_(tile.weight, radial_coef));
+        }
+        grad_x_hat.addmm_(grad_cos, tile.weight);
       }
     });
   });
