@@ -97,22 +97,24 @@ def default_backend(device_type: str) -> str:
     )
 
 
-def current_backend(device: torch.device) -> str:
-    """The backend the ops will use for tensors on ``device``."""
+# torch.compile evaluates this once while tracing and bakes the answer into the graph.
+@torch.compiler.assume_constant_result
+def current_backend(device_type: str) -> str:
+    """The backend the ops will use for tensors of ``device_type`` ('cpu', 'cuda')."""
     name = _selected.get() or os.environ.get(ENV_VAR) or None
     if name is None:
-        return default_backend(device.type)
+        return default_backend(device_type)
     _check_name(name)
     chosen = _registry[name]
     why = chosen.missing()
     if why is not None:
         raise RuntimeError(f"backend {name!r} is not available: {why}")
-    if device.type not in chosen.devices():
-        raise RuntimeError(f"backend {name!r} cannot run on {device.type} tensors "
+    if device_type not in chosen.devices():
+        raise RuntimeError(f"backend {name!r} cannot run on {device_type} tensors "
                            f"(it runs on: {', '.join(chosen.devices()) or 'nothing here'})")
     return name
 
 
 def margin_lse_for(device: torch.device) -> Callable:
     """The margin_lse implementation of the current backend for ``device``."""
-    return _registry[current_backend(device)].margin_lse
+    return _registry[current_backend(device.type)].margin_lse
