@@ -123,49 +123,73 @@ CosineTile cosine_tile(const at::Tensor& x_hat, const at::Tensor& weight, int64_
   return t;
 }
 
+// What both passes derive from their inputs before looping over class blocks.
+struct Problem {
+  MarginParams params;
+  at::ScalarType acc;  // accumulation dtype: double for double inputs, else float
+  int64_t n, num_classes, block, num_blocks;
+  at::Tensor x_acc;    // (N, D) x in the accumulation dtype
+  NormalizedRows xn;   // x̂ (N, D) and ‖x‖ (N,)
+  at::Tensor scale;    // (N,) s_i: s, or ‖x_i‖ with feature_scale
+  at::Tensor labels;   // (N,) int64, contiguous
+
+  std::pair<int64_t, int64_t> classes_of(int64_t b) const {
+    return {b * block, std::min(num_classes, (b + 1) * block)};
+  }
+  at::TensorOptions options() const { return x_acc.options(); }
+};
+
+Problem prepare(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
+                c10::string_view margin, double s, double m1, double m2, double m3, double lamb,
+                bool feature_scale, bool detach_margin_grad) {
+  check_inputs(x, weight, labels);
+  Problem p;
+  p.params = make_params(margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad);
+  p.acc = accumulation_type(x.scalar_type());
+  p.n = x.size(0);
+  p.num_classes = weight.size(0);
+  p.block = class_block(x.size(1));
+  p.num_blocks = (p.num_classes + p.block - 1) / p.block;
+  p.x_acc = x.to(p.acc).contiguous();
+  p.xn = normalize_rows(p.x_acc);
+  p.scale = feature_scale ? p.xn.norm.contiguous() : at::full({p.n}, s, p.options());
+  p.labels = labels.contiguous();
+  return p;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_lse_cpu(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
     c10::string_view margin, double s, double m1, double m2, double m3, double lamb,
     bool feature_scale, bool detach_margin_grad) {
-  check_inputs(x, weight, labels);
-  const MarginParams params =
-      make_params(margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad);
-  const auto acc = accumulation_type(x.scalar_type());
-  const int64_t n = x.size(0), num_classes = weight.size(0);
-  const auto opts = x.options().dtype(acc);
+  const Problem p =
+      prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad);
+  const int64_t n = p.n;
+  const auto opts = p.options();
+  const int64_t* y = p.labels.data_ptr<int64_t>();
   auto target_logit = at::zeros({n}, opts);
-  if (n == 0) {
-    return {at::empty({0}, opts), target_logit, at::empty({0}, opts),
-            at::empty({0}, opts.dtype(at::kLong))};
-  }
-  const auto xn = normalize_rows(x.to(acc).contiguous());
-  const auto scale = feature_scale ? xn.norm.contiguous() : at::full({n}, s, opts);
-  const auto labels_c = labels.contiguous();
-  const int64_t* y = labels_c.data_ptr<int64_t>();
-  const int64_t block = class_block(x.size(1));
-  const int64_t num_blocks = (num_classes + block - 1) / block;
+  const int64_t num_blocks = p.num_blocks;
   auto part_max = at::empty({num_blocks, n}, opts);
   auto part_sum = at::empty({num_blocks, n}, opts);
   auto part_cos = at::empty({num_blocks, n}, opts);
   auto part_pred = at::empty({num_blocks, n}, opts.dtype(at::kLong));
 
-  AT_DISPATCH_FLOATING_TYPES(acc, "margin_lse_cpu", [&] {
-    const scalar_t* scale_ptr = scale.data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(p.acc, "margin_lse_cpu", [&] {
+    const scalar_t* scale_ptr = p.scale.data_ptr<scalar_t>();
     scalar_t* target_ptr = target_logit.data_ptr<scalar_t>();
     at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
       // Worker threads do not inherit the caller's dispatch state: keep autograd out.
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t c0 = b * block, c1 = std::min(num_classes, c0 + block);
+        const auto [c0, c1] = p.classes_of(b);
         at::Tensor block_max_cos, block_pred;
-        auto tile = cosine_tile(xn.hat, weight, c0, c1, acc, &block_max_cos, &block_pred);
+        auto tile = cosine_tile(p.xn.hat, weight, c0, c1, p.acc, &block_max_cos, &block_pred);
         part_cos[b].copy_(block_max_cos);
         part_pred[b].copy_(block_pred.add_(c0));
-        auto logits = tile.cos.mul(scale.unsqueeze(1));
+        auto logits = tile.cos.mul(p.scale.unsqueeze(1));
         const auto cos_a = tile.cos.accessor<scalar_t, 2>();
         auto logits_a = logits.accessor<scalar_t, 2>();
         for_each_target(y, n, c0, c1, [&](int64_t i, int64_t col) {
-          const auto tm = target_margin<scalar_t>(cos_a[i][col], params);
+          const auto tm = target_margin<scalar_t>(cos_a[i][col], p.params);
           logits_a[i][col] = scale_ptr[i] * tm.phi;
           target_ptr[i] = logits_a[i][col];  // each row's target lies in one block only
         });
@@ -188,28 +212,18 @@ std::tuple<at::Tensor, at::Tensor> margin_lse_backward_cpu(
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
     c10::string_view margin, double s, double m1, double m2, double m3, double lamb,
     bool feature_scale, bool detach_margin_grad) {
-  check_inputs(x, weight, labels);
-  const MarginParams params =
-      make_params(margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad);
-  const auto acc = accumulation_type(x.scalar_type());
-  const int64_t n = x.size(0), dim = x.size(1), num_classes = weight.size(0);
+  const Problem p =
+      prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad);
+  const int64_t n = p.n, dim = x.size(1);
   for (const auto* t : {&grad_lse, &grad_target_logit, &lse}) {
     TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == n, "per-row gradients and lse must be (N,)");
   }
-  const auto opts = x.options().dtype(acc);
+  const auto opts = p.options();
   auto grad_weight = at::empty_like(weight);
-  if (n == 0) return {at::zeros_like(x), grad_weight.zero_()};
-
-  const auto x_acc = x.to(acc).contiguous();
-  const auto xn = normalize_rows(x_acc);
-  const auto scale = feature_scale ? xn.norm.contiguous() : at::full({n}, s, opts);
-  const auto g_lse = grad_lse.to(acc).contiguous().unsqueeze(1);
-  const auto g_target = grad_target_logit.to(acc).contiguous();
-  const auto lse_col = lse.to(acc).contiguous().unsqueeze(1);
-  const auto labels_c = labels.contiguous();
-  const int64_t* y = labels_c.data_ptr<int64_t>();
-  const int64_t block = class_block(dim);
-  const int64_t num_blocks = (num_classes + block - 1) / block;
+  const auto g_lse = grad_lse.to(p.acc).contiguous().unsqueeze(1);
+  const auto g_target = grad_target_logit.to(p.acc).contiguous();
+  const auto lse_col = lse.to(p.acc).contiguous().unsqueeze(1);
+  const int64_t* y = p.labels.data_ptr<int64_t>();
   // dx̂ is a sum over all classes: one accumulator per thread, added in a fixed order
   // afterwards, so the result does not depend on scheduling.
   const int num_threads = at::get_num_threads();
@@ -217,40 +231,40 @@ std::tuple<at::Tensor, at::Tensor> margin_lse_backward_cpu(
   // Σ_c dlogit_ic · logit_ic / s_i per row: the gradient through s_i = ‖x_i‖.
   auto scale_grad_part = at::zeros({num_threads, n}, opts);
 
-  AT_DISPATCH_FLOATING_TYPES(acc, "margin_lse_backward_cpu", [&] {
-    const scalar_t* scale_ptr = scale.data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(p.acc, "margin_lse_backward_cpu", [&] {
+    const scalar_t* scale_ptr = p.scale.data_ptr<scalar_t>();
     const scalar_t* g_target_ptr = g_target.data_ptr<scalar_t>();
-    at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, p.num_blocks, 1, [&](int64_t b0, int64_t b1) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       const int tid = at::get_thread_num();
       auto grad_x_hat = grad_x_hat_part[tid];
       auto scale_grad = scale_grad_part[tid];
       auto scale_grad_a = scale_grad.accessor<scalar_t, 1>();
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t c0 = b * block, c1 = std::min(num_classes, c0 + block);
-        auto tile = cosine_tile(xn.hat, weight, c0, c1, acc);
+        const auto [c0, c1] = p.classes_of(b);
+        auto tile = cosine_tile(p.xn.hat, weight, c0, c1, p.acc);
         const auto cos_a = tile.cos.accessor<scalar_t, 2>();
         // dlogit = g_lse · P + g_target · [c = y], built in place in one N x B tile.
-        auto dlogit = tile.cos.mul(scale.unsqueeze(1));
+        auto dlogit = tile.cos.mul(p.scale.unsqueeze(1));
         auto dlogit_a = dlogit.accessor<scalar_t, 2>();
         for_each_target(y, n, c0, c1, [&](int64_t i, int64_t col) {
-          dlogit_a[i][col] = scale_ptr[i] * target_margin<scalar_t>(cos_a[i][col], params).phi;
+          dlogit_a[i][col] = scale_ptr[i] * target_margin<scalar_t>(cos_a[i][col], p.params).phi;
         });
         dlogit.sub_(lse_col).exp_().mul_(g_lse);
-        if (feature_scale) scale_grad.add_((dlogit * tile.cos).sum(1));
+        if (p.params.feature_scale) scale_grad.add_((dlogit * tile.cos).sum(1));
         for_each_target(y, n, c0, c1, [&](int64_t i, int64_t col) {
           const scalar_t softmax_term = dlogit_a[i][col];
           dlogit_a[i][col] += g_target_ptr[i];
-          if (feature_scale) {
+          if (p.params.feature_scale) {
             // The tile sum above weighted this entry by c without g_target; its logit is s·φ.
-            const scalar_t phi = target_margin<scalar_t>(cos_a[i][col], params).phi;
+            const scalar_t phi = target_margin<scalar_t>(cos_a[i][col], p.params).phi;
             scale_grad_a[i] += dlogit_a[i][col] * phi - softmax_term * cos_a[i][col];
           }
         });
         // dc = s · dlogit, times dφ/dc on the target.
-        auto& grad_cos = dlogit.mul_(scale.unsqueeze(1));
+        auto& grad_cos = dlogit.mul_(p.scale.unsqueeze(1));
         for_each_target(y, n, c0, c1, [&](int64_t i, int64_t col) {
-          dlogit_a[i][col] *= target_margin<scalar_t>(cos_a[i][col], params).slope;
+          dlogit_a[i][col] *= target_margin<scalar_t>(cos_a[i][col], p.params).slope;
         });
         // Through ŵ = w / max(‖w‖, eps): dw = (dŵ − ŵ (ŵ·dŵ)) / ‖w‖ above the floor, dŵ / eps
         // on it, with dŵ = dcᵀ x̂ and ŵ·dŵ = Σ_i dc_ic c_ic taken from the tile.
@@ -258,21 +272,21 @@ std::tuple<at::Tensor, at::Tensor> margin_lse_backward_cpu(
         grad_cos.mul_(tile.inv_norm.unsqueeze(0));  // dc · diag(1/‖w‖): now ŵ-free
         auto radial_coef = radial.mul_(tile.inv_norm).mul_(tile.inv_norm).neg_().unsqueeze(1);
         auto grad_w = grad_weight.slice(0, c0, c1);
-        if (grad_w.scalar_type() == acc) {
-          at::mm_out(grad_w, grad_cos.t(), xn.hat).addcmul_(tile.weight, radial_coef);
+        if (grad_w.scalar_type() == p.acc) {
+          at::mm_out(grad_w, grad_cos.t(), p.xn.hat).addcmul_(tile.weight, radial_coef);
         } else {
-          grad_w.copy_(at::mm(grad_cos.t(), xn.hat).addcmul_(tile.weight, radial_coef));
+          grad_w.copy_(at::mm(grad_cos.t(), p.xn.hat).addcmul_(tile.weight, radial_coef));
         }
         grad_x_hat.addmm_(grad_cos, tile.weight);
       }
     });
   });
 
-  auto grad_x = normalize_rows_backward(grad_x_hat_part.sum(0), xn);
+  auto grad_x = normalize_rows_backward(grad_x_hat_part.sum(0), p.xn);
   if (feature_scale) {
     // d‖x‖/dx = x / ‖x‖, and 0 at x = 0 (as torch.norm's backward).
-    auto direction = x_acc / xn.norm.unsqueeze(1);
-    direction.masked_fill_((xn.norm == 0).unsqueeze(1), 0);
+    auto direction = p.x_acc / p.xn.norm.unsqueeze(1);
+    direction.masked_fill_((p.xn.norm == 0).unsqueeze(1), 0);
     grad_x.add_(scale_grad_part.sum(0).unsqueeze(1) * direction);
   }
   return {grad_x.to(x.scalar_type()), grad_weight};
