@@ -64,7 +64,13 @@ def _is_traced(t: torch.Tensor) -> bool:
 
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int):
-    """Raises a ValueError/TypeError naming the bad argument."""
+    """Raises a ValueError/TypeError naming the bad argument (shapes, dtypes, devices, labels)."""
+    check_tensors(x, weight, labels)
+    check_labels(labels, weight.shape[0], ignore_index)
+
+
+def check_tensors(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
+    """Shapes, dtypes and devices of x (N, D), weight (C, D) and labels (N,)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D tensor (N, D), got {_describe(x)}")
     if not x.is_floating_point():
@@ -85,7 +91,15 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ig
     for name, t in (("weight", weight), ("labels", labels)):
         if t.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
-    num_classes = weight.shape[0]
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int):
+    """Every label lies in [0, num_classes) or equals ignore_index.
+
+    Eagerly this is a clear ValueError (a host sync on CUDA); while torch.compile traces
+    or a CUDA graph captures, the data is not there, so the check becomes an asynchronous
+    assertion in the graph.
+    """
     bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
     message = f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}"
     if _is_traced(labels) or (labels.is_cuda and torch.cuda.is_current_stream_capturing()):

@@ -1,0 +1,432 @@
+"""Model-parallel margin losses: the classes are sharded over the ranks, W is never gathered.
+
+    import torch.distributed as dist
+    from margin_ops import distributed
+
+    head = distributed.PartialFC(512, num_classes, kind="arcface", sample_rate=0.1)
+    loss = head(features, labels)   # the loss of the global batch, the same on every rank
+
+Layout. The W ranks q = 0..W-1 of ``group`` hold, in rank order:
+
+* ``x_q``       (N_q, D) floating: this rank's features; N_q may differ per rank and be 0.
+* ``labels_q``  (N_q,) int64: their *global* class ids in [0, C), or ``ignore_index``.
+* ``weight_q``  (C_q, D), x's dtype: rows [o_q, o_q + C_q) of the full (C, D) class weight,
+  o_q = C_0 + … + C_{q−1}; C_q ≥ 1 and may differ per rank (:class:`PartialFC` gives the
+  first C mod W ranks one class more).
+
+The global batch is the rows of every rank in rank order: X (N, D), Y (N,), N = Σ N_q.
+
+What one call does, on every rank:
+
+1. One all-gather of each rank's (N_q, C_q, D, dtype, arguments valid?): the sizes must be
+   on the host to gather uneven batches, so this is the one host synchronization of a step.
+   Invalid arguments on any rank make every rank raise, instead of leaving the others
+   waiting in a collective.
+2. All-gather of x and labels (padded to max N_q) into X and Y.
+3. The fused primitive on this rank's shard for the whole global batch, with labels
+   Y − o_r (rows of other shards have no target here): per-row partials
+   lse_r, target_logit_r (N,), each in the accumulation dtype (float64 for float64 inputs,
+   else float32).
+4. All-reduce MAX of lse_r (a stabilizer, no gradient), all-reduce SUM of
+   [exp(lse_r − max), target_logit_r]: lse = max + log Σ_q exp(lse_q − max) and
+   target_logit = Σ_q target_logit_q, the single-process statistics of the global batch.
+5. :func:`margin_ops.reference.loss_from_lse` on the global batch.
+
+Gradients. Every rank computes the same loss from the same lse and target logit, so the
+upstream gradient of the loss is the same on every rank and is the gradient of ONE copy of
+the loss. The sum of step 4 therefore back-propagates as the identity (an all-reduce there
+would count the loss once per rank); the primitive's backward gives this shard's exact
+dL/dweight_r and its share of dL/dX; the all-gather of step 2 back-propagates as a
+reduce-scatter that sums the shares of every shard and hands each rank its own rows. So
+x_r.grad and weight_r.grad are exactly the slices of the single-process gradients of the
+global loss. Collectives run in backward too: every rank must run the same backward.
+
+Reductions. ``"mean"`` (over the global batch's rows not ignored) and ``"sum"`` return the
+scalar loss of the global batch, identical on every rank: back-propagate it on every rank as
+one loss (do not divide it by W, do not all-reduce it). ``"none"`` returns this rank's rows,
+(N_r,): the rows that go with ``x``. Its backward all-gathers the rows' gradients first, so
+each rank back-propagating its own rows (e.g. ``(w_r * loss_r).sum()``) gives every rank its
+slice of the gradient of Σ_q (rank q's objective).
+
+With DDP on the backbone. Keep the head (its weight is a shard, not a replica) outside the
+DDP wrapper. The backbone's true gradient of the global loss is the *sum* over ranks of
+each rank's backbone gradient (each rank's x_r.grad is its exact share); DDP *averages*,
+so the backbone receives 1/W of it while the head shards receive their exact gradients.
+To train exactly like one process on the global batch, scale the features' gradient by W
+before DDP averages it::
+
+    features = ddp_backbone(images)
+    features.register_hook(lambda grad: grad * world_size)   # DDP's mean becomes the sum
+    loss = head(features, labels)
+
+(InsightFace's PartialFC_V2 does the same inside its all-gather.) If the features also feed
+losses computed per rank in the DDP way, whose gradients DDP should keep averaging, scale
+only this loss's share: hook a view that only this loss uses::
+
+    head_input = features.view_as(features)   # its own autograd node
+    head_input.register_hook(lambda grad: grad * world_size)
+    loss = head(head_input, labels) + other_loss(features)
+
+Without the factor,
+SGD trains the backbone with a W times smaller learning rate than the head; optimizers that
+normalize each parameter's gradient (Adam, AdamW) are nearly insensitive to it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import backends, ops, reference
+from .ops import MarginOutput
+from .reference import MarginSpec
+
+# torch 2.13 renamed the single-tensor collectives; the old names still exist before it.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+#: Arguments of the public ops that are not margin parameters.
+_BATCH_ARGS = ("x", "weight", "labels", "reduction", "ignore_index")
+#: Floating dtypes, numbered for the argument check of the size exchange.
+_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def _margin_spec(kind: str, margin_kwargs: dict) -> MarginSpec:
+    """MarginSpec of ``torch.ops.margin.<kind>`` with these margin arguments, the op's defaults
+    for the others (arcface: s, m, easy_margin, margin_grad; cosface: s, m; combined: s, m1,
+    m2, m3, margin_grad; sphereface: m, lamb, s, gamma)."""
+    if kind not in ops._SPEC_BUILDERS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, ops.LOSSES))}, got {kind!r}")
+    schema = getattr(torch.ops.margin, kind).default._schema
+    allowed = [a.name for a in schema.arguments if a.name not in _BATCH_ARGS]
+    unknown = sorted(set(margin_kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(f"{kind} takes the margin arguments {allowed}, got unexpected {unknown}")
+    return ops._SPEC_BUILDERS[kind](ops._bind(schema, (None, None, None), margin_kwargs))
+
+
+class _Layout(NamedTuple):
+    """Which rows of the global batch and which classes each rank of ``group`` holds."""
+
+    group: dist.ProcessGroup | None
+    rank: int
+    rows: tuple[int, ...]     #: N_q of every rank q
+    classes: tuple[int, ...]  #: C_q of every rank q
+
+    @property
+    def row_start(self) -> int:
+        """Index of this rank's first row in the global batch."""
+        return sum(self.rows[:self.rank])
+
+    @property
+    def class_offset(self) -> int:
+        """o_r: global id of this rank's first class."""
+        return sum(self.classes[:self.rank])
+
+
+def _exchange_layout(x, weight, labels, ignore_index: int, group) -> _Layout:
+    """Step 1: checks this rank's arguments and shares (N_r, C_r, D, dtype, ok) with every rank.
+
+    Raises on every rank if any rank's arguments are invalid or the ranks disagree on D or
+    the dtype. The label range is checked later, on the gathered labels, against the global C.
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    problem = None
+    try:
+        # The label range is checked against the global C once the labels are gathered.
+        ops.check_tensors(x, weight, labels)
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"x must be one of {_DTYPES}, got {x.dtype}")
+    except (TypeError, ValueError) as error:
+        problem = error
+    if problem is None:
+        row, device = [x.shape[0], weight.shape[0], x.shape[1], _DTYPES.index(x.dtype), 0], x.device
+    else:
+        on_gpu = dist.get_backend(group) == "nccl"
+        row = [0, 0, 0, 0, 1]
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    table = torch.empty(world * len(row), dtype=torch.int64, device=device)
+    _all_gather_single(table, torch.tensor(row, dtype=torch.int64, device=device), group=group)
+    table = table.view(world, len(row)).tolist()  # the host sync: uneven gathers need the sizes
+    if problem is not None:
+        raise type(problem)(f"rank {rank}: {problem}") from problem
+    failed = [q for q, entry in enumerate(table) if entry[4]]
+    if failed:
+        raise ValueError(f"invalid arguments on rank(s) {failed} (see the error raised there)")
+    if len({(entry[2], entry[3]) for entry in table}) > 1:
+        raise ValueError("every rank must pass features of the same size D and dtype, got (D, dtype) "
+                         f"{[(entry[2], _DTYPES[entry[3]]) for entry in table]}")
+    return _Layout(group, rank, tuple(e[0] for e in table), tuple(e[1] for e in table))
+
+
+def _all_gather_rows(t: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    """(N_r, *) on each rank -> (N, *): every rank's rows, in rank order."""
+    width, world = max(layout.rows), len(layout.rows)
+    if t.shape[0] < width:  # single-tensor collectives need equal sizes: pad with zero rows
+        t = torch.cat([t, t.new_zeros(width - t.shape[0], *t.shape[1:])])
+    gathered = t.new_empty(world * width, *t.shape[1:])
+    _all_gather_single(gathered, t.contiguous(), group=layout.group)
+    if all(n == width for n in layout.rows):
+        return gathered
+    return torch.cat([gathered[q * width:q * width + n] for q, n in enumerate(layout.rows)])
+
+
+def _reduce_scatter_rows(t: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    """(N, *) on each rank -> (N_r, *): this rank's rows, summed over the ranks."""
+    width, world = max(layout.rows), len(layout.rows)
+    if all(n == width for n in layout.rows):
+        padded = t.contiguous()
+    else:
+        padded = t.new_zeros(world * width, *t.shape[1:])
+        start = 0
+        for q, n in enumerate(layout.rows):
+            padded[q * width:q * width + n] = t[start:start + n]
+            start += n
+    mine = t.new_empty(width, *t.shape[1:])
+    _reduce_scatter_single(mine, padded, group=layout.group)
+    return mine[:layout.rows[layout.rank]]
+
+
+class _GatherRows(torch.autograd.Function):
+    """X = all-gather of every rank's features: (N_r, D) -> (N, D).
+
+    Backward: each rank holds dL/dX from its own shard's partials only; the gradient of
+    rank r's rows is their sum over the shards: a reduce-scatter (in float32 for 16-bit
+    features, so the W partial gradients are rounded once).
+    """
+
+    @staticmethod
+    def forward(ctx, x, layout):
+        ctx.layout = layout
+        return _all_gather_rows(x, layout)
+
+    @staticmethod
+    def backward(ctx, grad):
+        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        return _reduce_scatter_rows(grad.to(acc), ctx.layout).to(grad.dtype), None
+
+
+class _SumOverShards(torch.autograd.Function):
+    """all_reduce(SUM) of per-shard partials that every rank turns into the same loss.
+
+    Backward is the identity: the upstream gradient is that of the one loss all ranks share
+    (the same on every rank) and d(Σ_q p_q)/dp_r = 1. Summing it over the ranks would count
+    the loss once per rank.
+    """
+
+    @staticmethod
+    def forward(ctx, partial, group):
+        total = partial.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _LocalRows(torch.autograd.Function):
+    """This rank's rows of a tensor every rank holds in full: (N, *) -> (N_r, *).
+
+    Backward: the gradients of the rows come from their owners: all-gather them, so every
+    rank again holds the same gradient of the global batch (what :class:`_SumOverShards`
+    assumes).
+    """
+
+    @staticmethod
+    def forward(ctx, t, layout):
+        ctx.layout = layout
+        start = layout.row_start
+        return t[start:start + layout.rows[layout.rank]].clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_rows(grad, ctx.layout), None
+
+
+class _Batch(NamedTuple):
+    """The global batch, on every rank."""
+
+    x: torch.Tensor       #: (N, D) every rank's features in rank order; gradients go back to their owners
+    labels: torch.Tensor  #: (N,) int64 global class ids (or ignore_index)
+    layout: _Layout
+
+
+def _gather_batch(x, weight, labels, ignore_index: int, group) -> _Batch:
+    """Steps 1-2, and the check of every label against the global number of classes."""
+    layout = _exchange_layout(x, weight, labels, ignore_index, group)
+    labels = _all_gather_rows(labels, layout)
+    # Every rank checks the same gathered labels, so every rank raises.
+    ops.check_labels(labels, sum(layout.classes), ignore_index)
+    return _Batch(_GatherRows.apply(x, layout), labels, layout)
+
+
+def _sharded_loss(batch: _Batch, weight, shard_labels, class_ids, spec: MarginSpec, reduction: str,
+                  ignore_index: int, return_stats: bool):
+    """Steps 3-5 on this rank's classes ``weight`` (K, D) for the global batch.
+
+    shard_labels (N,) int64: each row's target row of ``weight``, outside [0, K) when the
+    target is elsewhere or the row is ignored. class_ids (K,) int64: global class id of each
+    row of ``weight``, or None for rows o_r, o_r + 1, ….
+    """
+    layout = batch.layout
+    lse_fn = backends.margin_lse_for(batch.x.device)
+    lse_r, target_r, max_cos_r, pred_r = lse_fn(batch.x, weight, shard_labels, *spec.primitive_args())
+    # The max over shards only keeps exp() in range: d lse / d max = 0, so it carries no gradient.
+    peaks = torch.stack([lse_r.detach(), max_cos_r])
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=layout.group)
+    sums = _SumOverShards.apply(torch.stack([torch.exp(lse_r - peaks[0]), target_r]), layout.group)
+    lse = peaks[0] + sums[0].log()
+    loss = reference.loss_from_lse(lse, sums[1], batch.labels, spec.gamma, reduction, ignore_index)
+    if reduction == "none":
+        loss = _LocalRows.apply(loss, layout)
+    if not return_stats:
+        return loss
+    # Top-1 class over all shards: the smallest global id among the shards holding the
+    # largest cosine (the single-process op's tie-break).
+    pred = pred_r + layout.class_offset if class_ids is None else class_ids[pred_r]
+    pred = torch.where(max_cos_r == peaks[1], pred, sum(layout.classes))
+    dist.all_reduce(pred, op=dist.ReduceOp.MIN, group=layout.group)
+    start = layout.row_start
+    return MarginOutput(loss, _LocalRows.apply(lse, layout), pred[start:start + layout.rows[layout.rank]])
+
+
+def margin_loss(x: torch.Tensor, weight_shard: torch.Tensor, labels: torch.Tensor, *, kind: str = "arcface",
+                group: dist.ProcessGroup | None = None, reduction: str = "mean", ignore_index: int = -100,
+                return_stats: bool = False, **margin_kwargs):
+    """Margin loss of the global batch with the classes sharded over the ranks of ``group``.
+
+    Call it on every rank of ``group``, with the same ``kind``, margin arguments, reduction and
+    ignore_index. See the module docstring for the layout, the gradients and DDP.
+
+    Args:
+        x: (N_r, D) floating (float64, float32, bfloat16, float16): this rank's features;
+            N_r may differ per rank and be 0.
+        weight_shard: (C_r, D), x's dtype: this rank's consecutive slice of the class
+            weights (ranks hold consecutive slices in rank order; C_r ≥ 1 may differ per rank).
+        labels: (N_r,) int64: global class ids in [0, Σ C_q), or ``ignore_index``.
+        kind: ``"arcface"``, ``"cosface"``, ``"combined"`` or ``"sphereface"``.
+        margin_kwargs: the margin arguments of ``torch.ops.margin.<kind>`` (arcface: s, m,
+            easy_margin, margin_grad; cosface: s, m; combined: s, m1, m2, m3, margin_grad;
+            sphereface: m, lamb, s, gamma), with that op's defaults.
+
+    Returns:
+        The loss (float32 for 16-bit inputs, else x's dtype): for ``"mean"`` and ``"sum"`` the
+        scalar loss of the global batch, identical on every rank; for ``"none"`` this rank's
+        rows, (N_r,). With ``return_stats=True`` a :class:`margin_ops.MarginOutput` whose lse
+        (N_r,) (accumulation dtype, differentiable) and pred (N_r,) (int64 global class id with
+        the largest cosine) are this rank's rows (one more all-reduce).
+    """
+    spec = _margin_spec(kind, margin_kwargs)
+    reference._check_choice("reduction", reduction, reference.REDUCTIONS)
+    batch = _gather_batch(x, weight_shard, labels, ignore_index, group)
+    shard_labels = batch.labels - batch.layout.class_offset
+    return _sharded_loss(batch, weight_shard, shard_labels, None, spec, reduction, ignore_index, return_stats)
+
+
+class PartialFC(nn.Module):
+    """Class-sharded margin head with class sampling, after InsightFace's PartialFC_V2.
+
+    Owns ``weight`` (C_r, embedding_size): rank r's consecutive slice of the num_classes
+    classes — C // W classes each, one more on the first C mod W ranks (``class_start`` is
+    its first global class id) — initialised from N(0, 0.01²) like :mod:`margin_ops.nn`'s
+    heads. ``forward(features, labels)``: features (N_r, embedding_size), labels (N_r,) int64
+    global class ids; returns :func:`margin_loss` of the global batch (see there for the
+    reductions and ``return_stats``). Build it on every rank after
+    ``dist.init_process_group``; keep it outside DDP.
+
+    Sampling (``sample_rate`` < 1, training mode only; eval mode uses every class): each step
+    each rank keeps, of its own shard, every positive class (the label of some non-ignored row
+    of the global batch) and fills up to ``num_sample`` = ceil(sample_rate · C_r) classes with
+    negatives drawn uniformly without replacement; if the global batch has more positives in
+    the shard than that, all positives are kept and no negative. The loss is then the margin
+    loss of the sub-problem made of every rank's sampled classes (see :meth:`sample`), run by
+    the fused op on ``weight[index]`` (a copy of the sampled rows); ``weight.grad`` is zero on
+    the rows not sampled. The draw uses torch's default generator of the weight's device
+    (reproducible under ``torch.manual_seed``); each rank draws for its shard independently.
+    No host sync beyond the size exchange, except when the global batch has more rows than
+    ``num_sample``: then counting the positives needs one.
+
+    Args:
+        embedding_size: D. num_classes: C ≥ world size.
+        kind, margin_kwargs: the margin (see :func:`margin_loss`).
+        sample_rate: fraction of each shard's classes used per training step, in (0, 1].
+        group: the process group the classes are sharded over (default: the world).
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, kind: str = "arcface", sample_rate: float = 1.0,
+                 group: dist.ProcessGroup | None = None, *, reduction: str = "mean", ignore_index: int = -100,
+                 device=None, dtype=None, **margin_kwargs):
+        super().__init__()
+        self._spec = _margin_spec(kind, margin_kwargs)
+        reference._check_choice("reduction", reduction, reference.REDUCTIONS)
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        if embedding_size < 1 or num_classes < world:
+            raise ValueError(f"need embedding_size >= 1 and num_classes >= world size {world}, "
+                             f"got {embedding_size}, {num_classes}")
+        base, extra = divmod(num_classes, world)
+        self.kind, self.group, self.reduction, self.ignore_index = kind, group, reduction, ignore_index
+        self.num_classes, self.sample_rate = num_classes, sample_rate
+        self.class_start = rank * base + min(rank, extra)
+        num_local = base + (rank < extra)
+        self.num_sample = math.ceil(sample_rate * num_local)
+        self.weight = nn.Parameter(torch.empty(num_local, embedding_size, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=0.01)
+
+    def spec(self) -> MarginSpec:
+        """The margin of every step (a subclass may schedule it, e.g. SphereFace's λ annealing)."""
+        return self._spec
+
+    @torch.no_grad()
+    def sample(self, shard_labels: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draws this step's classes of the shard.
+
+        Args:
+            shard_labels: (N,) int64: labels of the global batch minus ``class_start``.
+            valid: (N,) bool: rows that are not ignored.
+
+        Returns:
+            index (K,) int64: the sampled rows of ``weight``, ascending; K = max(num_sample,
+            number of positives). labels (N,) int64: each row's position in ``index``, -1 for
+            rows whose class lies in another shard or that are ignored.
+        """
+        num_local = self.weight.shape[0]
+        mine = valid & (shard_labels >= 0) & (shard_labels < num_local)
+        slot = torch.where(mine, shard_labels, num_local)  # the extra slot collects the others
+        positive = torch.zeros(num_local + 1, dtype=torch.bool, device=slot.device).scatter_(0, slot, True)
+        positive = positive[:num_local]
+        count = self.num_sample
+        if shard_labels.shape[0] > count:  # only then can the positives outnumber the sample
+            count = max(count, int(positive.sum()))
+        # Positives score 2, negatives U[0, 1): the top `count` are every positive plus a
+        # uniform draw of the negatives.
+        score = torch.rand(num_local, device=slot.device).masked_fill_(positive, 2.0)
+        index = score.topk(count, sorted=False).indices.sort().values
+        labels = torch.where(mine, torch.searchsorted(index, slot), -1)
+        return index, labels
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor, return_stats: bool = False):
+        batch = _gather_batch(features, self.weight, labels, self.ignore_index, self.group)
+        shard_labels = batch.labels - batch.layout.class_offset
+        weight, class_ids = self.weight, None
+        if self.training and self.num_sample < self.weight.shape[0]:
+            index, shard_labels = self.sample(shard_labels, batch.labels != self.ignore_index)
+            # A copy of the sampled rows: the kernel cannot take row indices (yet).
+            weight, class_ids = self.weight.index_select(0, index), index + batch.layout.class_offset
+        return _sharded_loss(batch, weight, shard_labels, class_ids, self.spec(), self.reduction,
+                             self.ignore_index, return_stats)
+
+    def extra_repr(self) -> str:
+        num_local, embedding_size = self.weight.shape
+        return (f"embedding_size={embedding_size}, num_classes={self.num_classes}, kind={self.kind!r}, "
+                f"classes=[{self.class_start}, {self.class_start + num_local}), sample_rate={self.sample_rate}, "
+                f"reduction={self.reduction!r}")
