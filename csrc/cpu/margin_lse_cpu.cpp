@@ -111,15 +111,12 @@ struct CosineTile {
 };
 
 CosineTile cosine_tile(const at::Tensor& x_hat, const at::Tensor& weight, int64_t c0, int64_t c1,
-                       at::ScalarType acc, at::Tensor* unclamped_max = nullptr,
-                       at::Tensor* unclamped_argmax = nullptr) {
+                       at::ScalarType acc) {
   CosineTile t;
   t.weight = weight.slice(0, c0, c1).to(acc);
   t.norm = t.weight.norm(2, {1});
   t.inv_norm = t.norm.clamp_min(kNormEps).reciprocal_();
-  t.cos = at::mm(x_hat, t.weight.t()).mul_(t.inv_norm.unsqueeze(0));
-  if (unclamped_max != nullptr) std::tie(*unclamped_max, *unclamped_argmax) = t.cos.max(1);
-  t.cos.clamp_(-1, 1);
+  t.cos = at::mm(x_hat, t.weight.t()).mul_(t.inv_norm.unsqueeze(0)).clamp_(-1, 1);
   return t;
 }
 
@@ -181,8 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_lse_cpu(
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       for (int64_t b = b0; b < b1; ++b) {
         const auto [c0, c1] = p.classes_of(b);
-        at::Tensor block_max_cos, block_pred;
-        auto tile = cosine_tile(p.xn.hat, weight, c0, c1, p.acc, &block_max_cos, &block_pred);
+        auto tile = cosine_tile(p.xn.hat, weight, c0, c1, p.acc);
+        auto [block_max_cos, block_pred] = tile.cos.max(1);
         part_cos[b].copy_(block_max_cos);
         part_pred[b].copy_(block_pred.add_(c0));
         auto logits = tile.cos.mul(p.scale.unsqueeze(1));
