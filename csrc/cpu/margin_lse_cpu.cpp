@@ -14,38 +14,10 @@
 
 #include <algorithm>
 
-#include "../margin_math.h"
+#include "../margin_params.h"
 
 namespace margin_ops {
 namespace {
-
-MarginKind parse_margin(c10::string_view margin) {
-  if (margin == "arcface") return MarginKind::ArcFace;
-  if (margin == "arcface_easy") return MarginKind::ArcFaceEasy;
-  if (margin == "cosface") return MarginKind::CosFace;
-  if (margin == "combined") return MarginKind::Combined;
-  if (margin == "sphereface") return MarginKind::SphereFace;
-  TORCH_CHECK_VALUE(false,
-                    "margin must be one of 'arcface', 'arcface_easy', 'cosface', 'combined', "
-                    "'sphereface', got '", margin, "'");
-}
-
-MarginParams make_params(c10::string_view margin, double s, double m1, double m2, double m3,
-                         double lamb, bool feature_scale, bool detach_margin_grad) {
-  MarginParams p{};
-  p.kind = parse_margin(margin);
-  p.s = s;
-  p.m1 = m1;
-  p.m2 = m2;
-  p.m3 = m3;
-  p.lamb = lamb;
-  p.feature_scale = feature_scale;
-  p.detach_grad = detach_margin_grad;
-  TORCH_CHECK_VALUE(p.kind != MarginKind::SphereFace || (m1 >= 1 && m1 == std::floor(m1)),
-                    "m1 must be an integer >= 1 for margin='sphereface', got ", m1);
-  finalize(p);
-  return p;
-}
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels) {
   TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (N, D), got shape ", x.sizes());

@@ -1,0 +1,622 @@
+// margin_lse backward on CUDA: prep -> per class chunk {bwd_tile, bwd_dw, bwd_dx} ->
+// finalize (see margin_lse_kernels.cuh for the design).
+#include <algorithm>
+
+#include "margin_lse_device.cuh"
+
+namespace margin_ops {
+namespace cuda {
+
+using namespace dev;
+
+namespace {
+
+// Budgets of the two large workspaces (bytes); see backward_layout.
+constexpr int64_t kScratchBudget = int64_t(16) << 20;  // dS' chunk, N_pad x cc of T
+constexpr int64_t kPartialBudget = int64_t(8) << 20;   // dX̂ split partials, fp32/fp64
+
+// ---------------------------------------------------------------------------------------
+// bwd_tile: grid (row tile, class tile of the chunk). Recomputes the cosine tile and writes
+//   scratch[i, c - c0] = dS'_ic = dc_ic / max(‖w_c‖, eps)          (dtype T, all N_pad rows)
+//   r_part[rt, c - c0] = Σ_{i in row tile} dc_ic c_ic              (Acc)
+//   w_norm[c - c0]     = ‖w_c‖                                     (row tile 0 only)
+// with dc_ic = s_i (g_lse_i exp(logit_ic - lse_i) + g_target_i [c = y_i]) (× φ'(c) at y_i).
+// ---------------------------------------------------------------------------------------
+template <class T>
+struct TileArgs {
+  using Acc = AccOf<T>;
+  const T* x_hat;  // (n_pad, d_pad)
+  int64_t n, n_pad, d_pad;
+  const T* weight;  // (c, d)
+  int64_t c, d;
+  bool w_vec;
+  const int64_t* labels;
+  const Acc* scale;   // (n_pad,)
+  const Acc* lse;     // (n,)
+  const Acc* g_lse;   // (n,)
+  const Acc* g_t;     // (n,)
+  MarginParams margin;
+  int64_t c0;  // first class of the chunk
+  int64_t cc;  // chunk capacity: scratch row length
+  T* scratch;
+  Acc* r_part;  // (row tiles, cc)
+  Acc* w_norm;  // (cc,)
+};
+
+template <class T>
+__global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_tile_kernel(
+    const TileArgs<T> args) {
+  using C = Cfg<T>;
+  using Acc = AccOf<T>;
+  using Gemm = TileGemm<T, false, false>;
+  constexpr Acc kLog2e = Consts<Acc>::kLog2e;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  __shared__ Acc s_inv[C::BN];
+  __shared__ Acc s_norm[C::BN];
+  __shared__ Acc s_scale[C::BM];
+  __shared__ Acc s_lse2[C::BM];
+  __shared__ Acc s_gl[C::BM];
+  __shared__ Acc s_gt[C::BM];
+  __shared__ int32_t s_label[C::BM];
+  __shared__ Acc s_r[C::kWarpsM][C::BN];
+  __shared__ MarginParams s_margin;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp / C::kWarpsN, warp_n = warp % C::kWarpsN;
+  const int wm0 = warp_m * C::WM, wn0 = warp_n * C::WN;
+  const int rt = blockIdx.x;
+  const int64_t row0 = int64_t(rt) * C::BM;
+  const int64_t ct_local0 = int64_t(blockIdx.y) * C::BN;  // first column, chunk-local
+  const int64_t col0 = args.c0 + ct_local0;                // first column, global
+
+  if (tid == 0) s_margin = args.margin;
+  for (int r = tid; r < C::BM; r += kThreads) {
+    const int64_t gr = row0 + r;
+    Acc sc = Acc(0), l2 = Acc(0), gl = Acc(0), gt = Acc(0);
+    int32_t y = -1;
+    if (gr < args.n) {
+      sc = args.scale[gr];
+      l2 = args.lse[gr] * kLog2e;
+      gl = args.g_lse[gr];
+      gt = args.g_t[gr];
+      const int64_t lab = args.labels[gr];
+      if (lab >= 0 && lab < args.c) y = int32_t(lab);
+    }
+    s_scale[r] = sc;
+    s_lse2[r] = l2;
+    s_gl[r] = gl;
+    s_gt[r] = gt;
+    s_label[r] = y;
+  }
+  // (visible after the GEMM's barriers)
+
+  const Operand<T> a{args.x_hat, args.d_pad, row0, args.n_pad, args.d_pad, true};
+  const Operand<T> b{args.weight, args.d, col0, args.c, args.d, args.w_vec};
+  Acc acc[C::TR][C::TC];
+  WeightNorm<T> wnorm;
+  Gemm::run(acc, a, b, 0, (args.d + C::BK - 1) / C::BK * C::BK, smem, wnorm);
+  wnorm.finish(s_norm, s_inv);
+  __syncthreads();
+
+  Acc rsum[C::TC];
+#pragma unroll
+  for (int ci = 0; ci < C::TC; ++ci) rsum[ci] = Acc(0);
+
+#pragma unroll
+  for (int ri = 0; ri < C::TR; ++ri) {
+    const int r = wm0 + C::row(ri, lane);
+    const int64_t gr = row0 + r;
+    const bool row_ok = gr < args.n;
+    const Acc sc = s_scale[r], sc2 = sc * kLog2e, lse2 = s_lse2[r], gl = s_gl[r];
+    const int64_t ydiff = int64_t(s_label[r]) - col0;
+    const int yl = (s_label[r] >= 0 && ydiff >= 0 && ydiff < C::BN) ? int(ydiff) : -1;
+    // Non-target entries are stored as they are computed (pairs of adjacent columns for the
+    // mma layout); the target entry, if this thread has it, is overwritten afterwards.
+    T* out = args.scratch + gr * args.cc + ct_local0 + wn0;
+    bool has_t = false;
+    Acc t_cos = Acc(0);
+    constexpr int kStep = C::kPairCols ? 2 : 1;
+#pragma unroll
+    for (int ci = 0; ci < C::TC; ci += kStep) {
+      Acc dv[kStep];
+#pragma unroll
+      for (int e = 0; e < kStep; ++e) {
+        const int cl = wn0 + C::col(ci + e, lane);
+        dv[e] = Acc(0);
+        if (row_ok && col0 + cl < args.c) {
+          const Acc inv = s_inv[cl];
+          const Acc cs = clamp_unit(acc[ri][ci + e] * inv);
+          if (cl == yl) {
+            has_t = true;
+            t_cos = cs;
+          } else {
+            const Acc dc = sc * gl * fast_exp2(sc2 * cs - lse2);
+            rsum[ci + e] += dc * cs;
+            dv[e] = dc * inv;
+          }
+        }
+      }
+      if constexpr (C::kPairCols) {
+        T pair[2] = {Type<T>::store(dv[0]), Type<T>::store(dv[1])};
+        uint32_t bits;
+        static_assert(sizeof(pair) == 4, "16-bit pairs");
+        memcpy(&bits, pair, 4);
+        *reinterpret_cast<uint32_t*>(out + C::col(ci, lane)) = bits;
+      } else {
+        out[C::col(ci, lane)] = Type<T>::store(dv[0]);
+      }
+    }
+    if (has_t) {
+      const TargetMargin<Acc> tm = eval_margin<Acc>(t_cos, &s_margin);
+      const Acc dlogit = gl * fast_exp2(sc2 * tm.phi - lse2) + s_gt[r];
+      const Acc dc = sc * dlogit * tm.slope;
+#pragma unroll
+      for (int ci = 0; ci < C::TC; ++ci) {
+        if (wn0 + C::col(ci, lane) == yl) rsum[ci] += dc * t_cos;
+      }
+      out[yl - wn0] = Type<T>::store(dc * s_inv[yl]);  // same thread: program order
+    }
+  }
+
+  // r_c: sum the column over the lanes sharing it (lane bits 2-4), then over the warps.
+#pragma unroll
+  for (int ci = 0; ci < C::TC; ++ci) {
+#pragma unroll
+    for (int off = 4; off <= 16; off <<= 1) rsum[ci] += __shfl_xor_sync(0xffffffffu, rsum[ci], off);
+  }
+  if ((lane >> 2) == 0) {
+#pragma unroll
+    for (int ci = 0; ci < C::TC; ++ci) s_r[warp_m][wn0 + C::col(ci, lane)] = rsum[ci];
+  }
+  __syncthreads();
+  for (int t = tid; t < C::BN; t += kThreads) {
+    Acc r = s_r[0][t];
+#pragma unroll
+    for (int w = 1; w < C::kWarpsM; ++w) r += s_r[w][t];
+    args.r_part[int64_t(rt) * args.cc + ct_local0 + t] = r;
+    if (rt == 0) args.w_norm[ct_local0 + t] = s_norm[t];
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// bwd_dw: grid (D tile, class tile of the chunk).
+//   dW[c, :] = Σ_i dS'_ic x̂_i − w_c r_c / ‖w_c‖²   (r_c = Σ_rt r_part[rt, c]; 0 if ‖w_c‖ <= eps)
+// A = scratch stored [rows = K][classes = M], B = x̂ stored [rows = K][D = N].
+// ---------------------------------------------------------------------------------------
+template <class T>
+struct DwArgs {
+  using Acc = AccOf<T>;
+  const T* scratch;
+  int64_t cc, kc;  // scratch row length; valid classes in this chunk
+  int64_t n, n_pad;
+  const T* x_hat;
+  int64_t d_pad;
+  const T* weight;
+  int64_t c0, d;
+  const Acc* r_part;
+  const Acc* w_norm;
+  int row_tiles;  // of bwd_tile
+  T* grad_weight;
+};
+
+template <class T>
+__global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_dw_kernel(
+    const DwArgs<T> args) {
+  using C = Cfg<T>;
+  using Acc = AccOf<T>;
+  using Gemm = TileGemm<T, true, true>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  __shared__ Acc s_coef[C::BM];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm0 = (warp / C::kWarpsN) * C::WM, wn0 = (warp % C::kWarpsN) * C::WN;
+  const int64_t d0 = int64_t(blockIdx.x) * C::BN;
+  const int64_t m0 = int64_t(blockIdx.y) * C::BM;  // chunk-local class
+
+  for (int t = tid; t < C::BM; t += kThreads) {
+    const int64_t m = m0 + t;
+    Acc coef = Acc(0);
+    if (m < args.kc) {
+      Acc r = Acc(0);
+      for (int q = 0; q < args.row_tiles; ++q) r += args.r_part[int64_t(q) * args.cc + m];
+      const Acc nrm = args.w_norm[m];
+      if (nrm > Consts<Acc>::kNormEps) coef = -r / (nrm * nrm);
+    }
+    s_coef[t] = coef;
+  }
+
+  const Operand<T> a{args.scratch, args.cc, m0, args.kc, args.n_pad, true};
+  const Operand<T> b{args.x_hat, args.d_pad, d0, args.d_pad, args.n_pad, true};
+  Acc acc[C::TR][C::TC];
+  NoExtra none;
+  Gemm::run(acc, a, b, 0, (args.n + C::BK - 1) / C::BK * C::BK, smem, none);
+
+#pragma unroll
+  for (int ri = 0; ri < C::TR; ++ri) {
+    const int ml = wm0 + C::row(ri, lane);
+    if (m0 + ml >= args.kc) continue;
+    const Acc coef = s_coef[ml];
+    const int64_t row = (args.c0 + m0 + ml) * args.d;
+#pragma unroll
+    for (int ci = 0; ci < C::TC; ++ci) {
+      const int64_t dd = d0 + wn0 + C::col(ci, lane);
+      if (dd >= args.d) continue;
+      const Acc w = Type<T>::load(args.weight[row + dd]);
+      args.grad_weight[row + dd] = Type<T>::store(acc[ri][ci] + coef * w);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// bwd_dx: grid (D tile, row tile, split). Split s of the chunk's classes [k0, k1):
+//   part[s, i, d] (+)= Σ_{c in [k0, k1)} dS'_ic w_{c0 + c, d}
+// A = scratch stored [rows = M][classes = K], B = W chunk stored [classes = K][D = N].
+// Each (split, tile) belongs to one CTA per launch and launches are stream-ordered, so the
+// read-modify-write is race-free and its order is fixed.
+// ---------------------------------------------------------------------------------------
+template <class T>
+struct DxArgs {
+  using Acc = AccOf<T>;
+  const T* scratch;
+  int64_t cc, kc, n_pad;
+  const T* weight_chunk;  // weight + c0 * d
+  int64_t d, d_pad;
+  bool w_vec;
+  int64_t k_split;  // classes per split, a multiple of BK
+  bool accumulate;  // false for the first chunk: store
+  Acc* part;        // (splits, n_pad, d_pad)
+};
+
+template <class T>
+__global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_dx_kernel(
+    const DxArgs<T> args) {
+  using C = Cfg<T>;
+  using Acc = AccOf<T>;
+  using Gemm = TileGemm<T, false, true>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm0 = (warp / C::kWarpsN) * C::WM, wn0 = (warp % C::kWarpsN) * C::WN;
+  const int64_t d0 = int64_t(blockIdx.x) * C::BN;
+  const int64_t row0 = int64_t(blockIdx.y) * C::BM;
+  const int64_t split = blockIdx.z;
+  const int64_t k0 = split * args.k_split;
+  const int64_t k1 = k0 + args.k_split < args.kc ? k0 + args.k_split : args.kc;
+
+  // k_lim = k1 on both operands: the last k tile must not reach into the next split.
+  const Operand<T> a{args.scratch, args.cc, row0, args.n_pad, k1, true};
+  const Operand<T> b{args.weight_chunk, args.d, d0, args.d, k1, args.w_vec};
+  Acc acc[C::TR][C::TC];
+  NoExtra none;
+  Gemm::run(acc, a, b, k0, k1, smem, none);
+
+  Acc* out = args.part + (split * args.n_pad + row0 + wm0) * args.d_pad + d0 + wn0;
+#pragma unroll
+  for (int ri = 0; ri < C::TR; ++ri) {
+    Acc* o = out + int64_t(C::row(ri, lane)) * args.d_pad;
+#pragma unroll
+    for (int ci = 0; ci < C::TC; ++ci) {
+      Acc* e = o + C::col(ci, lane);
+      *e = args.accumulate ? *e + acc[ri][ci] : acc[ri][ci];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// finalize: one CTA per row i < n.
+//   dX̂ = Σ_s part[s, i, :]                        (split order)
+//   dx = (dX̂ − x̂ (x̂·dX̂)) / ‖x‖                   (dX̂ / eps when ‖x‖ <= eps)
+//   feature_scale: dx += g_s · x / ‖x‖ (0 at x = 0), the gradient through s_i = ‖x_i‖, with
+//   g_s = Σ_c dlogit_ic logit_ic / s_i = (x̂·dX̂) / s_i + dlogit_iy (φ_iy − φ'_iy ĉ_iy)
+//   because x̂·dX̂ = Σ_c dc_ic ĉ_ic (ĉ: unclamped cosine), dc = s dlogit (× φ' at y).
+// ---------------------------------------------------------------------------------------
+template <class T>
+struct FinalizeArgs {
+  using Acc = AccOf<T>;
+  const T* x;
+  int64_t n, c, d, n_pad, d_pad;
+  const Acc* x_norm;
+  const Acc* scale;
+  const Acc* part;
+  int splits;
+  const int64_t* labels;
+  const T* weight;
+  const Acc* lse;
+  const Acc* g_lse;
+  const Acc* g_t;
+  MarginParams margin;
+  T* grad_x;
+};
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) bwd_finalize_kernel(const FinalizeArgs<T> args) {
+  using Acc = AccOf<T>;
+  __shared__ Acc s_red[3 * (kThreads / 32)];
+  const int64_t i = blockIdx.x;
+  const T* xr = args.x + i * args.d;
+  const Acc xn = args.x_norm[i];
+  const Acc inv = Acc(1) / vmax(xn, Consts<Acc>::kNormEps);
+  const bool fs = args.margin.feature_scale && xn > Acc(0);
+  const int64_t y = args.labels[i];
+  const bool has_t = fs && y >= 0 && y < args.c;
+  const T* wr = args.weight + (has_t ? y : 0) * args.d;
+  const int64_t pstride = args.n_pad * args.d_pad;
+  const Acc* pr = args.part + i * args.d_pad;
+
+  Acc v[3] = {Acc(0), Acc(0), Acc(0)};  // x̂·dX̂, x̂·w_y, ‖w_y‖²
+  for (int64_t k = threadIdx.x; k < args.d; k += kThreads) {
+    Acc g = Acc(0);
+    for (int s = 0; s < args.splits; ++s) g += pr[s * pstride + k];
+    const Acc xh = Type<T>::load(xr[k]) * inv;
+    v[0] = fma(xh, g, v[0]);
+    if (has_t) {
+      const Acc w = Type<T>::load(wr[k]);
+      v[1] = fma(xh, w, v[1]);
+      v[2] = fma(w, w, v[2]);
+    }
+  }
+  block_sum(v, s_red);
+  const Acc radial = v[0];
+
+  Acc gs = Acc(0);  // gradient w.r.t. s_i
+  if (fs) {
+    gs = radial / args.scale[i];
+    if (has_t) {
+      const Acc c_raw = v[1] / vmax(vsqrt(v[2]), Consts<Acc>::kNormEps);
+      const TargetMargin<Acc> tm = target_margin<Acc>(clamp_unit(c_raw), args.margin);
+      const Acc sc = args.scale[i];
+      const Acc p = exp(sc * tm.phi - args.lse[i]);
+      const Acc dlogit = args.g_lse[i] * p + args.g_t[i];
+      gs += dlogit * (tm.phi - tm.slope * c_raw);
+    }
+  }
+
+  const bool tangent = xn > Consts<Acc>::kNormEps;
+  T* out = args.grad_x + i * args.d;
+  for (int64_t k = threadIdx.x; k < args.d; k += kThreads) {
+    Acc g = Acc(0);
+    for (int s = 0; s < args.splits; ++s) g += pr[s * pstride + k];
+    const Acc xv = Type<T>::load(xr[k]);
+    const Acc xh = xv * inv;
+    Acc dx = tangent ? (g - xh * radial) * inv : g * inv;  // inv = 1/eps on the floor
+    if (fs) dx += gs * (xv / xn);
+    out[k] = Type<T>::store(dx);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------
+struct BwdLayout {
+  int64_t n_pad, d_pad;
+  int64_t cc;        // classes per chunk (multiple of 128)
+  int64_t chunks;
+  int row_tiles;     // n_pad / BM
+  int d_tiles;       // d_pad / BN
+  int splits;        // bwd_dx splits per chunk
+  int64_t k_split;   // classes per split
+};
+
+template <class T>
+BwdLayout bwd_layout(const BackwardParams& p) {
+  using C = Cfg<T>;
+  using Acc = AccOf<T>;
+  BwdLayout l;
+  l.n_pad = rows_padded(p.n);
+  l.d_pad = dims_padded(p.d);
+  l.row_tiles = int(l.n_pad / C::BM);
+  l.d_tiles = int(l.d_pad / C::BN);
+  const int64_t c_pad = round_up(p.c, 128);
+  const int64_t fit = kScratchBudget / (l.n_pad * int64_t(sizeof(T))) / 128 * 128;
+  l.cc = std::min(c_pad, std::max<int64_t>(128, fit));
+  l.chunks = ceil_div(p.c, l.cc);
+  // Splits: about two CTAs per SM for bwd_dx, each with >= 256 classes, partials in budget.
+  const int64_t tiles = int64_t(l.row_tiles) * l.d_tiles;
+  const int64_t sms = p.num_sms > 0 ? p.num_sms : 1;
+  int64_t splits = ceil_div(2 * sms, tiles);
+  splits = std::min(splits, std::max<int64_t>(1, l.cc / 256));
+  splits = std::min(splits, std::max<int64_t>(
+                                1, kPartialBudget / (l.n_pad * l.d_pad * int64_t(sizeof(Acc)))));
+  splits = std::max<int64_t>(1, splits);
+  l.k_split = round_up(ceil_div(l.cc, splits), C::BK);
+  l.splits = int(ceil_div(l.cc, l.k_split));
+  return l;
+}
+
+template <class T>
+struct BwdBuffers {
+  using Acc = AccOf<T>;
+  T* x_hat;
+  Acc* x_norm;
+  Acc* scale;
+  T* scratch;
+  Acc* r_part;
+  Acc* w_norm;
+  Acc* part;
+};
+
+template <class T>
+BwdBuffers<T> carve_bwd(Carve& cv, const BwdLayout& l) {
+  using Acc = AccOf<T>;
+  BwdBuffers<T> b;
+  b.x_hat = cv.take<T>(l.n_pad * l.d_pad);
+  b.x_norm = cv.take<Acc>(l.n_pad);
+  b.scale = cv.take<Acc>(l.n_pad);
+  b.scratch = cv.take<T>(l.n_pad * l.cc);
+  b.r_part = cv.take<Acc>(int64_t(l.row_tiles) * l.cc);
+  b.w_norm = cv.take<Acc>(l.cc);
+  b.part = cv.take<Acc>(int64_t(l.splits) * l.n_pad * l.d_pad);
+  return b;
+}
+
+template <class T>
+size_t bwd_workspace(const BackwardParams& p) {
+  Carve cv{nullptr};
+  carve_bwd<T>(cv, bwd_layout<T>(p));
+  return cv.used;
+}
+
+template <class K>
+cudaError_t allow_smem(K* kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+}
+
+}  // namespace
+
+template <class T>
+cudaError_t run_backward(const BackwardParams& p, cudaStream_t stream) {
+  using C = Cfg<T>;
+  using Acc = AccOf<T>;
+  using GemmTile = TileGemm<T, false, false>;
+  using GemmDw = TileGemm<T, true, true>;
+  using GemmDx = TileGemm<T, false, true>;
+  const BwdLayout l = bwd_layout<T>(p);
+  Carve cv{static_cast<char*>(p.workspace)};
+  const BwdBuffers<T> buf = carve_bwd<T>(cv, l);
+  const T* x = static_cast<const T*>(p.x);
+  const T* w = static_cast<const T*>(p.weight);
+  const bool w_vec = p.d % (16 / int64_t(sizeof(T))) == 0 && aligned16(w);
+
+  cudaError_t err;
+  if ((err = allow_smem(bwd_tile_kernel<T>, GemmTile::kSmemBytes)) != cudaSuccess) return err;
+  if ((err = allow_smem(bwd_dw_kernel<T>, GemmDw::kSmemBytes)) != cudaSuccess) return err;
+  if ((err = allow_smem(bwd_dx_kernel<T>, GemmDx::kSmemBytes)) != cudaSuccess) return err;
+
+  PrepArgs<T> pa;
+  pa.x = x;
+  pa.n = p.n;
+  pa.c = p.c;
+  pa.d = p.d;
+  pa.n_pad = l.n_pad;
+  pa.d_pad = l.d_pad;
+  pa.labels = p.labels;
+  pa.s = Acc(p.margin.s);
+  pa.feature_scale = p.margin.feature_scale;
+  pa.x_hat = buf.x_hat;
+  pa.x_norm = buf.x_norm;
+  pa.scale = buf.scale;
+  pa.target_logit = nullptr;
+  prep_kernel<T><<<unsigned(l.n_pad), kThreads, 0, stream>>>(pa);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+
+  TileArgs<T> ta;
+  ta.x_hat = buf.x_hat;
+  ta.n = p.n;
+  ta.n_pad = l.n_pad;
+  ta.d_pad = l.d_pad;
+  ta.weight = w;
+  ta.c = p.c;
+  ta.d = p.d;
+  ta.w_vec = w_vec;
+  ta.labels = p.labels;
+  ta.scale = buf.scale;
+  ta.lse = static_cast<const Acc*>(p.lse);
+  ta.g_lse = static_cast<const Acc*>(p.grad_lse);
+  ta.g_t = static_cast<const Acc*>(p.grad_target_logit);
+  ta.margin = p.margin;
+  ta.cc = l.cc;
+  ta.scratch = buf.scratch;
+  ta.r_part = buf.r_part;
+  ta.w_norm = buf.w_norm;
+
+  DwArgs<T> da;
+  da.scratch = buf.scratch;
+  da.cc = l.cc;
+  da.n = p.n;
+  da.n_pad = l.n_pad;
+  da.x_hat = buf.x_hat;
+  da.d_pad = l.d_pad;
+  da.weight = w;
+  da.d = p.d;
+  da.r_part = buf.r_part;
+  da.w_norm = buf.w_norm;
+  da.row_tiles = l.row_tiles;
+  da.grad_weight = static_cast<T*>(p.grad_weight);
+
+  DxArgs<T> xa;
+  xa.scratch = buf.scratch;
+  xa.cc = l.cc;
+  xa.n_pad = l.n_pad;
+  xa.d = p.d;
+  xa.d_pad = l.d_pad;
+  xa.w_vec = w_vec;
+  xa.k_split = l.k_split;
+  xa.part = buf.part;
+
+  for (int64_t chunk = 0; chunk < l.chunks; ++chunk) {
+    const int64_t c0 = chunk * l.cc;
+    const int64_t kc = std::min(l.cc, p.c - c0);
+
+    ta.c0 = c0;
+    const dim3 grid_tile(unsigned(l.row_tiles), unsigned(ceil_div(kc, C::BN)));
+    bwd_tile_kernel<T><<<grid_tile, kThreads, GemmTile::kSmemBytes, stream>>>(ta);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+
+    da.kc = kc;
+    da.c0 = c0;
+    const dim3 grid_dw(unsigned(l.d_tiles), unsigned(ceil_div(kc, C::BM)));
+    bwd_dw_kernel<T><<<grid_dw, kThreads, GemmDw::kSmemBytes, stream>>>(da);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+
+    xa.kc = kc;
+    xa.weight_chunk = w + c0 * p.d;
+    xa.accumulate = chunk > 0;
+    const dim3 grid_dx(unsigned(l.d_tiles), unsigned(l.row_tiles), unsigned(l.splits));
+    bwd_dx_kernel<T><<<grid_dx, kThreads, GemmDx::kSmemBytes, stream>>>(xa);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+
+  FinalizeArgs<T> fa;
+  fa.x = x;
+  fa.n = p.n;
+  fa.c = p.c;
+  fa.d = p.d;
+  fa.n_pad = l.n_pad;
+  fa.d_pad = l.d_pad;
+  fa.x_norm = buf.x_norm;
+  fa.scale = buf.scale;
+  fa.part = buf.part;
+  fa.splits = l.splits;
+  fa.labels = p.labels;
+  fa.weight = w;
+  fa.lse = static_cast<const Acc*>(p.lse);
+  fa.g_lse = static_cast<const Acc*>(p.grad_lse);
+  fa.g_t = static_cast<const Acc*>(p.grad_target_logit);
+  fa.margin = p.margin;
+  fa.grad_x = static_cast<T*>(p.grad_x);
+  bwd_finalize_kernel<T><<<unsigned(p.n), kThreads, 0, stream>>>(fa);
+  return cudaGetLastError();
+}
+
+// Explicit instantiations, one per dtype (the dispatch below selects them).
+template cudaError_t run_backward<__half>(const BackwardParams&, cudaStream_t);
+template cudaError_t run_backward<__nv_bfloat16>(const BackwardParams&, cudaStream_t);
+template cudaError_t run_backward<float>(const BackwardParams&, cudaStream_t);
+template cudaError_t run_backward<double>(const BackwardParams&, cudaStream_t);
+
+size_t backward_workspace_bytes(const BackwardParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat16: return bwd_workspace<__half>(p);
+    case DType::kBFloat16: return bwd_workspace<__nv_bfloat16>(p);
+    case DType::kFloat32: return bwd_workspace<float>(p);
+    case DType::kFloat64: return bwd_workspace<double>(p);
+  }
+  return 0;
+}
+
+cudaError_t launch_margin_lse_backward(const BackwardParams& p, cudaStream_t stream) {
+  switch (p.dtype) {
+    case DType::kFloat16: return run_backward<__half>(p, stream);
+    case DType::kBFloat16: return run_backward<__nv_bfloat16>(p, stream);
+    case DType::kFloat32: return run_backward<float>(p, stream);
+    case DType::kFloat64: return run_backward<double>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace margin_ops

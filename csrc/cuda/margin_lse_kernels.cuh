@@ -1,0 +1,157 @@
+// CUDA kernels of the fused primitive margin_lse / margin_lse_backward: the plain
+// parameter structs and the launchers. No torch headers: the kernels compile with bare
+// nvcc (CI does so for sm_80 and sm_90a); csrc/cuda/margin_lse_cuda.cpp is the torch glue
+// that checks arguments, allocates outputs and the workspace, fills these structs and
+// launches on the current stream.
+//
+// Shapes (all tensors contiguous, row-major): x (N, D) and weight (C, D) of one dtype T
+// (float16, bfloat16, float32, float64); labels (N,) int64, a label outside [0, C) meaning
+// "no target". Per-row statistics and upstream gradients are (N,) of the accumulation type
+// Acc: float, or double for float64 inputs. The math is DESIGN.md section 1, the CPU kernel
+// (csrc/cpu/margin_lse_cpu.cpp) and margin_ops/reference.py; the margin phi and its slope
+// come from csrc/margin_math.h.
+//
+// ---------------------------------------------------------------------------------------
+// Design
+// ---------------------------------------------------------------------------------------
+// One generic CTA tile engine (margin_lse_device.cuh): a BM x BN output tile of
+// A (M x K) * B (K x N) with either operand stored K-contiguous or M/N-contiguous in
+// global memory, streamed through a 3-stage cp.async pipeline into padded (bank-conflict
+// free) shared-memory tiles, bounds- and alignment-guarded (zero fill; a scalar path when
+// a row is not 16-byte aligned, e.g. D % 8 != 0 in 16-bit).
+//   * bf16/fp16: mma.sync.m16n8k16 (fp32 accumulate) fed by ldmatrix(.trans);
+//     CTA tile 128 x 128 x 32, 8 warps as 2 x 4, warp tile 64 x 32.
+//   * fp32: SIMT FFMA (always fp32-accurate, so it is right for any
+//     float32_matmul_precision; a TF32 path is a later optimisation), 128 x 128 x 16.
+//   * fp64: SIMT DFMA, 64 x 64 x 16. Simple and correct, not tuned.
+// Every kernel uses 256 threads. Epilogues see each thread's accumulator as TR x TC values
+// with (row(ri), col(ci)) coordinates; lanes sharing a row differ in lane bits 0-1, lanes
+// sharing a column in bits 2-4, for both the mma and the SIMT layouts.
+//
+// Normalization: x̂ = x / max(‖x‖, eps) is written once per call by a prep kernel into a
+// zero-padded (N_pad x D_pad) workspace of dtype T (N_pad = roundup(N, 128),
+// D_pad = roundup(D, 128); ≤ 0.5 MB at N = D = 512). W is never normalized in memory: the
+// cosine tile is acc * (1 / max(‖w_c‖, eps)) per column, and ‖w_c‖² is accumulated by the
+// CTA from the W tile already in shared memory, stage by stage, during the cos GEMM.
+//
+// Forward (3 launches):
+//   prep      x̂, ‖x‖, s_i (s, or ‖x_i‖ with feature_scale); target_logit = 0 for rows with
+//             no target.
+//   fwd_main  grid (row tile, class split): a CTA keeps one row tile of BM rows and walks a
+//             contiguous range of BN-class tiles (CTAs with the same split are adjacent in
+//             launch order, so a W tile comes from HBM once and from L2 for the other row
+//             tiles). Per tile: cos GEMM (+ W norms), margin on the target entry only, the
+//             row's (max, sum-exp) in the log2 domain and (max cos, argmax) reduced over the
+//             4 lanes sharing it (shuffles), then folded by one owner lane into running
+//             statistics in shared memory, one slot per (warp column, row): no barrier per
+//             tile. The thread owning (i, y_i) writes target_logit_i. At the end the warps'
+//             slots are merged in warp order and written as one partial per (split, row).
+//   combine   per row: merges the split partials in split order -> lse, max_cos (clamped to
+//             [-1, 1]), pred (first class on ties).
+//
+// Backward: the classes are processed in chunks of `cc` classes (cc = the largest multiple
+// of 128 with N_pad * cc * sizeof(T) <= 16 MiB, at least 128; e.g. 16384 at N = 512 in bf16,
+// so 62 chunks at C = 1M). Per chunk, 3 launches (all stream-ordered, no host sync):
+//   bwd_tile  grid (row tile, class tile): recompute the cos tile (+ W norms), form
+//             dc = s_i * (g_lse * exp(logit - lse) + g_target * [c = y]) * (slope at the
+//             target), store dS' = dc / ‖w_c‖ (dtype T) into an N_pad x cc scratch, and per
+//             (row tile, class) the partial r_c = Σ_i dc_ic c_ic; the row tile 0 CTA writes
+//             ‖w_c‖.
+//   bwd_dw    dW (chunk) = dS'ᵀ x̂ − w_c r_c / ‖w_c‖²: GEMM with K = N over the scratch;
+//             each dW element is written once (r_c is summed over row tiles in order).
+//   bwd_dx    split-K GEMM dX̂ += dS' W(chunk) with S fixed splits of the chunk; CTA
+//             (D tile, row tile, split) owns partial[split] for its tile and adds to it with
+//             a plain read-modify-write (the first chunk stores). No atomics anywhere.
+// then
+//   finalize  per row: dX̂ = Σ_split partial (in split order), the normalization backward
+//             (dX̂ − x̂ (x̂·dX̂)) / ‖x‖ (dX̂ / eps on the floor), and with feature_scale the
+//             gradient through s_i = ‖x_i‖. Its row sum Σ_c dlogit_ic logit_ic / s_i is not
+//             reduced over C separately: x̂·dX̂ = Σ_c dc_ic ĉ_ic already is that sum times
+//             s_i, up to a target-only correction (dlogit_iy (φ − slope·ĉ_iy)) that the
+//             finalize kernel computes from one dot product x̂_i · w_{y_i}.
+//
+// Determinism: every reduction has a fixed order (warp butterflies, shared memory in warp
+// order, split partials in split order) and no kernel uses atomics, so results are bitwise
+// identical run to run on one device in both modes; `deterministic` costs nothing and is
+// only recorded. (Split counts depend on the SM count, so two GPU models may differ in
+// the last bits.)
+//
+// Extra memory (beyond inputs and outputs): forward x̂ (N_pad x D_pad of T) + 16 bytes x
+// N_pad x splits; backward x̂ + the dS' chunk scratch (<= 16 MiB unless N is so large that
+// even 128 classes exceed it) + the split partials (<= 8 MiB, or one N_pad x D_pad
+// accumulator when that alone is larger) + O(N_pad + cc * N_pad / BM). At N = 512, D = 512,
+// C = 1M, bf16: 0.5 + 16 + 8 + 0.3 ≈ 25 MiB. (kScratchBudget / kPartialBudget in
+// margin_lse_backward.cu.)
+//
+// Precision: cosines, statistics, dc and every reduction in fp32 (fp64 for float64); the
+// MMA operands x̂ and dS' are rounded to T, as any bf16/fp16 GEMM would. fp16 caveat: dS' =
+// dc / ‖w_c‖ can overflow fp16 only if |dc| / ‖w_c‖ > 65504 (e.g. exact ArcFace slope ~1e4
+// at cos = 1 together with ‖w_c‖ << 1).
+//
+// Tuning knobs for a GPU session: Cfg<T> (tile shapes, BK; 2 CTAs/SM for the tensor-core
+// kernels = 128 registers), kStages, the two budgets above, the 2 x #SMs grid targets in
+// fwd_layout / bwd_layout. A wgmma (sm_90a) mainloop would replace TileGemm::warp_mma_tc.
+//
+// 64-bit offsets for every global index that can exceed 2^31 (N*C, C*D, N*D); C < 2^31.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../margin_math.h"
+
+namespace margin_ops {
+namespace cuda {
+
+enum class DType : int32_t { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
+// margin_lse. Pointers are device pointers; "Acc" = float, or double when dtype is kFloat64.
+struct ForwardParams {
+  DType dtype;
+  int64_t n;                // rows of x, >= 1
+  int64_t c;                // classes (rows of weight), 1 <= c < 2^31
+  int64_t d;                // feature dimension, >= 1
+  const void* x;            // (n, d) T
+  const void* weight;       // (c, d) T
+  const int64_t* labels;    // (n,)
+  MarginParams margin;      // finalize()d
+  void* lse;                // (n,) Acc out
+  void* target_logit;       // (n,) Acc out
+  void* max_cos;            // (n,) Acc out
+  int64_t* pred;            // (n,) out
+  void* workspace;          // forward_workspace_bytes(*this) bytes, 256-byte aligned
+  int num_sms;              // multiprocessors of the device (sizes the grid)
+  bool deterministic;       // recorded only: the kernels are always deterministic
+};
+
+// margin_lse_backward.
+struct BackwardParams {
+  DType dtype;
+  int64_t n, c, d;
+  const void* x;                  // (n, d) T
+  const void* weight;             // (c, d) T
+  const int64_t* labels;          // (n,)
+  const void* lse;                // (n,) Acc, from the forward
+  const void* grad_lse;           // (n,) Acc
+  const void* grad_target_logit;  // (n,) Acc
+  MarginParams margin;
+  void* grad_x;                   // (n, d) T out
+  void* grad_weight;              // (c, d) T out
+  void* workspace;                // backward_workspace_bytes(*this) bytes, 256-byte aligned
+  int num_sms;
+  bool deterministic;
+};
+
+// Workspace sizes; they read only dtype, n, c, d and num_sms.
+size_t forward_workspace_bytes(const ForwardParams& p);
+size_t backward_workspace_bytes(const BackwardParams& p);
+
+// Enqueue the kernels on `stream`; no host synchronisation (CUDA-graph capturable).
+// Return the first CUDA error met while configuring or launching.
+cudaError_t launch_margin_lse_forward(const ForwardParams& p, cudaStream_t stream);
+cudaError_t launch_margin_lse_backward(const BackwardParams& p, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace margin_ops
