@@ -110,8 +110,10 @@ def current_backend(device_type: str) -> str:
     if why is not None:
         raise RuntimeError(f"backend {name!r} is not available: {why}")
     if device_type not in chosen.devices():
+        hint = " (Triton runs on CPU tensors only under TRITON_INTERPRET=1, set before " \
+               "margin_ops is imported)" if name == "triton" and device_type == "cpu" else ""
         raise RuntimeError(f"backend {name!r} cannot run on {device_type} tensors "
-                           f"(it runs on: {', '.join(chosen.devices()) or 'nothing here'})")
+                           f"(it runs on: {', '.join(chosen.devices()) or 'nothing here'}){hint}")
     return name
 
 

@@ -1,0 +1,118 @@
+"""Forward pass of the fused primitive: ``margin_lse`` with Triton kernels.
+
+One program per (block of BLOCK_M rows, group of consecutive class blocks): it streams
+the group's W tiles, forms each cosine tile with one tl.dot, puts the margin on the
+target entries, and folds the tile into running (max, sum-exp, best cosine, argmax) per
+row, written once per group to (groups, N) partial buffers that a few torch ops combine.
+Nothing N x C is ever allocated. Programs of the same group are adjacent in launch order,
+so they read each W tile from HBM about once and share it through L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .problem import Tiles, class_splits, device_guard, prepare
+from .tiles import cosine_tile, logits, margin_tile
+
+#: Tiles per input element size. Untuned (no GPU was at hand): chosen so that sm_90a builds
+#: (triton.compile offline) need at most ~190 registers, spill none and fit shared memory.
+TILES = {2: Tiles(64, 64, 64, 0, 4), 4: Tiles(64, 64, 32, 0, 4), 8: Tiles(32, 32, 32, 0, 4)}
+#: Most class groups: the partials are 4 x groups x N numbers.
+MAX_SPLITS = 1024
+
+
+@triton.jit
+def margin_lse_kernel(
+    x_ptr, w_ptr, labels_ptr, inv_x_norm_ptr, scale_ptr,
+    target_ptr, part_max_ptr, part_sum_ptr, part_cos_ptr, part_pred_ptr,
+    N, C, D, stride_xn, stride_xd, stride_wc, stride_wd, blocks_per_split,
+    m1: tl.float64, m2: tl.float64, m3: tl.float64, lamb: tl.float64,
+    cos_m: tl.float64, sin_m: tl.float64, threshold: tl.float64, sphere_m,
+    MARGIN: tl.constexpr, DETACH: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Partials of rows [pid0·BLOCK_M, +BLOCK_M) over class group pid1.
+
+    x (N, D), w (C, D): input dtype, strided. labels (N,) int64; inv_x_norm, scale (N,)
+    ACC. Writes target (N,) ACC where the row's label falls in the group, and part_max,
+    part_sum (running max and sum of exp(logit − max)), part_cos (largest cosine) ACC and
+    part_pred (its class) int64, each (groups, N), at [pid1, rows].
+    """
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_mask = rows < N
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+    inv_x_norm = tl.load(inv_x_norm_ptr + rows, mask=row_mask, other=0.0)
+    scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
+    acc_dtype = inv_x_norm.dtype
+
+    run_max = tl.full((BLOCK_M,), float("-inf"), acc_dtype)
+    run_sum = tl.zeros((BLOCK_M,), acc_dtype)
+    best_cos = tl.full((BLOCK_M,), float("-inf"), acc_dtype)
+    best_class = tl.zeros((BLOCK_M,), tl.int64)
+    first_block = split * blocks_per_split
+    last_block = tl.minimum(first_block + blocks_per_split, tl.cdiv(C, BLOCK_C))
+    for block in range(first_block, last_block):
+        cols = block * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+        col_mask = cols < C
+        cos, _ = cosine_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, inv_x_norm,
+                             D, stride_xn, stride_xd, stride_wc, stride_wd,
+                             BLOCK_M, BLOCK_C, BLOCK_K, INPUT_PRECISION, UPCAST)
+        u, is_target, _ = margin_tile(cos, cols, col_mask, labels, m1, m2, m3, lamb,
+                                      cos_m, sin_m, threshold, sphere_m, MARGIN, DETACH)
+        logit = logits(u, scale, col_mask)
+        # Each row's target lies in one tile of one group: exactly one program writes it.
+        has_target = row_mask & (labels >= block * BLOCK_C) & (labels < tl.minimum(C, (block + 1) * BLOCK_C))
+        tl.store(target_ptr + rows, tl.sum(tl.where(is_target, logit, 0.0), axis=1), mask=has_target)
+
+        new_max = tl.maximum(run_max, tl.max(logit, axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logit - new_max[:, None]), axis=1)
+        run_max = new_max
+        # Strictly greater: on ties the earlier (lower) class wins, as torch.max does.
+        masked_cos = tl.where(col_mask[None, :], cos, float("-inf"))
+        tile_best = tl.max(masked_cos, axis=1)
+        better = tile_best > best_cos
+        best_cos = tl.where(better, tile_best, best_cos)
+        best_class = tl.where(better, block * BLOCK_C + tl.argmax(masked_cos, axis=1).to(tl.int64), best_class)
+
+    part = split.to(tl.int64) * N + rows
+    tl.store(part_max_ptr + part, run_max, mask=row_mask)
+    tl.store(part_sum_ptr + part, run_sum, mask=row_mask)
+    tl.store(part_cos_ptr + part, best_cos, mask=row_mask)
+    tl.store(part_pred_ptr + part, best_class, mask=row_mask)
+
+
+def margin_lse(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad):
+    """margin_lse on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1).
+
+    x (N, D), weight (C, D): float32/bfloat16/float16/float64, any strides; labels (N,)
+    int64, outside [0, C) for rows without a target. Returns lse, target_logit, max_cos
+    (N,) ACC and pred (N,) int64: see :func:`margin_ops.reference.margin_lse`.
+    """
+    p = prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad)
+    n, dim = x.shape
+    num_classes = weight.shape[0]
+    target = torch.zeros(n, dtype=p.acc, device=x.device)
+    if n == 0:
+        return target, target.clone(), target.clone(), torch.zeros(0, dtype=torch.int64, device=x.device)
+    launch = TILES[x.element_size()].launch(n, dim)
+    row_blocks = triton.cdiv(n, launch["BLOCK_M"])
+    splits, per_split = class_splits(row_blocks, triton.cdiv(num_classes, launch["BLOCK_C"]), x.device, MAX_SPLITS)
+    part_max, part_sum, part_cos = torch.empty(3, splits, n, dtype=p.acc, device=x.device)
+    part_pred = torch.empty(splits, n, dtype=torch.int64, device=x.device)
+    with device_guard(x):
+        margin_lse_kernel[(row_blocks, splits)](
+            x, weight, p.labels, p.inv_x_norm, p.scale,
+            target, part_max, part_sum, part_cos, part_pred,
+            n, num_classes, dim, *p.strides(), per_split, *p.margin_args,
+            **p.constexprs, **launch,
+        )
+    global_max = part_max.amax(0)
+    lse = global_max + (part_sum * (part_max - global_max).exp()).sum(0).log()
+    max_cos, best_split = part_cos.max(0)  # the first group on ties: the lowest class
+    pred = part_pred.gather(0, best_split.unsqueeze(0)).squeeze(0)
+    return lse, target, max_cos, pred

@@ -1,0 +1,136 @@
+"""What both passes derive on the host before launching kernels (the CPU kernel's ``Problem``).
+
+Shapes: x (N, D), weight (C, D) in float32 / bfloat16 / float16 / float64, any strides;
+labels (N,) int64. ACC, the accumulation dtype, is float64 for float64 inputs and float32
+otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+from .. import reference
+from .margin import KINDS, host_params, target_margin
+
+#: True when TRITON_INTERPRET was set as the kernels were defined: they then run on CPU tensors.
+INTERPRETED = isinstance(target_margin, InterpretedFunction)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class Problem(NamedTuple):
+    x: torch.Tensor           #: (N, D) input dtype, as given
+    weight: torch.Tensor      #: (C, D) input dtype, as given
+    labels: torch.Tensor      #: (N,) int64, contiguous
+    x_norm: torch.Tensor      #: (N,) ACC: ‖x_i‖
+    inv_x_norm: torch.Tensor  #: (N,) ACC: 1 / max(‖x_i‖, NORM_EPS)
+    scale: torch.Tensor       #: (N,) ACC: s_i = s, or ‖x_i‖ with feature_scale
+    margin_args: tuple        #: the kernels' margin scalars (margin.host_params)
+    constexprs: dict          #: MARGIN, DETACH, INPUT_PRECISION, UPCAST
+
+    @property
+    def acc(self) -> torch.dtype:
+        return self.scale.dtype
+
+    def strides(self) -> tuple:
+        """(stride_xn, stride_xd, stride_wc, stride_wd), in elements."""
+        return (*self.x.stride(), *self.weight.stride())
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, margin: str, m1: float):
+    """The same checks as the C++ kernels, naming the bad argument."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (N, D), got shape {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be (C, D) with D = x.size(1) = {x.shape[1]}, got shape {tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError("weight must have at least one class (row)")
+    if x.dtype not in DTYPES or weight.dtype != x.dtype:
+        raise TypeError(f"the Triton kernels take x and weight of one dtype among "
+                        f"{', '.join(map(str, DTYPES))}, got {x.dtype} and {weight.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != x.shape[0]:
+        raise ValueError(f"labels must be (N,) with N = x.size(0) = {x.shape[0]}, got shape {tuple(labels.shape)}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64, got {labels.dtype}")
+    if weight.device != x.device or labels.device != x.device:
+        raise ValueError(f"x, weight and labels must be on one device, got {x.device}, {weight.device}, {labels.device}")
+    if x.device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError("the Triton kernels run on CPU tensors only under the Triton interpreter: "
+                           "set TRITON_INTERPRET=1 before margin_ops is first imported")
+    if x.device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"the Triton kernels run on cuda tensors, got {x.device}")
+    if margin not in KINDS:
+        raise ValueError(f"margin must be one of {', '.join(map(repr, KINDS))}, got {margin!r}")
+    if margin == "sphereface" and not (m1 >= 1 and m1 == math.floor(m1)):
+        raise ValueError(f"m1 must be an integer >= 1 for margin='sphereface', got {m1}")
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: float32 follows torch.get_float32_matmul_precision()."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad) -> Problem:
+    """Checks the arguments of margin_lse(_backward) and computes the per-row prologue (O(N·D))."""
+    _check(x, weight, labels, margin, m1)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x_norm = x.to(acc).norm(dim=1)
+    inv_x_norm = x_norm.clamp_min(reference.NORM_EPS).reciprocal()
+    scale = x_norm if feature_scale else torch.full_like(x_norm, s)
+    constexprs = dict(
+        MARGIN=KINDS[margin],
+        DETACH=bool(detach_margin_grad),
+        INPUT_PRECISION=input_precision(x.dtype),
+        UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
+    )
+    return Problem(x, weight, labels.contiguous(), x_norm, inv_x_norm, scale,
+                   host_params(margin, m1, m2, m3, lamb), constexprs)
+
+
+class Tiles(NamedTuple):
+    """A kernel's tile sizes (powers of two ≥ 16, as tl.dot needs) and warps."""
+
+    block_m: int    #: most rows per tile (fewer for a smaller N)
+    block_c: int    #: classes per tile
+    block_k: int    #: most columns of D per tl.dot step (fewer for a smaller D)
+    block_d: int    #: most columns of D per gradient accumulator (0: the kernel has none)
+    num_warps: int
+
+    def launch(self, n: int, dim: int) -> dict:
+        """The kernel's BLOCK_* constexprs and num_warps for N = n, D = dim."""
+        sizes = dict(BLOCK_M=_pow2(n, self.block_m), BLOCK_C=self.block_c, BLOCK_K=_pow2(dim, self.block_k),
+                     num_warps=self.num_warps)
+        if self.block_d:
+            sizes["BLOCK_D"] = _pow2(dim, self.block_d)
+        return sizes
+
+
+def _pow2(n: int, high: int) -> int:
+    return max(16, min(high, triton.next_power_of_2(n)))
+
+
+def class_splits(row_blocks: int, class_blocks: int, device: torch.device, max_splits: int) -> tuple[int, int]:
+    """Cuts the class blocks into consecutive groups, one program per (row block, group).
+
+    Enough groups to give a GPU ~4 programs per SM, at most ``max_splits`` (the
+    per-group partial buffers grow with their number). The interpreter runs programs
+    one after another, so there a few groups do. Returns (groups, class blocks per group);
+    no group is empty.
+    """
+    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count \
+        if device.type == "cuda" and not INTERPRETED else 4
+    splits = max(1, min(class_blocks, max_splits, -(-programs // row_blocks)))
+    per_split = -(-class_blocks // splits)
+    return -(-class_blocks // per_split), per_split
+
+
+def device_guard(t: torch.Tensor):
+    """Makes t's GPU the current one while kernels launch (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
