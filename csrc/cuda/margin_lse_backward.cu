@@ -592,30 +592,12 @@ cudaError_t run_backward(const BackwardParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Explicit instantiations, one per dtype (the dispatch below selects them).
-template cudaError_t run_backward<__half>(const BackwardParams&, cudaStream_t);
-template cudaError_t run_backward<__nv_bfloat16>(const BackwardParams&, cudaStream_t);
-template cudaError_t run_backward<float>(const BackwardParams&, cudaStream_t);
-template cudaError_t run_backward<double>(const BackwardParams&, cudaStream_t);
-
 size_t backward_workspace_bytes(const BackwardParams& p) {
-  switch (p.dtype) {
-    case DType::kFloat16: return bwd_workspace<__half>(p);
-    case DType::kBFloat16: return bwd_workspace<__nv_bfloat16>(p);
-    case DType::kFloat32: return bwd_workspace<float>(p);
-    case DType::kFloat64: return bwd_workspace<double>(p);
-  }
-  return 0;
+  return dispatch_dtype(p.dtype, [&](auto t) { return bwd_workspace<decltype(t)>(p); });
 }
 
 cudaError_t launch_margin_lse_backward(const BackwardParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::kFloat16: return run_backward<__half>(p, stream);
-    case DType::kBFloat16: return run_backward<__nv_bfloat16>(p, stream);
-    case DType::kFloat32: return run_backward<float>(p, stream);
-    case DType::kFloat64: return run_backward<double>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) { return run_backward<decltype(t)>(p, stream); });
 }
 
 }  // namespace cuda

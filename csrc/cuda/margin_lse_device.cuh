@@ -17,6 +17,18 @@
 
 namespace margin_ops {
 namespace cuda {
+
+// Calls f(T{}) with the element type T of `dtype` (host side: picks the kernel
+// instantiation; the glue admits only these four dtypes).
+template <class F>
+auto dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+    case DType::kFloat32: return f(float{});
+    default: return f(double{});
+  }
+}
 namespace dev {
 
 constexpr int kThreads = 256;  // every kernel

@@ -377,30 +377,12 @@ cudaError_t run_forward(const ForwardParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Explicit instantiations, one per dtype (the dispatch below selects them).
-template cudaError_t run_forward<__half>(const ForwardParams&, cudaStream_t);
-template cudaError_t run_forward<__nv_bfloat16>(const ForwardParams&, cudaStream_t);
-template cudaError_t run_forward<float>(const ForwardParams&, cudaStream_t);
-template cudaError_t run_forward<double>(const ForwardParams&, cudaStream_t);
-
 size_t forward_workspace_bytes(const ForwardParams& p) {
-  switch (p.dtype) {
-    case DType::kFloat16: return fwd_workspace<__half>(p);
-    case DType::kBFloat16: return fwd_workspace<__nv_bfloat16>(p);
-    case DType::kFloat32: return fwd_workspace<float>(p);
-    case DType::kFloat64: return fwd_workspace<double>(p);
-  }
-  return 0;
+  return dispatch_dtype(p.dtype, [&](auto t) { return fwd_workspace<decltype(t)>(p); });
 }
 
 cudaError_t launch_margin_lse_forward(const ForwardParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::kFloat16: return run_forward<__half>(p, stream);
-    case DType::kBFloat16: return run_forward<__nv_bfloat16>(p, stream);
-    case DType::kFloat32: return run_forward<float>(p, stream);
-    case DType::kFloat64: return run_forward<double>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) { return run_forward<decltype(t)>(p, stream); });
 }
 
 }  // namespace cuda
