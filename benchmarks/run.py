@@ -113,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed runs per measurement (median); default 20 on cuda, 5 on cpu")
     parser.add_argument("--warmup", type=int, help="untimed runs after the first call; default 3 on cuda, 1 on cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the extra-memory measurement")
+    parser.add_argument("--fp32-precision", choices=("highest", "high", "medium"), default="highest",
+                        help="torch.set_float32_matmul_precision for the run: float32 products of every "
+                             "contender (and the fp32 peak) may use TF32 under high/medium; default highest")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--out", type=Path, default=REPO / "bench-out", help="output folder (default: bench-out/)")
     args = parser.parse_args(argv)
@@ -390,6 +393,8 @@ def markdown_report(meta: dict, rows: list[dict]) -> str:
         "the first call (compilation included) is not timed.",
         f"- TFLOP/s: useful work 6·N·C·D / time. Peak (dense matmul, fastest of several runs, measured "
         f"in this run): {peaks}.",
+        f"- float32 matmul precision: {meta['fp32_precision']} (torch.set_float32_matmul_precision; "
+        f"TF32 allowed unless highest).",
         f"- Extra memory: memory the loss computation needs beyond its inputs (x, W, labels) and the "
         f"gradients it returns (dx, dW). Method: {meta['memory_method'] or 'not measured (--no-memory)'}.",
         "- Speed-up of a backend: contender time / backend time (> 1: the backend is faster).",
@@ -439,6 +444,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main(argv=None) -> None:
     started = time.perf_counter()
     args = parse_args(argv)
+    torch.set_float32_matmul_precision(args.fp32_precision)
     contenders, skipped = select_contenders(args)
     margin_names = args.margins or default_margins(contenders)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -446,6 +452,7 @@ def main(argv=None) -> None:
             "margin_ops": margin_ops.__version__, "commit": git_commit(),
             "command": " ".join(["python benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)]),
             "repeats": args.repeats, "warmup": args.warmup, "dtypes": args.dtypes, "margins": margin_names,
+            "fp32_precision": args.fp32_precision,
             "contenders": [c.name for c in contenders], "skipped": skipped,
             "backends": [c.name for c in contenders if c.kind == "margin_ops"],
             "memory_method": None if args.no_memory else MEMORY_METHOD[args.device]}

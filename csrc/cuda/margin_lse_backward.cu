@@ -25,12 +25,13 @@ constexpr int64_t kPartialBudget = int64_t(8) << 20;   // dX̂ split partials, f
 template <class T>
 struct TileArgs {
   using Acc = AccOf<T>;
-  const T* x_hat;  // (n_pad, d_pad)
-  int64_t n, n_pad, d_pad;
+  const T* x;  // (n, d), as given: normalized in the epilogue, as in the forward
+  int64_t n;
   const T* weight;  // (c, d)
   int64_t c, d;
-  bool w_vec;
+  bool x_vec, w_vec;
   const int64_t* labels;
+  const Acc* x_norm;  // (n_pad,)
   const Acc* scale;   // (n_pad,)
   const Acc* lse;     // (n,)
   const Acc* g_lse;   // (n,)
@@ -56,6 +57,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_tile_kernel(
   __shared__ Acc s_inv[C::BN];
   __shared__ Acc s_norm[C::BN];
   __shared__ Acc s_scale[C::BM];
+  __shared__ Acc s_xinv[C::BM];
   __shared__ Acc s_lse2[C::BM];
   __shared__ Acc s_gl[C::BM];
   __shared__ Acc s_gt[C::BM];
@@ -74,10 +76,11 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_tile_kernel(
   if (tid == 0) s_margin = args.margin;
   for (int r = tid; r < C::BM; r += kThreads) {
     const int64_t gr = row0 + r;
-    Acc sc = Acc(0), l2 = Acc(0), gl = Acc(0), gt = Acc(0);
+    Acc sc = Acc(0), xinv = Acc(0), l2 = Acc(0), gl = Acc(0), gt = Acc(0);
     int32_t y = -1;
     if (gr < args.n) {
       sc = args.scale[gr];
+      xinv = Acc(1) / vmax(args.x_norm[gr], Consts<Acc>::kNormEps);
       l2 = args.lse[gr] * kLog2e;
       gl = args.g_lse[gr];
       gt = args.g_t[gr];
@@ -85,6 +88,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_tile_kernel(
       if (lab >= 0 && lab < args.c) y = int32_t(lab);
     }
     s_scale[r] = sc;
+    s_xinv[r] = xinv;
     s_lse2[r] = l2;
     s_gl[r] = gl;
     s_gt[r] = gt;
@@ -92,7 +96,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_tile_kernel(
   }
   // (visible after the GEMM's barriers)
 
-  const Operand<T> a{args.x_hat, args.d_pad, row0, args.n_pad, args.d_pad, true};
+  const Operand<T> a{args.x, args.d, row0, args.n, args.d, args.x_vec};
   const Operand<T> b{args.weight, args.d, col0, args.c, args.d, args.w_vec};
   Acc acc[C::TR][C::TC];
   WeightNorm<T> wnorm;
@@ -109,7 +113,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_tile_kernel(
     const int r = wm0 + C::row(ri, lane);
     const int64_t gr = row0 + r;
     const bool row_ok = gr < args.n;
-    const Acc sc = s_scale[r], sc2 = sc * kLog2e, lse2 = s_lse2[r], gl = s_gl[r];
+    const Acc sc = s_scale[r], sc2 = sc * kLog2e, lse2 = s_lse2[r], gl = s_gl[r], xinv = s_xinv[r];
     const int64_t ydiff = int64_t(s_label[r]) - col0;
     const int yl = (s_label[r] >= 0 && ydiff >= 0 && ydiff < C::BN) ? int(ydiff) : -1;
     // Non-target entries are stored as they are computed (pairs of adjacent columns for the
@@ -127,7 +131,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_tile_kernel(
         dv[e] = Acc(0);
         if (row_ok && col0 + cl < args.c) {
           const Acc inv = s_inv[cl];
-          const Acc cs = clamp_unit(acc[ri][ci + e] * inv);
+          const Acc cs = clamp_unit(acc[ri][ci + e] * xinv * inv);  // as in the forward
           if (cl == yl) {
             has_t = true;
             t_cos = cs;
@@ -479,7 +483,7 @@ cudaError_t run_backward(const BackwardParams& p, cudaStream_t stream) {
   const BwdBuffers<T> buf = carve_bwd<T>(cv, l);
   const T* x = static_cast<const T*>(p.x);
   const T* w = static_cast<const T*>(p.weight);
-  const bool w_vec = p.d % (16 / int64_t(sizeof(T))) == 0 && aligned16(w);
+  const bool w_vec = rows_vec<T>(w, p.d);
 
   cudaError_t err;
   if ((err = allow_smem(bwd_tile_kernel<T>, GemmTile::kSmemBytes)) != cudaSuccess) return err;
@@ -504,15 +508,15 @@ cudaError_t run_backward(const BackwardParams& p, cudaStream_t stream) {
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   TileArgs<T> ta;
-  ta.x_hat = buf.x_hat;
+  ta.x = x;
   ta.n = p.n;
-  ta.n_pad = l.n_pad;
-  ta.d_pad = l.d_pad;
   ta.weight = w;
   ta.c = p.c;
   ta.d = p.d;
+  ta.x_vec = rows_vec<T>(x, p.d);
   ta.w_vec = w_vec;
   ta.labels = p.labels;
+  ta.x_norm = buf.x_norm;
   ta.scale = buf.scale;
   ta.lse = static_cast<const Acc*>(p.lse);
   ta.g_lse = static_cast<const Acc*>(p.grad_lse);

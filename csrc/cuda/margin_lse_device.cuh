@@ -542,6 +542,7 @@ __device__ __forceinline__ void block_sum(A (&v)[K], A* scratch) {
 // ------------------------------------------------------------------------------------
 // Prep: one CTA per padded row i < n_pad.
 //   x_hat[i, :] = x_i / max(‖x_i‖, eps) in T for i < n, d < D; zero padding elsewhere
+//     (only when x_hat != nullptr: the backward's dW GEMM operand)
 //   x_norm[i] = ‖x_i‖, scale[i] = s (or ‖x_i‖ with feature_scale); 0 for padding rows
 //   target_logit[i] = 0 for rows without a target (when target_logit != nullptr)
 // ------------------------------------------------------------------------------------
@@ -552,7 +553,7 @@ struct PrepArgs {
   const int64_t* labels;
   AccOf<T> s;
   bool feature_scale;
-  T* x_hat;
+  T* x_hat;  // (n_pad, d_pad) or nullptr
   AccOf<T>* x_norm;
   AccOf<T>* scale;
   AccOf<T>* target_logit;
@@ -564,9 +565,11 @@ __global__ void __launch_bounds__(kThreads) prep_kernel(const PrepArgs<T> args) 
   using Acc = AccOf<T>;
   __shared__ Acc s_red[kThreads / 32];
   const int64_t i = blockIdx.x;
-  T* out = args.x_hat + i * args.d_pad;
+  T* out = args.x_hat == nullptr ? nullptr : args.x_hat + i * args.d_pad;
   if (i >= args.n) {
-    for (int64_t k = threadIdx.x; k < args.d_pad; k += kThreads) out[k] = Type<T>::store(Acc(0));
+    if (out != nullptr) {
+      for (int64_t k = threadIdx.x; k < args.d_pad; k += kThreads) out[k] = Type<T>::store(Acc(0));
+    }
     if (threadIdx.x == 0) {
       args.x_norm[i] = Acc(0);
       args.scale[i] = Acc(0);
@@ -582,8 +585,10 @@ __global__ void __launch_bounds__(kThreads) prep_kernel(const PrepArgs<T> args) 
   block_sum(ss, s_red);
   const Acc nrm = vsqrt(ss[0]);
   const Acc inv = Acc(1) / vmax(nrm, Consts<Acc>::kNormEps);
-  for (int64_t k = threadIdx.x; k < args.d_pad; k += kThreads) {
-    out[k] = Type<T>::store(k < args.d ? Type<T>::load(row[k]) * inv : Acc(0));
+  if (out != nullptr) {
+    for (int64_t k = threadIdx.x; k < args.d_pad; k += kThreads) {
+      out[k] = Type<T>::store(k < args.d ? Type<T>::load(row[k]) * inv : Acc(0));
+    }
   }
   if (threadIdx.x == 0) {
     args.x_norm[i] = nrm;
@@ -616,6 +621,12 @@ struct Carve {
 };
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Rows of d elements starting at p can be copied in 16-byte chunks.
+template <class T>
+inline bool rows_vec(const T* p, int64_t d) {
+  return d % (16 / int64_t(sizeof(T))) == 0 && aligned16(p);
+}
 
 // Padded sizes shared by both passes.
 inline int64_t rows_padded(int64_t n) { return round_up(n, 128); }

@@ -13,13 +13,14 @@ namespace {
 template <class T>
 struct FwdArgs {
   using Acc = AccOf<T>;
-  const T* x_hat;  // (n_pad, d_pad)
-  int64_t n, n_pad, d_pad;
+  const T* x;  // (n, d), as given: normalized in the epilogue, never rounded as x̂
+  int64_t n, n_pad;
   const T* weight;  // (c, d)
   int64_t c, d;
-  bool w_vec;
+  bool x_vec, w_vec;
   const int64_t* labels;
-  const Acc* scale;  // (n_pad,)
+  const Acc* x_norm;  // (n_pad,)
+  const Acc* scale;   // (n_pad,)
   MarginParams margin;
   Acc* target_logit;  // (n,)
   // Split partials, [split][n_pad]: max and sum-exp of the logits in the log2 domain
@@ -65,6 +66,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) fwd_main_kernel(
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   __shared__ Acc s_inv[C::BN];
+  __shared__ Acc s_xinv[C::BM];
   __shared__ Acc s_scale[C::BM];
   __shared__ int32_t s_label[C::BM];
   __shared__ Acc s_max[C::kWarpsN][C::BM];
@@ -87,14 +89,16 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) fwd_main_kernel(
   if (tid == 0) s_margin = args.margin;
   for (int r = tid; r < C::BM; r += kThreads) {
     const int64_t gr = row0 + r;
-    Acc sc = Acc(0);
+    Acc sc = Acc(0), xinv = Acc(0);
     int32_t y = -1;
     if (gr < args.n) {
       sc = args.scale[gr];
+      xinv = Acc(1) / vmax(args.x_norm[gr], Consts<Acc>::kNormEps);
       const int64_t lab = args.labels[gr];
       if (lab >= 0 && lab < args.c) y = int32_t(lab);
     }
     s_scale[r] = sc;
+    s_xinv[r] = xinv;
     s_label[r] = y;
   }
   for (int k = tid; k < C::kWarpsN * C::BM; k += kThreads) {
@@ -105,7 +109,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) fwd_main_kernel(
   }
   __syncthreads();
 
-  const Operand<T> a{args.x_hat, args.d_pad, row0, args.n_pad, args.d_pad, true};
+  const Operand<T> a{args.x, args.d, row0, args.n, args.d, args.x_vec};
   const int64_t k_end = (args.d + C::BK - 1) / C::BK * C::BK;
   WeightNorm<T> wnorm;
 
@@ -122,7 +126,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) fwd_main_kernel(
 #pragma unroll
     for (int ri = 0; ri < C::TR; ++ri) {
       const int r = wm0 + C::row(ri, lane);
-      const Acc sc = s_scale[r];
+      const Acc sc = s_scale[r], xinv = s_xinv[r];
       const Acc sc2 = sc * kLog2e;
       const int64_t ydiff = int64_t(s_label[r]) - col0;  // target column in this tile, if any
       const int yl = (s_label[r] >= 0 && ydiff >= 0 && ydiff < C::BN) ? int(ydiff) : -1;
@@ -136,12 +140,11 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) fwd_main_kernel(
         const int cl = wn0 + C::col(ci, lane);
         l2[ci] = kNegInf;
         if (col0 + cl < args.c) {
-          const Acc u = acc[ri][ci] * s_inv[cl];
-          if (u > best) {  // columns increase with ci: the first wins ties
-            best = u;
+          const Acc cs = clamp_unit(acc[ri][ci] * xinv * s_inv[cl]);
+          if (cs > best) {  // columns increase with ci: the first wins ties
+            best = cs;
             best_idx = int32_t(col0 + cl);
           }
-          const Acc cs = clamp_unit(u);
           if (cl == yl) {
             has_t = true;
             t_cos = cs;
@@ -245,12 +248,12 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineArgs<A> 
   }
   const A lse2 = m + log2(s);
   args.lse[i] = nan ? s : lse2 * Consts<A>::kLn2;
-  args.max_cos[i] = clamp_unit(b);
+  args.max_cos[i] = clamp_unit(b);  // -1 for a row of NaN cosines (best stayed -inf)
   args.pred[i] = idx;
 }
 
 struct FwdLayout {
-  int64_t n_pad, d_pad, n_class_tiles, tiles_per_split;
+  int64_t n_pad, n_class_tiles, tiles_per_split;
   int row_tiles, splits;
 };
 
@@ -259,7 +262,6 @@ FwdLayout fwd_layout(const ForwardParams& p) {
   using C = Cfg<T>;
   FwdLayout l;
   l.n_pad = rows_padded(p.n);
-  l.d_pad = dims_padded(p.d);
   l.row_tiles = int(l.n_pad / C::BM);
   l.n_class_tiles = ceil_div(p.c, C::BN);
   // About two CTAs per SM in total, each with a contiguous range of class tiles.
@@ -273,7 +275,6 @@ FwdLayout fwd_layout(const ForwardParams& p) {
 template <class T>
 struct FwdBuffers {
   using Acc = AccOf<T>;
-  T* x_hat;
   Acc* x_norm;
   Acc* scale;
   Acc* part_max;
@@ -286,7 +287,6 @@ template <class T>
 FwdBuffers<T> carve_fwd(Carve& cv, const FwdLayout& l) {
   using Acc = AccOf<T>;
   FwdBuffers<T> b;
-  b.x_hat = cv.take<T>(l.n_pad * l.d_pad);
   b.x_norm = cv.take<Acc>(l.n_pad);
   b.scale = cv.take<Acc>(l.n_pad);
   const int64_t np = int64_t(l.splits) * l.n_pad;
@@ -321,11 +321,11 @@ cudaError_t run_forward(const ForwardParams& p, cudaStream_t stream) {
   pa.c = p.c;
   pa.d = p.d;
   pa.n_pad = l.n_pad;
-  pa.d_pad = l.d_pad;
+  pa.d_pad = 0;
   pa.labels = p.labels;
   pa.s = Acc(p.margin.s);
   pa.feature_scale = p.margin.feature_scale;
-  pa.x_hat = buf.x_hat;
+  pa.x_hat = nullptr;  // the forward GEMM reads x itself
   pa.x_norm = buf.x_norm;
   pa.scale = buf.scale;
   pa.target_logit = static_cast<Acc*>(p.target_logit);
@@ -334,15 +334,16 @@ cudaError_t run_forward(const ForwardParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
 
   FwdArgs<T> fa;
-  fa.x_hat = buf.x_hat;
+  fa.x = x;
   fa.n = p.n;
   fa.n_pad = l.n_pad;
-  fa.d_pad = l.d_pad;
   fa.weight = w;
   fa.c = p.c;
   fa.d = p.d;
-  fa.w_vec = p.d % (16 / int64_t(sizeof(T))) == 0 && aligned16(w);
+  fa.x_vec = rows_vec<T>(x, p.d);
+  fa.w_vec = rows_vec<T>(w, p.d);
   fa.labels = p.labels;
+  fa.x_norm = buf.x_norm;
   fa.scale = buf.scale;
   fa.margin = p.margin;
   fa.target_logit = static_cast<Acc*>(p.target_logit);

@@ -28,14 +28,19 @@
 // with (row(ri), col(ci)) coordinates; lanes sharing a row differ in lane bits 0-1, lanes
 // sharing a column in bits 2-4, for both the mma and the SIMT layouts.
 //
-// Normalization: x̂ = x / max(‖x‖, eps) is written once per call by a prep kernel into a
-// zero-padded (N_pad x D_pad) workspace of dtype T (N_pad = roundup(N, 128),
-// D_pad = roundup(D, 128); ≤ 0.5 MB at N = D = 512). W is never normalized in memory: the
-// cosine tile is acc * (1 / max(‖w_c‖, eps)) per column, and ‖w_c‖² is accumulated by the
-// CTA from the W tile already in shared memory, stage by stage, during the cos GEMM.
+// Normalization happens in the epilogue, on neither operand: the cos GEMM multiplies x and
+// W as given, and the cosine is acc * (1 / max(‖x_i‖, eps)) * (1 / max(‖w_c‖, eps)) in
+// fp32. Rounding x̂ = x / ‖x‖ to T before a 16-bit MMA would shift every cosine by up to
+// 2^-9 (bf16), i.e. the logits by up to s * 2^-9 ≈ 0.1 at s = 64: far above the fp32-level loss
+// the CPU kernel and the reference give for the same rounded inputs. ‖x_i‖ comes from a
+// prep kernel, ‖w_c‖² is accumulated by the CTA from the W tile already in shared memory,
+// stage by stage, during the cos GEMM: W is never normalized in memory. Only the
+// backward's dW GEMM needs x̂ as an operand; prep writes it there into a zero-padded
+// (N_pad x D_pad) workspace of dtype T (N_pad = roundup(N, 128), D_pad = roundup(D, 128);
+// ≤ 0.5 MB at N = D = 512).
 //
 // Forward (3 launches):
-//   prep      x̂, ‖x‖, s_i (s, or ‖x_i‖ with feature_scale); target_logit = 0 for rows with
+//   prep      ‖x‖, s_i (s, or ‖x_i‖ with feature_scale); target_logit = 0 for rows with
 //             no target.
 //   fwd_main  grid (row tile, class split): a CTA keeps one row tile of BM rows and walks a
 //             contiguous range of BN-class tiles (CTAs with the same split are adjacent in
@@ -46,8 +51,8 @@
 //             statistics in shared memory, one slot per (warp column, row): no barrier per
 //             tile. The thread owning (i, y_i) writes target_logit_i. At the end the warps'
 //             slots are merged in warp order and written as one partial per (split, row).
-//   combine   per row: merges the split partials in split order -> lse, max_cos (clamped to
-//             [-1, 1]), pred (first class on ties).
+//   combine   per row: merges the split partials in split order -> lse, max_cos, pred
+//             (argmax of the clamped cosines, first class on ties, as the CPU kernel).
 //
 // Backward: the classes are processed in chunks of `cc` classes (cc = the largest multiple
 // of 128 with N_pad * cc * sizeof(T) <= 16 MiB, at least 128; e.g. 16384 at N = 512 in bf16,
@@ -76,15 +81,16 @@
 // only recorded. (Split counts depend on the SM count, so two GPU models may differ in
 // the last bits.)
 //
-// Extra memory (beyond inputs and outputs): forward x̂ (N_pad x D_pad of T) + 16 bytes x
-// N_pad x splits; backward x̂ + the dS' chunk scratch (<= 16 MiB unless N is so large that
+// Extra memory (beyond inputs and outputs): forward 8 + 16 x splits bytes per padded row;
+// backward x̂ + the dS' chunk scratch (<= 16 MiB unless N is so large that
 // even 128 classes exceed it) + the split partials (<= 8 MiB, or one N_pad x D_pad
 // accumulator when that alone is larger) + O(N_pad + cc * N_pad / BM). At N = 512, D = 512,
 // C = 1M, bf16: 0.5 + 16 + 8 + 0.3 ≈ 25 MiB. (kScratchBudget / kPartialBudget in
 // margin_lse_backward.cu.)
 //
-// Precision: cosines, statistics, dc and every reduction in fp32 (fp64 for float64); the
-// MMA operands x̂ and dS' are rounded to T, as any bf16/fp16 GEMM would. fp16 caveat: dS' =
+// Precision: cosines, statistics, dc and every reduction in fp32 (fp64 for float64), from
+// the inputs as given; only the backward GEMMs' operands x̂ and dS' are rounded to T (a
+// gradient-only error of the size of the 16-bit output rounding). fp16 caveat: dS' =
 // dc / ‖w_c‖ can overflow fp16 only if |dc| / ‖w_c‖ > 65504 (e.g. exact ArcFace slope ~1e4
 // at cos = 1 together with ‖w_c‖ << 1).
 //
