@@ -490,20 +490,8 @@ cudaError_t run_backward(const BackwardParams& p, cudaStream_t stream) {
   if ((err = allow_smem(bwd_dw_kernel<T>, GemmDw::kSmemBytes)) != cudaSuccess) return err;
   if ((err = allow_smem(bwd_dx_kernel<T>, GemmDx::kSmemBytes)) != cudaSuccess) return err;
 
-  PrepArgs<T> pa;
-  pa.x = x;
-  pa.n = p.n;
-  pa.c = p.c;
-  pa.d = p.d;
-  pa.n_pad = l.n_pad;
-  pa.d_pad = l.d_pad;
-  pa.labels = p.labels;
-  pa.s = Acc(p.margin.s);
-  pa.feature_scale = p.margin.feature_scale;
-  pa.x_hat = buf.x_hat;
-  pa.x_norm = buf.x_norm;
-  pa.scale = buf.scale;
-  pa.target_logit = nullptr;
+  const PrepArgs<T> pa =
+      make_prep_args<T>(p, l.n_pad, l.d_pad, buf.x_hat, buf.x_norm, buf.scale, nullptr);
   prep_kernel<T><<<unsigned(l.n_pad), kThreads, 0, stream>>>(pa);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 

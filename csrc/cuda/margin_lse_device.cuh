@@ -559,6 +559,27 @@ struct PrepArgs {
   AccOf<T>* target_logit;
 };
 
+// PrepArgs of either pass (P: ForwardParams or BackwardParams).
+template <class T, class P>
+PrepArgs<T> make_prep_args(const P& p, int64_t n_pad, int64_t d_pad, T* x_hat, AccOf<T>* x_norm,
+                           AccOf<T>* scale, AccOf<T>* target_logit) {
+  PrepArgs<T> a;
+  a.x = static_cast<const T*>(p.x);
+  a.n = p.n;
+  a.c = p.c;
+  a.d = p.d;
+  a.n_pad = n_pad;
+  a.d_pad = d_pad;
+  a.labels = p.labels;
+  a.s = AccOf<T>(p.margin.s);
+  a.feature_scale = p.margin.feature_scale;
+  a.x_hat = x_hat;
+  a.x_norm = x_norm;
+  a.scale = scale;
+  a.target_logit = target_logit;
+  return a;
+}
+
 namespace {
 template <class T>
 __global__ void __launch_bounds__(kThreads) prep_kernel(const PrepArgs<T> args) {

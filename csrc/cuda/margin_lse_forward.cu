@@ -315,20 +315,9 @@ cudaError_t run_forward(const ForwardParams& p, cudaStream_t stream) {
   const T* x = static_cast<const T*>(p.x);
   const T* w = static_cast<const T*>(p.weight);
 
-  PrepArgs<T> pa;
-  pa.x = x;
-  pa.n = p.n;
-  pa.c = p.c;
-  pa.d = p.d;
-  pa.n_pad = l.n_pad;
-  pa.d_pad = 0;
-  pa.labels = p.labels;
-  pa.s = Acc(p.margin.s);
-  pa.feature_scale = p.margin.feature_scale;
-  pa.x_hat = nullptr;  // the forward GEMM reads x itself
-  pa.x_norm = buf.x_norm;
-  pa.scale = buf.scale;
-  pa.target_logit = static_cast<Acc*>(p.target_logit);
+  // No x̂: the forward GEMM reads x itself.
+  const PrepArgs<T> pa = make_prep_args<T>(p, l.n_pad, 0, nullptr, buf.x_norm, buf.scale,
+                                           static_cast<Acc*>(p.target_logit));
   prep_kernel<T><<<unsigned(l.n_pad), kThreads, 0, stream>>>(pa);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
