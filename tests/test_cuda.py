@@ -186,3 +186,100 @@ def test_n_times_c_beyond_int32(gpu_backend):
     assert_close(loss, total, 1e-4, "loss")
     assert_close(x.grad, grad_x, 1e-2, "grad_x")
     assert_close(w.grad, w64.grad, 1e-2, "grad_weight")
+
+
+def _step(name, x, w, y, **kwargs):
+    """Loss, grad_x, grad_weight of one forward + backward on fresh leaves of x and w."""
+    x, w = leaf_copy(x), leaf_copy(w)
+    loss = getattr(torch.ops.margin, name)(x, w, y, **kwargs)
+    loss.backward()
+    return loss.detach(), x.grad, w.grad
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=DTYPE_IDS.get)
+def test_bitwise_repeatable(dtype, deterministic, gpu_backend):
+    """Same inputs, same device: bitwise identical loss and gradients, run after run (the
+    kernels have no atomics; torch.use_deterministic_algorithms only records the wish)."""
+    x, w, y = make_inputs(300, 96, 20011, dtype, device=DEVICE)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        with margin_ops.backend(gpu_backend):
+            runs = [_step("arcface", x, w, y) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for run in runs[1:]:
+        for got, first, what in zip(run, runs[0], ("loss", "grad_x", "grad_weight")):
+            assert torch.equal(got, first), f"{what} differs between runs"
+
+
+def test_cuda_graph_training_step(gpu_backend):
+    """A training step (forward, backward, SGD update) that calls the op is captured in a
+    CUDA graph (no host synchronisation inside) and its replay on new data matches eager."""
+    x, w, y = make_inputs(64, 128, 5003, BF16, requires_grad=False, device=DEVICE)
+    static_x, static_y = x.clone(), y.clone()
+    weight = w.clone().requires_grad_(True)
+    features = static_x.clone().requires_grad_(True)
+
+    def train_step():
+        features.grad = weight.grad = None
+        loss = torch.ops.margin.arcface(features, weight, static_y)
+        loss.backward()
+        with torch.no_grad():
+            weight.sub_(0.1 * weight.grad)
+        return loss
+
+    with margin_ops.backend(gpu_backend):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
+            for _ in range(3):
+                train_step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_loss = train_step()
+
+        new_x, _, new_y = make_inputs(64, 128, 5003, BF16, requires_grad=False, device=DEVICE)
+        weight_before = weight.detach().clone()
+        with torch.no_grad():
+            features.copy_(new_x)
+            static_y.copy_(new_y)
+        graph.replay()
+        torch.cuda.synchronize()
+        loss, grad_x, grad_w = _step("arcface", new_x, weight_before, new_y)
+    assert torch.equal(static_loss, loss)
+    assert torch.equal(features.grad, grad_x)
+    assert torch.equal(weight.detach(), weight_before - 0.1 * grad_w)
+
+
+def test_non_default_stream(gpu_backend):
+    """Work enqueued on a side stream (inputs produced there too) gives the default stream's
+    results: the kernels launch on the current stream, not on the legacy default one."""
+    x, w, y = make_inputs(100, 64, 3001, BF16, requires_grad=False, device=DEVICE)
+    with margin_ops.backend(gpu_backend):
+        expected = _step("cosface", x, w, y)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(50_000_000)  # keeps the side stream busy: a kernel on the wrong
+            xs, ws = x * 1, w * 1          # stream would read xs, ws before they are written
+            got = _step("cosface", xs, ws, y)
+        torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    for g, e, what in zip(got, expected, ("loss", "grad_x", "grad_weight")):
+        assert torch.equal(g, e), f"{what} differs on a side stream"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_second_device(gpu_backend):
+    """Tensors on cuda:1 while cuda:0 is current: computed on cuda:1, equal to cuda:0's."""
+    x, w, y = make_inputs(40, 32, 1001, F32, requires_grad=False, device="cuda:0")
+    with margin_ops.backend(gpu_backend):
+        expected = _step("sphereface", x, w, y, m=4, lamb=5.0)
+        with torch.cuda.device(0):
+            got = _step("sphereface", x.to("cuda:1"), w.to("cuda:1"), y.to("cuda:1"), m=4, lamb=5.0)
+    for g, e, what in zip(got, expected, ("loss", "grad_x", "grad_weight")):
+        assert g.device == torch.device("cuda:1"), f"{what} on {g.device}"
+        assert torch.equal(g.cpu(), e.cpu()), f"{what} differs on cuda:1"
