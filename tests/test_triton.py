@@ -10,6 +10,7 @@ tests/test_triton.py`` runs them directly). The GPU cases need CUDA, with the va
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ DTYPE_IDS = {F64: "f64", F32: "f32", BF16: "bf16", F16: "f16"}
 INTERPRETED = margin_ops.triton.INTERPRETED
 ON_GPU = torch.cuda.is_available() and not INTERPRETED
 
-interpreter = pytest.mark.skipif(not INTERPRETED, reason="Triton interpreter off here: run by test_interpreter_suite")
+INTERPRETER_OFF = "Triton interpreter off here: run by test_interpreter_suite"
+interpreter = pytest.mark.skipif(not INTERPRETED, reason=INTERPRETER_OFF)
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
 
 # Primitive arguments (margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad): every φ.
@@ -361,11 +363,15 @@ def test_interpreter_suite():
     """This file's interpreter cases, in a fresh process where TRITON_INTERPRET=1 comes first."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env.pop(margin_ops.backends.ENV_VAR, None)
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not gpu",
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", "not gpu",
                           str(Path(__file__).resolve())], capture_output=True, text=True, env=env, timeout=600,
                          cwd=Path(__file__).resolve().parents[1])
     summary = run.stdout.strip().splitlines()[-1:] or [run.stderr[-2000:]]
     assert run.returncode == 0, f"{summary}\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
+    # A child that failed to turn the interpreter on would skip every case and still exit 0.
+    assert INTERPRETER_OFF not in run.stdout, f"the interpreter cases skipped in the child too: {summary}"
+    passed = re.search(r"(\d+) passed", summary[0])
+    assert passed and int(passed.group(1)) > 0, summary
     print(summary[0])
 
 
