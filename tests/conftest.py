@@ -305,6 +305,33 @@ def compare_to_reference(name: str, x, weight, labels, *, backend: str | None = 
     return got
 
 
+def check_nan_propagation(backend: str, device: str, dtype: torch.dtype) -> None:
+    """NaN in the inputs propagates as in the reference, never hidden: a NaN feature makes
+    its row's lse, target logit and loss NaN and leaves the other rows exact; a NaN weight
+    row makes every row's lse NaN and, as torch.max does, is every row's max_cos (NaN) and
+    pred. Values are compared with the float64 reference on the same rounded inputs."""
+    primitive_args = ("arcface", 64.0, 1.0, 0.5, 0.0, 0.0, False, False)
+    x, w, y = make_inputs(6, 40, 300, dtype, requires_grad=False, device=device)
+    y[y == 7] = 8
+    w_nan = w.clone()
+    w_nan[7, 3] = float("nan")
+    x_nan = x.clone()
+    x_nan[2, 5] = float("nan")
+    with margin_ops.backend(backend):
+        got_x = torch.ops.margin.margin_lse(x_nan, w, y, *primitive_args)
+        got_w = torch.ops.margin.margin_lse(x, w_nan, y, *primitive_args)
+    want_x = reference.margin_lse(x_nan.double(), w.double(), y, *primitive_args)
+    want_w = reference.margin_lse(x.double(), w_nan.double(), y, *primitive_args)
+    rows = torch.arange(6, device=device) != 2
+    for got, want, what in zip(got_x[:3], want_x[:3], ("lse", "target_logit", "max_cos")):
+        assert torch.isnan(got[2]), f"NaN feature row: {what} is {got[2].item()}, not NaN"
+        assert_close(got[rows], want[rows], 1e-4, f"NaN feature row: {what} of the other rows")
+    assert torch.equal(got_x[3], want_x[3]), f"NaN feature row: pred {got_x[3]}, reference {want_x[3]}"
+    assert torch.isnan(got_w[0]).all(), f"NaN weight row: lse {got_w[0]}"
+    assert torch.isnan(got_w[2]).all() and (got_w[3] == 7).all(), f"NaN weight row: max_cos / pred {got_w[2:]}"
+    assert_close(got_w[1], want_w[1], 1e-4, "NaN weight row: target logits (no row targets class 7)")
+
+
 # ----------------------------------------------------------------------------------------
 # Closed forms, written independently of margin_ops.reference (plain formulas of DESIGN.md §1).
 

@@ -7,8 +7,8 @@ import torch
 import margin_ops
 from margin_ops import backends, reference
 
-from conftest import (OP_CONFIGS, assert_close, call_op, compare_to_reference, config_id, leaf_copy,
-                      make_inputs, requires_cuda)
+from conftest import (OP_CONFIGS, assert_close, call_op, check_nan_propagation, compare_to_reference,
+                      config_id, leaf_copy, make_inputs, requires_cuda)
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
@@ -77,6 +77,11 @@ def test_cos_exactly_one(config, sign, gpu_backend):
     x[[0, 2, 3]] = sign * w[y[[0, 2, 3]]]
     got = compare_to_reference(name, x, w, y, backend=gpu_backend, reduction="sum", cancellation=True, **kwargs)
     assert torch.isfinite(got.grad_x).all() and torch.isfinite(got.grad_weight).all()
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=DTYPE_IDS.get)
+def test_nan_propagates(dtype, gpu_backend):
+    check_nan_propagation(gpu_backend, DEVICE, dtype)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=DTYPE_IDS.get)

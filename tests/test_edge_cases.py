@@ -9,8 +9,8 @@ import torch
 import margin_ops
 from margin_ops import reference
 
-from conftest import (OP_CONFIGS, TOLERANCES, assert_close, call_op, compare_to_reference,
-                      config_id, make_inputs, reference_result, run_with_grads)
+from conftest import (OP_CONFIGS, TOLERANCES, assert_close, call_op, check_nan_propagation,
+                      compare_to_reference, config_id, make_inputs, reference_result, run_with_grads)
 
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 DTYPE_IDS = {F64: "f64", F32: "f32", BF16: "bf16", torch.float16: "f16"}
@@ -149,3 +149,8 @@ def test_focal_on_confident_rows(gamma, dtype):
     x[:3] = 5 * w[y[:3]]
     got = compare_to_reference("sphereface", x, w, y, m=2, s=200.0, gamma=gamma, cancellation=True)
     assert torch.isfinite(got.grad_x).all() and torch.isfinite(got.grad_weight).all()
+
+
+@pytest.mark.parametrize("dtype", [F64, F32, BF16], ids=DTYPE_IDS.get)
+def test_nan_propagates(dtype):
+    check_nan_propagation("cpu", "cpu", dtype)

@@ -25,7 +25,7 @@ import margin_ops.triton  # noqa: E402  (any ImportError here is a bug: triton i
 from margin_ops import reference  # noqa: E402
 
 from conftest import (LOSS_TOLERANCES, OP_CONFIGS, REFERENCE_FNS, assert_close, call_op,  # noqa: E402
-                      compare_to_reference, config_id, make_inputs, run_with_grads)
+                      check_nan_propagation, compare_to_reference, config_id, make_inputs, run_with_grads)
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 DTYPE_IDS = {F64: "f64", F32: "f32", BF16: "bf16", F16: "f16"}
@@ -281,6 +281,12 @@ def test_backend_runs_on_cpu_under_the_interpreter():
         assert margin_ops.current_backend("cpu") == "triton"
         with_stats = margin_ops.with_stats("arcface", x, w, y)
     assert_close(with_stats.loss, reference.arcface(x, w, y), 1e-5, "loss")
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=DTYPE_IDS.get)
+def test_nan_propagates(dtype):
+    check_nan_propagation("triton", "cpu", dtype)
 
 
 # ---------------------------------------------------------------------------------------

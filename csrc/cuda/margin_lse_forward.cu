@@ -1,5 +1,6 @@
 // margin_lse forward on CUDA: prep -> fwd_main -> combine (see margin_lse_kernels.cuh).
 #include <algorithm>
+#include <limits>
 
 #include "margin_lse_device.cuh"
 
@@ -46,10 +47,11 @@ __device__ __forceinline__ void merge_lse(A& m, A& s, A om, A os) {
   m = mx;
 }
 
-// Larger cosine wins, the lower class on ties.
+// Larger cosine wins, the lower class on ties; NaN beats every number (as torch.max).
 template <class A>
 __device__ __forceinline__ void merge_best(A& b, int32_t& i, A ob, int32_t oi) {
-  if (ob > b || (ob == b && oi < i)) {
+  const bool o_nan = ob != ob, nan = b != b;
+  if (o_nan != nan ? o_nan : (ob > b || ((ob == b || o_nan) && oi < i))) {
     b = ob;
     i = oi;
   }
@@ -141,10 +143,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) fwd_main_kernel(
         l2[ci] = kNegInf;
         if (col0 + cl < args.c) {
           const Acc cs = clamp_unit(acc[ri][ci] * xinv * s_inv[cl]);
-          if (cs > best) {  // columns increase with ci: the first wins ties
-            best = cs;
-            best_idx = int32_t(col0 + cl);
-          }
+          merge_best(best, best_idx, cs, int32_t(col0 + cl));
           if (cl == yl) {
             has_t = true;
             t_cos = cs;
@@ -247,8 +246,8 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineArgs<A> 
     merge_best(b, idx, args.part_cos[o], args.part_idx[o]);
   }
   const A lse2 = m + log2(s);
-  args.lse[i] = nan ? s : lse2 * Consts<A>::kLn2;
-  args.max_cos[i] = clamp_unit(b);  // -1 for a row of NaN cosines (best stayed -inf)
+  args.lse[i] = nan ? std::numeric_limits<A>::quiet_NaN() : lse2 * Consts<A>::kLn2;
+  args.max_cos[i] = b;  // clamped already (or NaN)
   args.pred[i] = idx;
 }
 
