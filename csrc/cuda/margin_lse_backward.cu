@@ -20,6 +20,8 @@ constexpr int64_t kPartialBudget = int64_t(8) << 20;   // dX̂ split partials, f
 //   scratch[i, c - c0] = dS'_ic = dc_ic / max(‖w_c‖, eps)          (dtype T, all N_pad rows)
 //   r_part[rt, c - c0] = Σ_{i in row tile} dc_ic c_ic              (Acc)
 //   w_norm[c - c0]     = ‖w_c‖                                     (row tile 0 only)
+//   t_corr[i]          = dlogit_iy (φ_iy − φ'_iy ĉ_iy)                (by the one thread
+//                        holding (i, y_i); finalize's feature-scale term, see there)
 // with dc_ic = s_i (g_lse_i exp(logit_ic - lse_i) + g_target_i [c = y_i]) (× φ'(c) at y_i).
 // ---------------------------------------------------------------------------------------
 template <class T>
@@ -42,6 +44,7 @@ struct TileArgs {
   T* scratch;
   Acc* r_part;  // (row tiles, cc)
   Acc* w_norm;  // (cc,)
+  Acc* t_corr;  // (n_pad,): prep zeroes the rows without a target
 };
 
 template <class T>
@@ -120,7 +123,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_tile_kernel(
     // mma layout); the target entry, if this thread has it, is overwritten afterwards.
     T* out = args.scratch + gr * args.cc + ct_local0 + wn0;
     bool has_t = false;
-    Acc t_cos = Acc(0);
+    Acc t_cos = Acc(0), t_raw = Acc(0);
     constexpr int kStep = C::kPairCols ? 2 : 1;
 #pragma unroll
     for (int ci = 0; ci < C::TC; ci += kStep) {
@@ -131,10 +134,12 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_tile_kernel(
         dv[e] = Acc(0);
         if (row_ok && col0 + cl < args.c) {
           const Acc inv = s_inv[cl];
-          const Acc cs = clamp_unit(acc[ri][ci + e] * xinv * inv);  // as in the forward
+          const Acc raw = acc[ri][ci + e] * xinv * inv;  // as in the forward
+          const Acc cs = clamp_unit(raw);
           if (cl == yl) {
             has_t = true;
             t_cos = cs;
+            t_raw = raw;
           } else {
             const Acc dc = sc * gl * fast_exp2(sc2 * cs - lse2);
             rsum[ci + e] += dc * cs;
@@ -156,6 +161,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_tile_kernel(
       const TargetMargin<Acc> tm = eval_margin<Acc>(t_cos, &s_margin);
       const Acc dlogit = gl * fast_exp2(sc2 * tm.phi - lse2) + s_gt[r];
       const Acc dc = sc * dlogit * tm.slope;
+      args.t_corr[gr] = dlogit * (tm.phi - tm.slope * t_raw);  // row_ok: yl >= 0 needs gr < n
 #pragma unroll
       for (int ci = 0; ci < C::TC; ++ci) {
         if (wn0 + C::col(ci, lane) == yl) rsum[ci] += dc * t_cos;
@@ -315,69 +321,46 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_dx_kernel(
 //   dX̂ = Σ_s part[s, i, :]                        (split order)
 //   dx = (dX̂ − x̂ (x̂·dX̂)) / ‖x‖                   (dX̂ / eps when ‖x‖ <= eps)
 //   feature_scale: dx += g_s · x / ‖x‖ (0 at x = 0), the gradient through s_i = ‖x_i‖, with
-//   g_s = Σ_c dlogit_ic logit_ic / s_i = (x̂·dX̂) / s_i + dlogit_iy (φ_iy − φ'_iy ĉ_iy)
-//   because x̂·dX̂ = Σ_c dc_ic ĉ_ic (ĉ: unclamped cosine), dc = s dlogit (× φ' at y).
+//   g_s = Σ_c dlogit_ic logit_ic / s_i = (x̂·dX̂) / s_i + t_corr_i
+//   because x̂·dX̂ = Σ_c dc_ic ĉ_ic (ĉ: unclamped cosine), dc = s dlogit (× φ' at y), and
+//   bwd_tile left the target's difference t_corr_i = dlogit_iy (φ_iy − φ'_iy ĉ_iy), from the
+//   very cosine it used (a recomputed one could land on the other side of ArcFace's
+//   threshold, or move the steep exact slope near c = 1).
 // ---------------------------------------------------------------------------------------
 template <class T>
 struct FinalizeArgs {
   using Acc = AccOf<T>;
   const T* x;
-  int64_t n, c, d, n_pad, d_pad;
+  int64_t d, n_pad, d_pad;
   const Acc* x_norm;
   const Acc* scale;
   const Acc* part;
   int splits;
-  const int64_t* labels;
-  const T* weight;
-  const Acc* lse;
-  const Acc* g_lse;
-  const Acc* g_t;
-  MarginParams margin;
+  const Acc* t_corr;
+  bool feature_scale;
   T* grad_x;
 };
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) bwd_finalize_kernel(const FinalizeArgs<T> args) {
   using Acc = AccOf<T>;
-  __shared__ Acc s_red[3 * (kThreads / 32)];
+  __shared__ Acc s_red[kThreads / 32];
   const int64_t i = blockIdx.x;
   const T* xr = args.x + i * args.d;
   const Acc xn = args.x_norm[i];
   const Acc inv = Acc(1) / vmax(xn, Consts<Acc>::kNormEps);
-  const bool fs = args.margin.feature_scale && xn > Acc(0);
-  const int64_t y = args.labels[i];
-  const bool has_t = fs && y >= 0 && y < args.c;
-  const T* wr = args.weight + (has_t ? y : 0) * args.d;
+  const bool fs = args.feature_scale && xn > Acc(0);
   const int64_t pstride = args.n_pad * args.d_pad;
   const Acc* pr = args.part + i * args.d_pad;
 
-  Acc v[3] = {Acc(0), Acc(0), Acc(0)};  // x̂·dX̂, x̂·w_y, ‖w_y‖²
+  Acc radial[1] = {Acc(0)};  // x̂·dX̂
   for (int64_t k = threadIdx.x; k < args.d; k += kThreads) {
     Acc g = Acc(0);
     for (int s = 0; s < args.splits; ++s) g += pr[s * pstride + k];
-    const Acc xh = Type<T>::load(xr[k]) * inv;
-    v[0] = fma(xh, g, v[0]);
-    if (has_t) {
-      const Acc w = Type<T>::load(wr[k]);
-      v[1] = fma(xh, w, v[1]);
-      v[2] = fma(w, w, v[2]);
-    }
+    radial[0] = fma(Type<T>::load(xr[k]) * inv, g, radial[0]);
   }
-  block_sum(v, s_red);
-  const Acc radial = v[0];
-
-  Acc gs = Acc(0);  // gradient w.r.t. s_i
-  if (fs) {
-    gs = radial / args.scale[i];
-    if (has_t) {
-      const Acc c_raw = v[1] / vmax(vsqrt(v[2]), Consts<Acc>::kNormEps);
-      const TargetMargin<Acc> tm = target_margin<Acc>(clamp_unit(c_raw), args.margin);
-      const Acc sc = args.scale[i];
-      const Acc p = exp(sc * tm.phi - args.lse[i]);
-      const Acc dlogit = args.g_lse[i] * p + args.g_t[i];
-      gs += dlogit * (tm.phi - tm.slope * c_raw);
-    }
-  }
+  block_sum(radial, s_red);
+  const Acc gs = fs ? radial[0] / args.scale[i] + args.t_corr[i] : Acc(0);  // gradient w.r.t. s_i
 
   const bool tangent = xn > Consts<Acc>::kNormEps;
   T* out = args.grad_x + i * args.d;
@@ -386,7 +369,7 @@ __global__ void __launch_bounds__(kThreads) bwd_finalize_kernel(const FinalizeAr
     for (int s = 0; s < args.splits; ++s) g += pr[s * pstride + k];
     const Acc xv = Type<T>::load(xr[k]);
     const Acc xh = xv * inv;
-    Acc dx = tangent ? (g - xh * radial) * inv : g * inv;  // inv = 1/eps on the floor
+    Acc dx = tangent ? (g - xh * radial[0]) * inv : g * inv;  // inv = 1/eps on the floor
     if (fs) dx += gs * (xv / xn);
     out[k] = Type<T>::store(dx);
   }
@@ -441,6 +424,7 @@ struct BwdBuffers {
   Acc* r_part;
   Acc* w_norm;
   Acc* part;
+  Acc* t_corr;
 };
 
 template <class T>
@@ -454,6 +438,7 @@ BwdBuffers<T> carve_bwd(Carve& cv, const BwdLayout& l) {
   b.r_part = cv.take<Acc>(int64_t(l.row_tiles) * l.cc);
   b.w_norm = cv.take<Acc>(l.cc);
   b.part = cv.take<Acc>(int64_t(l.splits) * l.n_pad * l.d_pad);
+  b.t_corr = cv.take<Acc>(l.n_pad);
   return b;
 }
 
@@ -491,7 +476,7 @@ cudaError_t run_backward(const BackwardParams& p, cudaStream_t stream) {
   if ((err = allow_smem(bwd_dx_kernel<T>, GemmDx::kSmemBytes)) != cudaSuccess) return err;
 
   const PrepArgs<T> pa =
-      make_prep_args<T>(p, l.n_pad, l.d_pad, buf.x_hat, buf.x_norm, buf.scale, nullptr);
+      make_prep_args<T>(p, l.n_pad, l.d_pad, buf.x_hat, buf.x_norm, buf.scale, buf.t_corr);
   prep_kernel<T><<<unsigned(l.n_pad), kThreads, 0, stream>>>(pa);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
@@ -514,6 +499,7 @@ cudaError_t run_backward(const BackwardParams& p, cudaStream_t stream) {
   ta.scratch = buf.scratch;
   ta.r_part = buf.r_part;
   ta.w_norm = buf.w_norm;
+  ta.t_corr = buf.t_corr;
 
   DwArgs<T> da;
   da.scratch = buf.scratch;
@@ -564,8 +550,6 @@ cudaError_t run_backward(const BackwardParams& p, cudaStream_t stream) {
 
   FinalizeArgs<T> fa;
   fa.x = x;
-  fa.n = p.n;
-  fa.c = p.c;
   fa.d = p.d;
   fa.n_pad = l.n_pad;
   fa.d_pad = l.d_pad;
@@ -573,12 +557,8 @@ cudaError_t run_backward(const BackwardParams& p, cudaStream_t stream) {
   fa.scale = buf.scale;
   fa.part = buf.part;
   fa.splits = l.splits;
-  fa.labels = p.labels;
-  fa.weight = w;
-  fa.lse = static_cast<const Acc*>(p.lse);
-  fa.g_lse = static_cast<const Acc*>(p.grad_lse);
-  fa.g_t = static_cast<const Acc*>(p.grad_target_logit);
-  fa.margin = p.margin;
+  fa.t_corr = buf.t_corr;
+  fa.feature_scale = p.margin.feature_scale;
   fa.grad_x = static_cast<T*>(p.grad_x);
   bwd_finalize_kernel<T><<<unsigned(p.n), kThreads, 0, stream>>>(fa);
   return cudaGetLastError();

@@ -544,7 +544,9 @@ __device__ __forceinline__ void block_sum(A (&v)[K], A* scratch) {
 //   x_hat[i, :] = x_i / max(‖x_i‖, eps) in T for i < n, d < D; zero padding elsewhere
 //     (only when x_hat != nullptr: the backward's dW GEMM operand)
 //   x_norm[i] = ‖x_i‖, scale[i] = s (or ‖x_i‖ with feature_scale); 0 for padding rows
-//   target_logit[i] = 0 for rows without a target (when target_logit != nullptr)
+//   no_target_zero[i] = 0 for rows without a target (when not nullptr: the forward's
+//     target_logit, the backward's target correction; the thread holding (i, y_i) writes
+//     the rows with one)
 // ------------------------------------------------------------------------------------
 template <class T>
 struct PrepArgs {
@@ -556,13 +558,13 @@ struct PrepArgs {
   T* x_hat;  // (n_pad, d_pad) or nullptr
   AccOf<T>* x_norm;
   AccOf<T>* scale;
-  AccOf<T>* target_logit;
+  AccOf<T>* no_target_zero;
 };
 
 // PrepArgs of either pass (P: ForwardParams or BackwardParams).
 template <class T, class P>
 PrepArgs<T> make_prep_args(const P& p, int64_t n_pad, int64_t d_pad, T* x_hat, AccOf<T>* x_norm,
-                           AccOf<T>* scale, AccOf<T>* target_logit) {
+                           AccOf<T>* scale, AccOf<T>* no_target_zero) {
   PrepArgs<T> a;
   a.x = static_cast<const T*>(p.x);
   a.n = p.n;
@@ -576,7 +578,7 @@ PrepArgs<T> make_prep_args(const P& p, int64_t n_pad, int64_t d_pad, T* x_hat, A
   a.x_hat = x_hat;
   a.x_norm = x_norm;
   a.scale = scale;
-  a.target_logit = target_logit;
+  a.no_target_zero = no_target_zero;
   return a;
 }
 
@@ -614,9 +616,9 @@ __global__ void __launch_bounds__(kThreads) prep_kernel(const PrepArgs<T> args) 
   if (threadIdx.x == 0) {
     args.x_norm[i] = nrm;
     args.scale[i] = args.feature_scale ? nrm : args.s;
-    if (args.target_logit != nullptr) {
+    if (args.no_target_zero != nullptr) {
       const int64_t y = args.labels[i];
-      if (y < 0 || y >= args.c) args.target_logit[i] = Acc(0);
+      if (y < 0 || y >= args.c) args.no_target_zero[i] = Acc(0);
     }
   }
 }
