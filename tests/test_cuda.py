@@ -132,6 +132,25 @@ def test_autocast_cuda(name, gpu_backend):
     assert_close(x1.grad, x2.grad, 1e-6, "grad_x")
 
 
+@pytest.mark.parametrize("config", [("arcface", dict(s=16.0, m=0.5)), ("sphereface", dict(m=4, lamb=5.0))],
+                         ids=config_id)
+def test_float32_high_precision_is_tf32(config, gpu_backend):
+    """Under torch.set_float32_matmul_precision("high") float32 products may be TF32, as
+    cuBLAS's are: 10-bit mantissas, so cosines carry ~1e-4 and logits ~s·1e-4 of error, a
+    ~1 % relative error on each probability; the loss and both gradients must stay within
+    2e-2 (max-scaled) of the float64 reference, and differ from "highest" (TF32 ran)."""
+    name, kwargs = config
+    x, w, y = make_inputs(64, 256, 4099, F32, device=DEVICE)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        tf32 = compare_to_reference(name, x, w, y, backend=gpu_backend, rtol=2e-2, **kwargs)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    exact = call_op(name, x.detach(), w.detach(), y, backend=gpu_backend, **kwargs)
+    assert not torch.equal(tf32.loss, exact), "float32 gave the same bits under high and highest"
+
+
 def test_opcheck_cuda(gpu_backend):
     x, w, y = make_inputs(5, 16, 40, F32, device=DEVICE)
     with margin_ops.backend(gpu_backend):

@@ -147,12 +147,13 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_tile_kernel(
           }
         }
       }
-      if constexpr (C::kPairCols) {
-        T pair[2] = {Type<T>::store(dv[0]), Type<T>::store(dv[1])};
-        uint32_t bits;
-        static_assert(sizeof(pair) == 4, "16-bit pairs");
-        memcpy(&bits, pair, 4);
-        *reinterpret_cast<uint32_t*>(out + C::col(ci, lane)) = bits;
+      if constexpr (C::kPairCols) {  // one 4-byte (16-bit T) or 8-byte (TF32) store
+        using Pair = std::conditional_t<sizeof(T) == 2, uint32_t, uint2>;
+        const T pair[2] = {Type<T>::store(dv[0]), Type<T>::store(dv[1])};
+        static_assert(sizeof(pair) == sizeof(Pair), "two elements per store");
+        Pair bits;
+        memcpy(&bits, pair, sizeof(Pair));
+        *reinterpret_cast<Pair*>(out + C::col(ci, lane)) = bits;
       } else {
         out[C::col(ci, lane)] = Type<T>::store(dv[0]);
       }

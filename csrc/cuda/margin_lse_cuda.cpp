@@ -24,11 +24,15 @@
 namespace margin_ops {
 namespace {
 
+// float32 products follow the switch cuBLAS follows for torch.matmul / F.linear
+// (torch.set_float32_matmul_precision: "highest" exact fp32, "high"/"medium" TF32).
 cuda::DType kernel_dtype(const at::Tensor& x) {
   switch (x.scalar_type()) {
     case at::kHalf: return cuda::DType::kFloat16;
     case at::kBFloat16: return cuda::DType::kBFloat16;
-    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kFloat:
+      return at::globalContext().allowTF32CuBLAS() ? cuda::DType::kFloat32Tf32
+                                                   : cuda::DType::kFloat32;
     case at::kDouble: return cuda::DType::kFloat64;
     default:
       TORCH_CHECK_TYPE(false, "x must be float16, bfloat16, float32 or float64, got ",

@@ -18,14 +18,26 @@
 namespace margin_ops {
 namespace cuda {
 
+namespace dev {
+
+// float32 storage whose products go through the tensor cores as TF32 (kFloat32Tf32): a
+// distinct element type, so that every kernel gets a TF32 instantiation beside the
+// fp32-exact SIMT one. Same size and layout as float.
+struct Tf32 {
+  float v;
+};
+
+}  // namespace dev
+
 // Calls f(T{}) with the element type T of `dtype` (host side: picks the kernel
-// instantiation; the glue admits only these four dtypes).
+// instantiation; the glue admits only these dtypes).
 template <class F>
 auto dispatch_dtype(DType dtype, F&& f) {
   switch (dtype) {
     case DType::kFloat16: return f(__half{});
     case DType::kBFloat16: return f(__nv_bfloat16{});
     case DType::kFloat32: return f(float{});
+    case DType::kFloat32Tf32: return f(dev::Tf32{});
     default: return f(double{});
   }
 }
@@ -62,6 +74,14 @@ struct Type<float> {
   static constexpr bool kTensorCore = false;
   static __device__ __forceinline__ float load(float v) { return v; }
   static __device__ __forceinline__ float store(float v) { return v; }
+};
+
+template <>
+struct Type<Tf32> {
+  using Acc = float;
+  static constexpr bool kTensorCore = true;
+  static __device__ __forceinline__ float load(Tf32 v) { return v.v; }
+  static __device__ __forceinline__ Tf32 store(float v) { return Tf32{v}; }
 };
 
 template <>
@@ -122,11 +142,13 @@ __device__ __noinline__ TargetMargin<A> eval_margin(A c, const MarginParams* p) 
 template <class T, bool kTC = Type<T>::kTensorCore>
 struct Cfg;
 
-// bf16 / fp16: mma.sync.m16n8k16; per warp 4 x 4 blocks of 16 x 8.
+// bf16 / fp16: mma.sync.m16n8k16, TF32: mma.sync.m16n8k8; per warp 4 x 4 blocks of 16 x 8,
+// whose accumulator fragments have the same layout for both instructions. A k tile is 64
+// bytes of a row (32 16-bit or 16 TF32 elements).
 template <class T>
 struct Cfg<T, true> {
   static constexpr bool kTensorCore = true;
-  static constexpr int BM = 128, BN = 128, BK = 32;
+  static constexpr int BM = 128, BN = 128, BK = 64 / int(sizeof(T));
   static constexpr int kWarpsM = 2, kWarpsN = 4;
   static constexpr int WM = 64, WN = 32;
   static constexpr int TR = 8, TC = 8;
@@ -205,6 +227,23 @@ __device__ __forceinline__ void mma_16816(float& d0, float& d1, float& d2, float
   }
 }
 
+// D = A (16x8, row) * B (8x8, col) + D on TF32 operands, fp32 accumulate.
+__device__ __forceinline__ void mma_1688_tf32(float& d0, float& d1, float& d2, float& d3,
+                                              const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// fp32 -> TF32, rounded to nearest (ties away), as cuBLAS's TF32 mode does.
+__device__ __forceinline__ uint32_t to_tf32(float v) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
+  return r;
+}
+
 // ------------------------------------------------------------------------------------
 // Global -> shared tile copy: smem[r * pitch + c] = g[(r0 + r) * ld + c0 + c] for
 // r < ROWS, c < COLS, zero where r0 + r >= r_lim or c0 + c >= c_lim. 16-byte cp.async when
@@ -268,9 +307,15 @@ template <class T, bool kATrans, bool kBTrans>
 struct TileGemm {
   using C = Cfg<T>;
   using Acc = AccOf<T>;
-  static constexpr int kPad = 16 / int(sizeof(T));  // 16 bytes per smem row
-  static constexpr int kPitchA = kATrans ? C::BM + kPad : C::BK + kPad;
-  static constexpr int kPitchB = kBTrans ? C::BN + kPad : C::BK + kPad;
+  static constexpr bool kTf32 = std::is_same_v<T, Tf32>;
+  // Row padding: 16 bytes, so that 16-byte copies stay aligned and ldmatrix / the SIMT
+  // reads hit distinct banks. TF32 fragments are read one 4-byte element per lane, 4 k
+  // values x 8 m/n values per read: an MN-contiguous tile needs rows 8 banks apart (32
+  // bytes of padding) for those 32 lanes to use 32 banks.
+  static constexpr int kPad = 16 / int(sizeof(T));
+  static constexpr int kPadTrans = (kTf32 ? 32 : 16) / int(sizeof(T));
+  static constexpr int kPitchA = kATrans ? C::BM + kPadTrans : C::BK + kPad;
+  static constexpr int kPitchB = kBTrans ? C::BN + kPadTrans : C::BK + kPad;
   static constexpr int kAElems = kATrans ? C::BK * kPitchA : C::BM * kPitchA;
   static constexpr int kBElems = kBTrans ? C::BK * kPitchB : C::BN * kPitchB;
   static constexpr int kStageElems = kAElems + kBElems;
@@ -369,6 +414,43 @@ struct TileGemm {
     }
   }
 
+  // Tensor cores on TF32: per 8-wide k step, each lane reads its A (16 x 8) and B (8 x 8)
+  // fragment elements from shared memory (ldmatrix moves 16-bit elements only) and rounds
+  // them to TF32; g = lane / 4 indexes M (or N), t = lane % 4 indexes K.
+  static __device__ __forceinline__ void warp_mma_tf32(Acc (&acc)[C::TR][C::TC], const T* sa,
+                                                       const T* sb, int wm0, int wn0, int lane) {
+    constexpr int MI = C::TR / 2, NB = C::TC / 2;
+    const int g = lane >> 2, t = lane & 3;
+    auto a_at = [&](int m, int k) {
+      return to_tf32(Type<T>::load(kATrans ? sa[k * kPitchA + m] : sa[m * kPitchA + k]));
+    };
+    auto b_at = [&](int n, int k) {
+      return to_tf32(Type<T>::load(kBTrans ? sb[k * kPitchB + n] : sb[n * kPitchB + k]));
+    };
+#pragma unroll
+    for (int kk = 0; kk < C::BK; kk += 8) {
+      uint32_t af[MI][4];
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        const int m = wm0 + mi * 16 + g;
+        af[mi][0] = a_at(m, kk + t);
+        af[mi][1] = a_at(m + 8, kk + t);
+        af[mi][2] = a_at(m, kk + t + 4);
+        af[mi][3] = a_at(m + 8, kk + t + 4);
+      }
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+        const int n = wn0 + nb * 8 + g;
+        const uint32_t bf[2] = {b_at(n, kk + t), b_at(n, kk + t + 4)};
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+          mma_1688_tf32(acc[2 * mi][2 * nb], acc[2 * mi][2 * nb + 1], acc[2 * mi + 1][2 * nb],
+                        acc[2 * mi + 1][2 * nb + 1], af[mi], bf);
+        }
+      }
+    }
+  }
+
   static __device__ __forceinline__ void warp_mma_simt(Acc (&acc)[C::TR][C::TC], const T* sa,
                                                        const T* sb, int wm0, int wn0, int lane) {
 #pragma unroll 4
@@ -426,7 +508,9 @@ struct TileGemm {
       cp_async_commit();
       const T* sa = smem + int(kt % kStages) * kStageElems;
       const T* sb = sa + kAElems;
-      if constexpr (C::kTensorCore) {
+      if constexpr (kTf32) {
+        warp_mma_tf32(acc, sa, sb, wm0, wn0, lane);
+      } else if constexpr (C::kTensorCore) {
         warp_mma_tc(acc, sa, sb, wm0, wn0, lane);
       } else {
         warp_mma_simt(acc, sa, sb, wm0, wn0, lane);
@@ -480,6 +564,9 @@ struct WeightNorm {
     const float f[4] = {__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z),
                         __uint_as_float(v.w)};
     return fmaf(f[0], f[0], fmaf(f[1], f[1], fmaf(f[2], f[2], f[3] * f[3])));
+  }
+  static __device__ __forceinline__ float sq16(uint4 v, Tf32*) {  // norms from exact fp32
+    return sq16(v, static_cast<float*>(nullptr));
   }
   static __device__ __forceinline__ double sq16(uint4 v, double*) {
     const double a = __hiloint2double(int(v.y), int(v.x));

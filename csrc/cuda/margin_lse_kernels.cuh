@@ -21,8 +21,11 @@
 // a row is not 16-byte aligned, e.g. D % 8 != 0 in 16-bit).
 //   * bf16/fp16: mma.sync.m16n8k16 (fp32 accumulate) fed by ldmatrix(.trans);
 //     CTA tile 128 x 128 x 32, 8 warps as 2 x 4, warp tile 64 x 32.
-//   * fp32: SIMT FFMA (always fp32-accurate, so it is right for any
-//     float32_matmul_precision; a TF32 path is a later optimisation), 128 x 128 x 16.
+//   * fp32 under float32_matmul_precision "highest": SIMT FFMA (fp32-exact), 128 x 128 x 16.
+//   * fp32 under "high"/"medium" (kFloat32Tf32): mma.sync.m16n8k8 on TF32 operands rounded
+//     from fp32 as each lane reads its fragment elements from shared memory (ldmatrix moves
+//     16-bit elements only), 128 x 128 x 16, the bf16 warp layout. W norms, the epilogue and
+//     the dS' scratch stay fp32.
 //   * fp64: SIMT DFMA, 64 x 64 x 16. Simple and correct, not tuned.
 // Every kernel uses 256 threads. Epilogues see each thread's accumulator as TR x TC values
 // with (row(ri), col(ci)) coordinates; lanes sharing a row differ in lane bits 0-1, lanes
@@ -114,7 +117,12 @@
 namespace margin_ops {
 namespace cuda {
 
-enum class DType : int32_t { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+// The inputs' dtype and, for float32, how products are formed: kFloat32 exactly (SIMT FFMA,
+// for float32_matmul_precision "highest"), kFloat32Tf32 on the tensor cores as TF32 (the
+// glue picks it when torch lets cuBLAS use TF32: precision "high" or "medium").
+enum class DType : int32_t {
+  kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3, kFloat32Tf32 = 4
+};
 
 // margin_lse. Pointers are device pointers; "Acc" = float, or double when dtype is kFloat64.
 struct ForwardParams {
