@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <cmath>
 #include <cstdint>
@@ -24,15 +25,26 @@
 namespace margin_ops {
 namespace {
 
-// float32 products follow the switch cuBLAS follows for torch.matmul / F.linear
-// (torch.set_float32_matmul_precision: "highest" exact fp32, "high"/"medium" TF32).
+// Whether float32 products may use TF32: the setting cuBLAS follows for torch.matmul and
+// F.linear (torch.set_float32_matmul_precision "high"/"medium", or
+// torch.backends.cuda.matmul.fp32_precision = "tf32"). Torch 2.13 reads it through the
+// fp32-precision API, whose legacy getter allowTF32CuBLAS() raises once a user has set
+// only the new one; older torch has the legacy getter alone.
+bool tf32_allowed() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
+  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+         at::Float32Precision::TF32;
+#else
+  return at::globalContext().allowTF32CuBLAS();
+#endif
+}
+
 cuda::DType kernel_dtype(const at::Tensor& x) {
   switch (x.scalar_type()) {
     case at::kHalf: return cuda::DType::kFloat16;
     case at::kBFloat16: return cuda::DType::kBFloat16;
     case at::kFloat:
-      return at::globalContext().allowTF32CuBLAS() ? cuda::DType::kFloat32Tf32
-                                                   : cuda::DType::kFloat32;
+      return tf32_allowed() ? cuda::DType::kFloat32Tf32 : cuda::DType::kFloat32;
     case at::kDouble: return cuda::DType::kFloat64;
     default:
       TORCH_CHECK_TYPE(false, "x must be float16, bfloat16, float32 or float64, got ",

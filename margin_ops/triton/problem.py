@@ -70,11 +70,22 @@ def _check(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, margin: 
         raise ValueError(f"m1 must be an integer >= 1 for margin='sphereface', got {m1}")
 
 
+def tf32_allowed() -> bool:
+    """Whether float32 products may use TF32: the setting cuBLAS follows for torch.matmul
+    (torch.set_float32_matmul_precision "high"/"medium" sets it too). Read through the
+    fp32-precision API where this torch has it: its legacy getters raise once a user has set
+    only the new one."""
+    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if matmul is None:
+        return torch.get_float32_matmul_precision() != "highest"
+    if matmul == "none":  # inherits the generic setting
+        matmul = getattr(torch.backends, "fp32_precision", "none")
+    return matmul == "tf32"
+
+
 def input_precision(dtype: torch.dtype) -> str:
-    """tl.dot's input precision: float32 follows torch.get_float32_matmul_precision()."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+    """tl.dot's input precision: float32 may be TF32 where :func:`tf32_allowed` says so."""
+    return "tf32" if dtype == torch.float32 and tf32_allowed() else "ieee"
 
 
 def prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad) -> Problem:
