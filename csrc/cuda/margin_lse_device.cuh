@@ -237,7 +237,7 @@ __device__ __forceinline__ void mma_1688_tf32(float& d0, float& d1, float& d2, f
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// fp32 -> TF32, rounded to nearest (ties away), as cuBLAS's TF32 mode does.
+// fp32 -> TF32 (10-bit mantissa), rounded to nearest, ties away from zero.
 __device__ __forceinline__ uint32_t to_tf32(float v) {
   uint32_t r;
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
