@@ -25,16 +25,19 @@ TORCH_LIBRARY(margin, m) {
   // The fused primitive. Per row i: lse_i = logsumexp_c(logit_ic) and target_logit_i =
   // logit_{i,labels_i} (0 when labels_i is outside [0, C)), with the margin `margin`
   // applied to the target; max_cos_i / pred_i: the largest cosine and its class.
+  // allow_tf32: whether float32 products may use TF32 on a GPU; None reads torch's float32
+  // matmul precision at the call (the autograd formula hands the forward's choice to the
+  // backward, whose recomputed cosines must match the forward's).
   m.def(
       "margin_lse(Tensor x, Tensor weight, Tensor labels, str margin, float s, float m1, "
-      "float m2, float m3, float lamb, bool feature_scale, bool detach_margin_grad) -> "
-      "(Tensor lse, Tensor target_logit, Tensor max_cos, Tensor pred)");
+      "float m2, float m3, float lamb, bool feature_scale, bool detach_margin_grad, "
+      "bool? allow_tf32=None) -> (Tensor lse, Tensor target_logit, Tensor max_cos, Tensor pred)");
   // Gradients of margin_lse given the upstream gradients of lse and target_logit (N,).
   m.def(
       "margin_lse_backward(Tensor grad_lse, Tensor grad_target_logit, Tensor x, "
       "Tensor weight, Tensor labels, Tensor lse, str margin, float s, float m1, float m2, "
-      "float m3, float lamb, bool feature_scale, bool detach_margin_grad) -> "
-      "(Tensor grad_x, Tensor grad_weight)");
+      "float m3, float lamb, bool feature_scale, bool detach_margin_grad, "
+      "bool? allow_tf32=None) -> (Tensor grad_x, Tensor grad_weight)");
 }
 
 // `import margin_ops._C` loads this library (and so runs the registrations above); the

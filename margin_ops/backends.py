@@ -29,6 +29,19 @@ ENV_VAR = "MARGIN_OPS_BACKEND"
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 
 
+def tf32_allowed() -> bool:
+    """Whether float32 products may use TF32: the setting cuBLAS follows for torch.matmul
+    (torch.set_float32_matmul_precision "high"/"medium" sets it too). Read through the
+    fp32-precision API where this torch has it: its legacy getters raise once a user has set
+    only the new one."""
+    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if matmul is None:
+        return torch.get_float32_matmul_precision() != "highest"
+    if matmul == "none":  # inherits the generic setting
+        matmul = getattr(torch.backends, "fp32_precision", "none")
+    return matmul == "tf32"
+
+
 class Backend(NamedTuple):
     #: margin_lse implementation: (x, weight, labels, *margin args) -> (lse, target_logit, max_cos, pred)
     margin_lse: Callable

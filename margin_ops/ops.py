@@ -194,9 +194,11 @@ def register_primitive(lib: torch.library.Library, forward_name: str, backward_n
     torch.library.register_fake(f"margin::{backward_name}", _lse_backward_fake, lib=lib)
 
     def setup_context(ctx, inputs, output):
-        x, weight, labels, *margin_args = inputs
+        x, weight, labels, *margin_args, allow_tf32 = inputs
         ctx.save_for_backward(x, weight, labels, output[0])
-        ctx.margin_args = margin_args
+        # The backward recomputes the cosines: with the forward's TF32 choice, not with
+        # whatever the float32 matmul precision is when it runs.
+        ctx.margin_args = (*margin_args, backends.tf32_allowed() if allow_tf32 is None else allow_tf32)
         ctx.mark_non_differentiable(output[2], output[3])
 
     def backward_fn(ctx, grad_lse, grad_target_logit, _grad_max_cos, _grad_pred):

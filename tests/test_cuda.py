@@ -1,6 +1,8 @@
 """The same comparisons on CUDA tensors, for each GPU backend this install has ('cuda':
 the CUDA C++ kernels, 'triton'). Every test here is skipped cleanly without a GPU."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -132,6 +134,16 @@ def test_autocast_cuda(name, gpu_backend):
     assert_close(x1.grad, x2.grad, 1e-6, "grad_x")
 
 
+@contextlib.contextmanager
+def matmul_precision(value: str):
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(value)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 @pytest.mark.parametrize("config", [("arcface", dict(s=16.0, m=0.5)), ("sphereface", dict(m=4, lamb=5.0))],
                          ids=config_id)
 def test_float32_high_precision_is_tf32(config, gpu_backend):
@@ -141,14 +153,27 @@ def test_float32_high_precision_is_tf32(config, gpu_backend):
     2e-2 (max-scaled) of the float64 reference, and differ from "highest" (TF32 ran)."""
     name, kwargs = config
     x, w, y = make_inputs(64, 256, 4099, F32, device=DEVICE)
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
+    with matmul_precision("high"):
         tf32 = compare_to_reference(name, x, w, y, backend=gpu_backend, rtol=2e-2, **kwargs)
-    finally:
-        torch.set_float32_matmul_precision(previous)
     exact = call_op(name, x.detach(), w.detach(), y, backend=gpu_backend, **kwargs)
     assert not torch.equal(tf32.loss, exact), "float32 gave the same bits under high and highest"
+
+
+def test_backward_keeps_the_forwards_tf32_choice(gpu_backend):
+    """The backward recomputes the cosines with the forward's TF32 choice, not with the
+    precision in force when it runs (else P = exp(logit − lse) would mix two cosines)."""
+    x, w, y = make_inputs(64, 256, 4099, F32, device=DEVICE)
+
+    def grads(backward_precision):
+        xl, wl = leaf_copy(x), leaf_copy(w)
+        with matmul_precision("high"), margin_ops.backend(gpu_backend):
+            loss = torch.ops.margin.arcface(xl, wl, y)
+        with matmul_precision(backward_precision):
+            loss.backward()
+        return xl.grad, wl.grad
+
+    same, switched = grads("high"), grads("highest")
+    assert torch.equal(same[0], switched[0]) and torch.equal(same[1], switched[1])
 
 
 def test_opcheck_cuda(gpu_backend):

@@ -1,6 +1,7 @@
 """torch.ops.margin.* (C++ CPU kernel) against the float64 reference; op registration
 (opcheck, gradcheck, torch.compile, autocast) and the backend switch."""
 
+import json
 import os
 import subprocess
 import sys
@@ -444,3 +445,25 @@ def test_python_m_margin_ops_lists_backends():
         assert name in run.stdout
     assert "default for cpu: cpu" in run.stdout
     assert margin_ops.__version__ in run.stdout
+
+
+def test_tf32_follows_both_precision_apis():
+    """float32 may be TF32 when either torch.set_float32_matmul_precision or the newer
+    torch.backends...fp32_precision says so (legacy getters raise once only the new API
+    was used). In a child process: these settings are global."""
+    script = """
+import json
+import torch
+from margin_ops.backends import tf32_allowed
+seen = [tf32_allowed()]
+torch.set_float32_matmul_precision("high"); seen.append(tf32_allowed())
+torch.set_float32_matmul_precision("highest"); seen.append(tf32_allowed())
+if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+    torch.backends.cuda.matmul.fp32_precision = "tf32"; seen.append(tf32_allowed())
+    torch.backends.cuda.matmul.fp32_precision = "ieee"; seen.append(tf32_allowed())
+print(json.dumps(seen))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen == [False, True, False, True, False][:len(seen)] and len(seen) >= 3, seen

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 
 #include "../margin_params.h"
 
@@ -129,7 +130,8 @@ Problem prepare(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_lse_cpu(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
     c10::string_view margin, double s, double m1, double m2, double m3, double lamb,
-    bool feature_scale, bool detach_margin_grad) {
+    bool feature_scale, bool detach_margin_grad,
+    std::optional<bool> /*allow_tf32: GPU only; the CPU products are exact*/) {
   const Problem p =
       prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad);
   const int64_t n = p.n;
@@ -180,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> margin_lse_backward_cpu(
     const at::Tensor& grad_lse, const at::Tensor& grad_target_logit, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
     c10::string_view margin, double s, double m1, double m2, double m3, double lamb,
-    bool feature_scale, bool detach_margin_grad) {
+    bool feature_scale, bool detach_margin_grad, std::optional<bool> /*allow_tf32*/) {
   const Problem p =
       prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad);
   const int64_t n = p.n, dim = x.size(1);

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include "../margin_params.h"
@@ -39,12 +40,14 @@ bool tf32_allowed() {
 #endif
 }
 
-cuda::DType kernel_dtype(const at::Tensor& x) {
+// The kernels' dtype; float32 uses TF32 if allow_tf32 says so (None: tf32_allowed()).
+cuda::DType kernel_dtype(const at::Tensor& x, std::optional<bool> allow_tf32) {
   switch (x.scalar_type()) {
     case at::kHalf: return cuda::DType::kFloat16;
     case at::kBFloat16: return cuda::DType::kBFloat16;
     case at::kFloat:
-      return tf32_allowed() ? cuda::DType::kFloat32Tf32 : cuda::DType::kFloat32;
+      return allow_tf32.value_or(tf32_allowed()) ? cuda::DType::kFloat32Tf32
+                                                 : cuda::DType::kFloat32;
     case at::kDouble: return cuda::DType::kFloat64;
     default:
       TORCH_CHECK_TYPE(false, "x must be float16, bfloat16, float32 or float64, got ",
@@ -72,7 +75,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
                     "weight must have fewer than 2^31 classes, got ", weight.size(0));
   TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "weight must have x's dtype ",
                    x.scalar_type(), ", got ", weight.scalar_type());
-  kernel_dtype(x);
+  kernel_dtype(x, false);  // admits x's dtype
   TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == x.size(0),
                     "labels must be (N,) with N = x.size(0) = ", x.size(0), ", got shape ",
                     labels.sizes());
@@ -105,7 +108,7 @@ at::Tensor workspace(size_t bytes, const at::Tensor& x) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_lse_cuda(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
     c10::string_view margin, double s, double m1, double m2, double m3, double lamb,
-    bool feature_scale, bool detach_margin_grad) {
+    bool feature_scale, bool detach_margin_grad, std::optional<bool> allow_tf32) {
   check_inputs(x, weight, labels);
   const MarginParams mp =
       make_params(margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad);
@@ -122,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_lse_cuda(
   const auto wc = weight.contiguous();
   const auto yc = labels.contiguous();
   cuda::ForwardParams p{};
-  p.dtype = kernel_dtype(xc);
+  p.dtype = kernel_dtype(xc, allow_tf32);
   p.n = n;
   p.c = wc.size(0);
   p.d = xc.size(1);
@@ -147,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> margin_lse_backward_cuda(
     const at::Tensor& grad_lse, const at::Tensor& grad_target_logit, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
     c10::string_view margin, double s, double m1, double m2, double m3, double lamb,
-    bool feature_scale, bool detach_margin_grad) {
+    bool feature_scale, bool detach_margin_grad, std::optional<bool> allow_tf32) {
   check_inputs(x, weight, labels);
   const MarginParams mp =
       make_params(margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad);
@@ -167,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> margin_lse_backward_cuda(
   const auto wc = weight.contiguous();
   const auto yc = labels.contiguous();
   cuda::BackwardParams p{};
-  p.dtype = kernel_dtype(xc);
+  p.dtype = kernel_dtype(xc, allow_tf32);
   p.n = n;
   p.c = wc.size(0);
   p.d = xc.size(1);

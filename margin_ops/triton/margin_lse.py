@@ -86,14 +86,15 @@ def margin_lse_kernel(
     tl.store(part_pred_ptr + part, best_class, mask=row_mask)
 
 
-def margin_lse(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad):
+def margin_lse(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad,
+               allow_tf32=None):
     """margin_lse on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1).
 
     x (N, D), weight (C, D): float32/bfloat16/float16/float64, any strides; labels (N,)
     int64, outside [0, C) for rows without a target. Returns lse, target_logit, max_cos
     (N,) ACC and pred (N,) int64: see :func:`margin_ops.reference.margin_lse`.
     """
-    p = prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad)
+    p = prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad, allow_tf32)
     n, dim = x.shape
     num_classes = weight.shape[0]
     target = torch.zeros(n, dtype=p.acc, device=x.device)

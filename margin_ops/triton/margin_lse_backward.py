@@ -151,13 +151,13 @@ def grad_x_kernel(
 
 
 def margin_lse_backward(grad_lse, grad_target_logit, x, weight, labels, lse, margin, s, m1, m2, m3,
-                        lamb, feature_scale, detach_margin_grad):
+                        lamb, feature_scale, detach_margin_grad, allow_tf32=None):
     """margin_lse_backward on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1).
 
     grad_lse, grad_target_logit, lse (N,) floating; the rest as :func:`margin_lse.margin_lse`.
     Returns grad_x (N, D) like x and grad_weight (C, D) like weight.
     """
-    p = prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad)
+    p = prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad, allow_tf32)
     n, dim = x.shape
     num_classes = weight.shape[0]
     for name, t in (("grad_lse", grad_lse), ("grad_target_logit", grad_target_logit), ("lse", lse)):

@@ -15,7 +15,7 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
-from .. import reference
+from .. import backends, reference
 from .margin import KINDS, host_params, target_margin
 
 #: True when TRITON_INTERPRET was set as the kernels were defined: they then run on CPU tensors.
@@ -70,25 +70,15 @@ def _check(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, margin: 
         raise ValueError(f"m1 must be an integer >= 1 for margin='sphereface', got {m1}")
 
 
-def tf32_allowed() -> bool:
-    """Whether float32 products may use TF32: the setting cuBLAS follows for torch.matmul
-    (torch.set_float32_matmul_precision "high"/"medium" sets it too). Read through the
-    fp32-precision API where this torch has it: its legacy getters raise once a user has set
-    only the new one."""
-    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
-    if matmul is None:
-        return torch.get_float32_matmul_precision() != "highest"
-    if matmul == "none":  # inherits the generic setting
-        matmul = getattr(torch.backends, "fp32_precision", "none")
-    return matmul == "tf32"
+def input_precision(dtype: torch.dtype, allow_tf32: bool | None) -> str:
+    """tl.dot's input precision: float32 may be TF32 (allow_tf32 None: as
+    :func:`margin_ops.backends.tf32_allowed` says now)."""
+    allow = backends.tf32_allowed() if allow_tf32 is None else allow_tf32
+    return "tf32" if dtype == torch.float32 and allow else "ieee"
 
 
-def input_precision(dtype: torch.dtype) -> str:
-    """tl.dot's input precision: float32 may be TF32 where :func:`tf32_allowed` says so."""
-    return "tf32" if dtype == torch.float32 and tf32_allowed() else "ieee"
-
-
-def prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad) -> Problem:
+def prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad,
+            allow_tf32=None) -> Problem:
     """Checks the arguments of margin_lse(_backward) and computes the per-row prologue (O(N·D))."""
     _check(x, weight, labels, margin, m1)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -98,7 +88,7 @@ def prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detac
     constexprs = dict(
         MARGIN=KINDS[margin],
         DETACH=bool(detach_margin_grad),
-        INPUT_PRECISION=input_precision(x.dtype),
+        INPUT_PRECISION=input_precision(x.dtype, allow_tf32),
         UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
     )
     return Problem(x, weight, labels.contiguous(), x_norm, inv_x_norm, scale,
