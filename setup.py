@@ -47,7 +47,7 @@ def extension():
                             extra_link_args=link_flags)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
-    return CUDAExtension("margin_ops._C", cpp + cuda, define_macros=[("MARGIN_OPS_WITH_CUDA", None)],
+    return CUDAExtension("margin_ops._C", cpp + cuda,
                          extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
                          extra_link_args=link_flags)
 
