@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, for one lent GPU machine (see README "Building for GPU").
 #
-#   bash benchmarks/gpu_session.sh [STAGE ...]      default: build test sanitize bench
+#   bash benchmarks/gpu_session.sh [STAGE ...]      default: build test sanitize
 #
-# Stages (run them in one call where the time allows: every call on a fresh machine
-# rebuilds):
+# Stages (a fresh machine needs `build` first in every call):
 #   build     pip install --no-build-isolation -e . (the C++/CUDA extension, in place),
 #             then `python -m margin_ops` (which backends this install has)
 #   test      the GPU tests: tests/test_cuda.py (both GPU backends) and the GPU cases of
@@ -15,18 +14,19 @@
 #             on ms1mv2 and webface42m-8gpu
 #   dist      benchmarks/distributed_overhead.py at world size 1 (NCCL)
 #
-# Outputs, in gpu-out/: <stage>.log, bench/results.{md,json,png} (bf16) and
-# bench-fp32/results.{md,json,png}. When $OUT is set (the device tool's folder that comes
-# back, at most 8 files), the logs and both results.md are copied there flat and
-# everything is packed into $OUT/gpu-session.tar.gz.
+# Outputs, in $OUT (the device tool's folder that comes back) or else gpu-out/, written as
+# the stages run so that a call cut off at its time limit still reports: <stage>.log,
+# bench/results.{md,json,png} (bf16) and bench-fp32/results.{md,json,png}. The device tool
+# brings back 8 files a call: run `build test sanitize` in one call and `build bench` in
+# another.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-LOGS=gpu-out
+LOGS=${OUT:-gpu-out}
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 stages=("$@")
-((${#stages[@]})) || stages=(build test sanitize bench)
+((${#stages[@]})) || stages=(build test sanitize)
 
 run_stage() {  # name, command...: runs the command, its output to the terminal and the log
   local name=$1
@@ -63,16 +63,6 @@ with margin_ops.backend("cuda"):
 EOF
 }
 
-publish() {  # after every stage, so that a run cut off at its time limit still reports
-  [[ -n ${OUT:-} ]] || return 0
-  cp "$LOGS"/*.log "$OUT"/ 2>/dev/null
-  local table
-  for table in bench bench-fp32; do
-    if [[ -f $LOGS/$table/results.md ]]; then cp "$LOGS/$table/results.md" "$OUT/$table.md"; fi
-  done
-  tar czf "$OUT/gpu-session.tar.gz" -C "$LOGS" .
-}
-
 status=0
 for stage in "${stages[@]}"; do
   case $stage in
@@ -80,7 +70,9 @@ for stage in "${stages[@]}"; do
       MAX_JOBS=${MAX_JOBS:-16} run_stage build "$PY" -m pip install --no-build-isolation --no-deps -e . \
         && run_stage build "$PY" -m margin_ops || { status=1; break; } ;;
     test)
-      run_stage test "$PY" -m pytest -q -x -rs tests/test_cuda.py tests/test_triton.py || status=1
+      # --maxfail: a first run on a GPU should show the spread of failures, not only the first
+      run_stage test "$PY" -m pytest -q -rs --maxfail=25 -o faulthandler_timeout=240 \
+        tests/test_cuda.py tests/test_triton.py || status=1
       run_stage test "$PY" -m pytest -q tests --ignore=tests/test_cuda.py --ignore=tests/test_triton.py || status=1 ;;
     sanitize)
       run_stage sanitize sanitizer_case memcheck || status=1
@@ -95,6 +87,5 @@ for stage in "${stages[@]}"; do
       echo "unknown stage $stage (build, test, sanitize, bench, dist)" >&2
       exit 2 ;;
   esac
-  publish
 done
 exit "$status"
