@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_tile_kernel(
     int32_t y = -1;
     if (gr < args.n) {
       sc = args.scale[gr];
-      xinv = Acc(1) / vmax(args.x_norm[gr], Consts<Acc>::kNormEps);
+      xinv = inverse_norm(args.x_norm[gr]);
       l2 = args.lse[gr] * kLog2e;
       gl = args.g_lse[gr];
       gt = args.g_t[gr];
@@ -349,7 +349,7 @@ __global__ void __launch_bounds__(kThreads) bwd_finalize_kernel(const FinalizeAr
   const int64_t i = blockIdx.x;
   const T* xr = args.x + i * args.d;
   const Acc xn = args.x_norm[i];
-  const Acc inv = Acc(1) / vmax(xn, Consts<Acc>::kNormEps);
+  const Acc inv = inverse_norm(xn);
   const bool fs = args.feature_scale && xn > Acc(0);
   const int64_t pstride = args.n_pad * args.d_pad;
   const Acc* pr = args.part + i * args.d_pad;

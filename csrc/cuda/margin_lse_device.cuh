@@ -125,6 +125,14 @@ struct Consts {
   static constexpr A kNormEps = A(margin_ops::kNormEps);
 };
 
+// 1 / max(‖v‖, eps): the normalization factor of a row of x or W (F.normalize's floor).
+// One expression for every kernel, so that the forward's and the backward's cosines agree
+// to the bit.
+template <class A>
+__device__ __forceinline__ A inverse_norm(A nrm) {
+  return A(1) / vmax(nrm, Consts<A>::kNormEps);
+}
+
 // φ(c) and its slope, one out-of-line copy per Acc type: the target entry is rare (one per
 // row over all C classes), so the epilogues call it instead of inlining the margin's
 // transcendental code at every unrolled call site. `p` points to a shared-memory copy.
@@ -591,7 +599,7 @@ struct WeightNorm {
       const int cls = threadIdx.x / kThreadsPerClass;
       const Acc nrm = vsqrt(v);
       if (s_norm != nullptr) s_norm[cls] = nrm;
-      s_inv[cls] = Acc(1) / vmax(nrm, Consts<Acc>::kNormEps);
+      s_inv[cls] = inverse_norm(nrm);
     }
     ss = Acc(0);
   }
@@ -694,7 +702,7 @@ __global__ void __launch_bounds__(kThreads) prep_kernel(const PrepArgs<T> args) 
   }
   block_sum(ss, s_red);
   const Acc nrm = vsqrt(ss[0]);
-  const Acc inv = Acc(1) / vmax(nrm, Consts<Acc>::kNormEps);
+  const Acc inv = inverse_norm(nrm);
   if (out != nullptr) {
     for (int64_t k = threadIdx.x; k < args.d_pad; k += kThreads) {
       out[k] = Type<T>::store(k < args.d ? Type<T>::load(row[k]) * inv : Acc(0));

@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) fwd_main_kernel(
     int32_t y = -1;
     if (gr < args.n) {
       sc = args.scale[gr];
-      xinv = Acc(1) / vmax(args.x_norm[gr], Consts<Acc>::kNormEps);
+      xinv = inverse_norm(args.x_norm[gr]);
       const int64_t lab = args.labels[gr];
       if (lab >= 0 && lab < args.c) y = int32_t(lab);
     }
