@@ -105,6 +105,23 @@ at::Tensor workspace(size_t bytes, const at::Tensor& x) {
   return at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
 }
 
+// The fields ForwardParams and BackwardParams share. xc, wc, yc: the contiguous inputs,
+// which the caller keeps alive until the launch.
+template <class Params>
+void fill_problem(Params& p, const at::Tensor& xc, const at::Tensor& wc, const at::Tensor& yc,
+                  const MarginParams& mp, std::optional<bool> allow_tf32) {
+  p.dtype = kernel_dtype(xc, allow_tf32);
+  p.n = xc.size(0);
+  p.c = wc.size(0);
+  p.d = xc.size(1);
+  p.x = xc.data_ptr();
+  p.weight = wc.data_ptr();
+  p.labels = yc.data_ptr<int64_t>();
+  p.margin = mp;
+  p.num_sms = multiprocessors(xc);
+  p.deterministic = at::globalContext().deterministicAlgorithms();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_lse_cuda(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
     c10::string_view margin, double s, double m1, double m2, double m3, double lamb,
@@ -125,20 +142,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_lse_cuda(
   const auto wc = weight.contiguous();
   const auto yc = labels.contiguous();
   cuda::ForwardParams p{};
-  p.dtype = kernel_dtype(xc, allow_tf32);
-  p.n = n;
-  p.c = wc.size(0);
-  p.d = xc.size(1);
-  p.x = xc.data_ptr();
-  p.weight = wc.data_ptr();
-  p.labels = yc.data_ptr<int64_t>();
-  p.margin = mp;
+  fill_problem(p, xc, wc, yc, mp, allow_tf32);
   p.lse = lse.data_ptr();
   p.target_logit = target_logit.data_ptr();
   p.max_cos = max_cos.data_ptr();
   p.pred = pred.data_ptr<int64_t>();
-  p.num_sms = multiprocessors(xc);
-  p.deterministic = at::globalContext().deterministicAlgorithms();
   const auto ws = workspace(cuda::forward_workspace_bytes(p), xc);
   p.workspace = ws.data_ptr();
   C10_CUDA_CHECK(cuda::launch_margin_lse_forward(p, c10::cuda::getCurrentCUDAStream().stream()));
@@ -170,21 +178,12 @@ std::tuple<at::Tensor, at::Tensor> margin_lse_backward_cuda(
   const auto wc = weight.contiguous();
   const auto yc = labels.contiguous();
   cuda::BackwardParams p{};
-  p.dtype = kernel_dtype(xc, allow_tf32);
-  p.n = n;
-  p.c = wc.size(0);
-  p.d = xc.size(1);
-  p.x = xc.data_ptr();
-  p.weight = wc.data_ptr();
-  p.labels = yc.data_ptr<int64_t>();
+  fill_problem(p, xc, wc, yc, mp, allow_tf32);
   p.lse = lse_c.data_ptr();
   p.grad_lse = g_lse.data_ptr();
   p.grad_target_logit = g_target.data_ptr();
-  p.margin = mp;
   p.grad_x = grad_x.data_ptr();
   p.grad_weight = grad_weight.data_ptr();
-  p.num_sms = multiprocessors(xc);
-  p.deterministic = at::globalContext().deterministicAlgorithms();
   const auto ws = workspace(cuda::backward_workspace_bytes(p), xc);
   p.workspace = ws.data_ptr();
   C10_CUDA_CHECK(cuda::launch_margin_lse_backward(p, c10::cuda::getCurrentCUDAStream().stream()));
