@@ -41,6 +41,18 @@ MAX_PARTIAL_BYTES = 32 << 20
 
 
 @triton.jit
+def load_rows(rows, row_mask, labels_ptr, inv_x_norm_ptr, scale_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr):
+    """The per-row inputs of both kernels for a block of rows: labels (-1 past N), and
+    inv_x_norm, scale, lse, grad_lse, grad_target (0 past N)."""
+    return (tl.load(labels_ptr + rows, mask=row_mask, other=-1),
+            tl.load(inv_x_norm_ptr + rows, mask=row_mask, other=0.0),
+            tl.load(scale_ptr + rows, mask=row_mask, other=0.0),
+            tl.load(lse_ptr + rows, mask=row_mask, other=0.0),
+            tl.load(grad_lse_ptr + rows, mask=row_mask, other=0.0),
+            tl.load(grad_target_ptr + rows, mask=row_mask, other=0.0))
+
+
+@triton.jit
 def grad_weight_kernel(
     x_ptr, w_ptr, labels_ptr, inv_x_norm_ptr, scale_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr, grad_w_ptr,
     N, C, D, stride_xn, stride_xd, stride_wc, stride_wd, stride_gc, stride_gd,
@@ -67,12 +79,8 @@ def grad_weight_kernel(
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_mask = rows < N
-        labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
-        inv_x_norm = tl.load(inv_x_norm_ptr + rows, mask=row_mask, other=0.0)
-        scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-        grad_lse = tl.load(grad_lse_ptr + rows, mask=row_mask, other=0.0)
-        grad_target = tl.load(grad_target_ptr + rows, mask=row_mask, other=0.0)
+        labels, inv_x_norm, scale, lse, grad_lse, grad_target = load_rows(
+            rows, row_mask, labels_ptr, inv_x_norm_ptr, scale_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr)
         cos, w_norm = cosine_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, inv_x_norm,
                                   D, stride_xn, stride_xd, stride_wc, stride_wd,
                                   BLOCK_M, BLOCK_C, BLOCK_K, INPUT_PRECISION, UPCAST)
@@ -116,12 +124,8 @@ def grad_x_kernel(
     row_mask = rows < N
     ds = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
     d_mask = ds < D
-    labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
-    inv_x_norm = tl.load(inv_x_norm_ptr + rows, mask=row_mask, other=0.0)
-    scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    grad_lse = tl.load(grad_lse_ptr + rows, mask=row_mask, other=0.0)
-    grad_target = tl.load(grad_target_ptr + rows, mask=row_mask, other=0.0)
+    labels, inv_x_norm, scale, lse, grad_lse, grad_target = load_rows(
+        rows, row_mask, labels_ptr, inv_x_norm_ptr, scale_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr)
     acc_dtype = inv_x_norm.dtype
     grad_x_hat = tl.zeros((BLOCK_M, BLOCK_D), acc_dtype)
     scale_grad = tl.zeros((BLOCK_M,), acc_dtype)
