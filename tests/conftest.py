@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from typing import NamedTuple
@@ -142,6 +143,18 @@ class Result(NamedTuple):
     loss: torch.Tensor
     grad_x: torch.Tensor
     grad_weight: torch.Tensor
+
+
+@contextlib.contextmanager
+def matmul_precision(value: str):
+    """torch.set_float32_matmul_precision(value) inside; the GPU backends' float32 products
+    follow it (TF32 unless "highest")."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(value)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def run_with_grads(fn, x, weight, labels, upstream=None, **kwargs) -> Result:

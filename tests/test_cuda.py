@@ -1,8 +1,6 @@
 """The same comparisons on CUDA tensors, for each GPU backend this install has ('cuda':
 the CUDA C++ kernels, 'triton'). Every test here is skipped cleanly without a GPU."""
 
-import contextlib
-
 import pytest
 import torch
 
@@ -10,7 +8,7 @@ import margin_ops
 from margin_ops import backends, reference
 
 from conftest import (OP_CONFIGS, assert_close, call_op, check_nan_propagation, compare_to_reference,
-                      config_id, leaf_copy, make_inputs, requires_cuda)
+                      config_id, leaf_copy, make_inputs, matmul_precision, requires_cuda, run_with_grads)
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
@@ -134,16 +132,6 @@ def test_autocast_cuda(name, gpu_backend):
     assert_close(x1.grad, x2.grad, 1e-6, "grad_x")
 
 
-@contextlib.contextmanager
-def matmul_precision(value: str):
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(value)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
 @pytest.mark.parametrize("config", [("arcface", dict(s=16.0, m=0.5)), ("sphereface", dict(m=4, lamb=5.0))],
                          ids=config_id)
 def test_float32_high_precision_is_tf32(config, gpu_backend):
@@ -238,11 +226,8 @@ def test_n_times_c_beyond_int32(gpu_backend):
 
 
 def _step(name, x, w, y, **kwargs):
-    """Loss, grad_x, grad_weight of one forward + backward on fresh leaves of x and w."""
-    x, w = leaf_copy(x), leaf_copy(w)
-    loss = getattr(torch.ops.margin, name)(x, w, y, **kwargs)
-    loss.backward()
-    return loss.detach(), x.grad, w.grad
+    """Loss, grad_x, grad_weight of torch.ops.margin.<name> on fresh leaves of x and w."""
+    return run_with_grads(getattr(torch.ops.margin, name), x, w, y, **kwargs)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])

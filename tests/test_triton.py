@@ -8,7 +8,6 @@ this file in a subprocess with the variable set (``TRITON_INTERPRET=1 pytest
 tests/test_triton.py`` runs them directly). The GPU cases need CUDA, with the variable unset.
 """
 
-import contextlib
 import os
 import re
 import subprocess
@@ -25,7 +24,8 @@ import margin_ops.triton  # noqa: E402  (any ImportError here is a bug: triton i
 from margin_ops import reference  # noqa: E402
 
 from conftest import (LOSS_TOLERANCES, OP_CONFIGS, REFERENCE_FNS, assert_close, call_op,  # noqa: E402
-                      check_nan_propagation, compare_to_reference, config_id, make_inputs, run_with_grads)
+                      check_nan_propagation, compare_to_reference, config_id, make_inputs, matmul_precision,
+                      run_with_grads)
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 DTYPE_IDS = {F64: "f64", F32: "f32", BF16: "bf16", F16: "f16"}
@@ -73,17 +73,6 @@ def compare(name, x, w, y, **kwargs):
         want = REFERENCE_FNS[name](x.detach().double(), w.detach().double(), y, **kwargs)
         assert_close(got.loss, want, LOSS_TOLERANCES[BF16], f"{name} loss (bf16)")
     return got
-
-
-@contextlib.contextmanager
-def matmul_precision(value: str):
-    """torch.set_float32_matmul_precision(value) inside (float32 tl.dot follows it)."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(value)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def primitive_vs_reference(x, w, y, args, tol, grad_tol):
