@@ -318,6 +318,16 @@ def compare_to_reference(name: str, x, weight, labels, *, backend: str | None = 
     return got
 
 
+def opcheck_primitive(forward, backward, args: tuple, dtype: torch.dtype) -> None:
+    """torch.library.opcheck of a margin_lse-shaped op pair (``forward`` / ``backward``:
+    OpOverloads) with primitive arguments ``args``, on small odd inputs with an ignored row."""
+    x, w, y = make_inputs(5, 6, 9, dtype, ignore_rows=(1,))
+    torch.library.opcheck(forward, (x, w, y) + args)
+    lse = forward(x, w, y, *args)[0].detach()
+    grads = (torch.randn(5, dtype=lse.dtype), torch.randn(5, dtype=lse.dtype))
+    torch.library.opcheck(backward, grads + (x.detach(), w.detach(), y, lse) + args)
+
+
 def check_nan_propagation(backend: str, device: str, dtype: torch.dtype) -> None:
     """NaN in the inputs propagates as in the reference, never hidden: a NaN feature makes
     its row's lse, target logit and loss NaN and leaves the other rows exact; a NaN weight

@@ -14,7 +14,8 @@ import margin_ops
 from margin_ops import backends, reference
 
 from conftest import (DTYPES, OP_CONFIGS, REFERENCE_FNS, assert_close, call_op, closed_form_logits,
-                      compare_to_reference, config_id, leaf_copy, make_inputs, run_with_grads)
+                      compare_to_reference, config_id, leaf_copy, make_inputs, opcheck_primitive,
+                      run_with_grads)
 
 F32, F64 = torch.float32, torch.float64
 LOSSES = ("arcface", "cosface", "combined", "sphereface")
@@ -285,12 +286,8 @@ PRIMITIVE_ARGS = [
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("args", PRIMITIVE_ARGS, ids=lambda a: a[0])
 def test_opcheck_primitive(args, dtype):
-    x, w, y = make_inputs(5, 6, 9, dtype, ignore_rows=(1,))
-    torch.library.opcheck(torch.ops.margin.margin_lse.default, (x, w, y) + args)
-    lse = torch.ops.margin.margin_lse(x, w, y, *args)[0].detach()
-    grads = (torch.randn(5, dtype=lse.dtype), torch.randn(5, dtype=lse.dtype))
-    torch.library.opcheck(torch.ops.margin.margin_lse_backward.default,
-                          grads + (x.detach(), w.detach(), y, lse) + args)
+    opcheck_primitive(torch.ops.margin.margin_lse.default, torch.ops.margin.margin_lse_backward.default,
+                      args, dtype)
 
 
 def _train_step(x, w, y):

@@ -25,7 +25,7 @@ from margin_ops import reference  # noqa: E402
 
 from conftest import (LOSS_TOLERANCES, OP_CONFIGS, REFERENCE_FNS, assert_close, call_op,  # noqa: E402
                       check_nan_propagation, compare_to_reference, config_id, make_inputs, matmul_precision,
-                      run_with_grads)
+                      opcheck_primitive, run_with_grads)
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 DTYPE_IDS = {F64: "f64", F32: "f32", BF16: "bf16", F16: "f16"}
@@ -227,12 +227,8 @@ def test_empty_batch():
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("args", PRIMITIVE_ARGS[::2], ids=lambda a: a[0])
 def test_opcheck(args, dtype):
-    x, w, y = make_inputs(5, 6, 9, dtype, ignore_rows=(1,))
-    torch.library.opcheck(torch.ops.margin.margin_lse_triton.default, (x, w, y) + args)
-    lse = torch.ops.margin.margin_lse_triton(x, w, y, *args)[0].detach()
-    grads = (torch.randn(5, dtype=lse.dtype), torch.randn(5, dtype=lse.dtype))
-    torch.library.opcheck(torch.ops.margin.margin_lse_backward_triton.default,
-                          grads + (x.detach(), w.detach(), y, lse) + args)
+    opcheck_primitive(torch.ops.margin.margin_lse_triton.default,
+                      torch.ops.margin.margin_lse_backward_triton.default, args, dtype)
 
 
 @interpreter
