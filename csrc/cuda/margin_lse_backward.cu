@@ -11,9 +11,17 @@ using namespace dev;
 
 namespace {
 
-// Budgets of the two large workspaces (bytes); see backward_layout.
-constexpr int64_t kScratchBudget = int64_t(16) << 20;  // dS' chunk, N_pad x cc of T
-constexpr int64_t kPartialBudget = int64_t(8) << 20;   // dX̂ split partials, fp32/fp64
+// Budgets of the two large workspaces (bytes); see backward_layout. Overridable at compile
+// time: tests/cuda_emulator shrinks them so that small problems take several class chunks
+// and dX splits.
+#ifndef MARGIN_OPS_BWD_SCRATCH_BUDGET
+#define MARGIN_OPS_BWD_SCRATCH_BUDGET (int64_t(16) << 20)
+#endif
+#ifndef MARGIN_OPS_BWD_PARTIAL_BUDGET
+#define MARGIN_OPS_BWD_PARTIAL_BUDGET (int64_t(8) << 20)
+#endif
+constexpr int64_t kScratchBudget = MARGIN_OPS_BWD_SCRATCH_BUDGET;  // dS' chunk, N_pad x cc of T
+constexpr int64_t kPartialBudget = MARGIN_OPS_BWD_PARTIAL_BUDGET;  // dX̂ split partials, fp32/fp64
 
 // ---------------------------------------------------------------------------------------
 // bwd_tile: grid (row tile, class tile of the chunk). Recomputes the cosine tile and writes

@@ -1,7 +1,8 @@
 // Device building blocks shared by margin_lse_forward.cu and margin_lse_backward.cu: dtype
 // traits, tile configurations, the cp.async tile loader, the warp-level MMA (mma.sync for
-// 16-bit types, FFMA/DFMA otherwise), the pipelined CTA GEMM, reductions and the prep
-// kernel. See margin_lse_kernels.cuh for the design. Only CUDA headers here.
+// 16-bit types and TF32, FFMA/DFMA otherwise), the pipelined CTA GEMM, reductions and the
+// prep kernel; the PTX itself is in margin_lse_ptx.cuh. See margin_lse_kernels.cuh for the
+// design. Only CUDA headers here.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -14,6 +15,7 @@
 #include <type_traits>
 
 #include "margin_lse_kernels.cuh"
+#include "margin_lse_ptx.cuh"
 
 namespace margin_ops {
 namespace cuda {
@@ -105,11 +107,7 @@ __device__ __forceinline__ float vsqrt(float a) { return sqrtf(a); }
 __device__ __forceinline__ double vsqrt(double a) { return sqrt(a); }
 
 // 2^x. float: the MUFU approximation (rel. error ~2^-22, ex2(-inf) = 0); double: exact.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
+__device__ __forceinline__ float fast_exp2(float x) { return ex2_approx(x); }
 __device__ __forceinline__ double fast_exp2(double x) { return exp2(x); }
 
 // Clamp to [-1, 1] that lets NaN through (as torch.clamp does).
@@ -185,72 +183,6 @@ struct Cfg<T, false> {
   static constexpr bool kPairCols = false;
   static constexpr int kMinBlocks = 1;
 };
-
-// ------------------------------------------------------------------------------------
-// PTX wrappers
-// ------------------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-template <bool kTrans>
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  if constexpr (kTrans) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-  } else {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-  }
-}
-
-// D = A (16x16, row) * B (16x8, col) + D, fp32 accumulate.
-template <class T>
-__device__ __forceinline__ void mma_16816(float& d0, float& d1, float& d2, float& d3,
-                                          const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else {
-    static_assert(std::is_same_v<T, __half>, "mma_16816: bf16 or fp16");
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-}
-
-// D = A (16x8, row) * B (8x8, col) + D on TF32 operands, fp32 accumulate.
-__device__ __forceinline__ void mma_1688_tf32(float& d0, float& d1, float& d2, float& d3,
-                                              const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-// fp32 -> TF32 (10-bit mantissa), rounded to nearest, ties away from zero.
-__device__ __forceinline__ uint32_t to_tf32(float v) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
-  return r;
-}
 
 // ------------------------------------------------------------------------------------
 // Global -> shared tile copy: smem[r * pitch + c] = g[(r0 + r) * ld + c0 + c] for

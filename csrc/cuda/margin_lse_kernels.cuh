@@ -100,6 +100,10 @@
 // softmax tail underflows below 6e-8 (e.g. a mean over 512 rows at s = 64 with P < 1e-6),
 // as in any fp16 GEMM on unscaled gradients: train fp16 with a GradScaler.
 //
+// PTX: the only inline assembly is in margin_lse_ptx.cuh (cp.async, ldmatrix, mma.sync, ex2,
+// cvt.rna.tf32). tests/cuda_emulator swaps that one header for host versions of the same
+// instructions and runs the rest of this source unchanged on the CPU, for the tests.
+//
 // Tuning knobs for a GPU session: Cfg<T> (tile shapes, BK; 2 CTAs/SM for the tensor-core
 // kernels = 128 registers), kStages, the two budgets above, the 2 x #SMs grid targets in
 // fwd_layout / bwd_layout. A wgmma (sm_90a) mainloop would replace TileGemm::warp_mma_tc.

@@ -72,12 +72,17 @@ def margin_lse_kernel(
         new_max = tl.maximum(run_max, tl.max(logit, axis=1))
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logit - new_max[:, None]), axis=1)
         run_max = new_max
-        # Strictly greater: on ties the earlier (lower) class wins, as torch.max does.
-        masked_cos = tl.where(col_mask[None, :], cos, float("-inf"))
-        tile_best = tl.max(masked_cos, axis=1)
-        better = tile_best > best_cos
+        # As torch.max: NaN beats every number, and on ties (NaN or not) the earlier, lower
+        # class wins (strictly greater; a NaN already held is never replaced). tl.max and
+        # tl.argmax do not order NaN, so a row's NaNs are looked for separately.
+        is_nan = (cos != cos).to(tl.int32)
+        masked_cos = tl.where(col_mask[None, :] & (is_nan == 0), cos, float("-inf"))
+        tile_nan = tl.max(is_nan, axis=1) > 0
+        tile_best = tl.where(tile_nan, float("nan"), tl.max(masked_cos, axis=1))
+        tile_class = tl.where(tile_nan, tl.argmax(is_nan, axis=1), tl.argmax(masked_cos, axis=1))
+        better = (tile_best > best_cos) | (tile_nan & (best_cos == best_cos))
         best_cos = tl.where(better, tile_best, best_cos)
-        best_class = tl.where(better, block * BLOCK_C + tl.argmax(masked_cos, axis=1).to(tl.int64), best_class)
+        best_class = tl.where(better, block * BLOCK_C + tile_class.to(tl.int64), best_class)
 
     part = split.to(tl.int64) * N + rows
     tl.store(part_max_ptr + part, run_max, mask=row_mask)

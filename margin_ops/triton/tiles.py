@@ -65,8 +65,11 @@ def cosine_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, inv_x_norm,
         dot = mma(x, tl.trans(w), dot, INPUT_PRECISION, UPCAST)
     w_norm = tl.sqrt(w_sq)
     cos = dot * inv_x_norm[:, None] * inverse_norm(w_norm)[None, :]
-    # The clamp only keeps rounding out of acos's domain; gradients pass straight through it.
-    return tl.minimum(tl.maximum(cos, -1.0), 1.0), w_norm
+    # The clamp only keeps rounding out of acos's domain; gradients pass straight through
+    # it, and NaN passes too (as torch.clamp): a NaN input must not become a cosine of ±1.
+    # (Comparisons rather than tl.clamp(propagate_nan=ALL): its float64 lowering on sm_90a
+    # calls an NVVM intrinsic that does not exist.)
+    return tl.where(cos < -1.0, -1.0, tl.where(cos > 1.0, 1.0, cos)), w_norm
 
 
 @triton.jit

@@ -1,0 +1,172 @@
+// Host versions of the PTX wrappers of csrc/cuda/margin_lse_ptx.cuh, with the semantics of
+// the PTX ISA: build.py puts this file in that header's place. Warp-collective instructions
+// (ldmatrix, mma.sync) gather the 32 lanes' operands through emu::warp_exchange and give
+// each lane its own fragment of the result, so the kernels' fragment indexing is exercised
+// exactly as on the GPU. The fragment maps below follow the PTX ISA's figures for these
+// shapes; they were checked, independently of the kernels, against the (thread, value) ->
+// element layouts CUTLASS's CuTe declares for SM80_16x8x16_F32BF16BF16F32_TN,
+// SM80_16x8x8_F32TF32TF32F32_TN, SM75_U32x4_LDSM_N and SM75_U16x8_LDSM_T.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "emulator.h"
+
+namespace margin_ops {
+namespace cuda {
+namespace dev {
+
+// ex2.approx.ftz.f32: 2^x with subnormal results flushed to zero (the approximation's
+// ~2^-22 relative error is not modelled: the result is exact).
+inline float ex2_approx(float x) {
+  const float y = std::exp2(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
+}
+
+inline void cp_async16(void* smem, const void* gmem) { emu::cp_async16(smem, gmem); }
+inline void cp_async_commit() { emu::cp_async_commit(); }
+template <int N>
+inline void cp_async_wait() {
+  emu::cp_async_wait(N);
+}
+
+namespace ptx_detail {
+
+inline uint16_t load_b16(const void* row, int element) {
+  uint16_t v;
+  std::memcpy(&v, static_cast<const unsigned char*>(row) + 2 * element, 2);
+  return v;
+}
+
+inline uint32_t pack(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
+
+inline float b16_to_float(uint16_t bits, bool bf16) {
+  if (bf16) {
+    const uint32_t f = uint32_t(bits) << 16;
+    float v;
+    std::memcpy(&v, &f, 4);
+    return v;
+  }
+  __half h;
+  std::memcpy(&h, &bits, 2);
+  return __half2float(h);
+}
+
+// A 16 x K row-major and a K x 8 operand, assembled from the warp's fragments.
+struct MmaOperands {
+  uint32_t a[4], b[2];
+};
+
+// D (lane's 4 values) = C + A B with products summed in double and rounded once.
+inline void mma_finish(const double (&a)[16][16], const double (&b)[16][8], int k, int lane,
+                       float& d0, float& d1, float& d2, float& d3) {
+  const int g = lane >> 2, t = lane & 3;
+  float* d[4] = {&d0, &d1, &d2, &d3};
+  for (int q = 0; q < 4; ++q) {
+    const int row = g + (q >> 1) * 8, col = 2 * t + (q & 1);
+    double acc = *d[q];
+    for (int kk = 0; kk < k; ++kk) acc += a[row][kk] * b[kk][col];
+    *d[q] = float(acc);
+  }
+}
+
+}  // namespace ptx_detail
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8j..8j+7 address the rows of
+// matrix j; lane L receives, of matrix j, the pair (row L/4, columns 2(L%4), 2(L%4)+1), of
+// the transposed matrix with kTrans.
+template <bool kTrans>
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  const int lane = emu::lane();
+  const emu::WarpOp op = kTrans ? emu::WarpOp::kLdmatrixTrans : emu::WarpOp::kLdmatrix;
+  const unsigned char* rows[32];
+  const unsigned char* mine = static_cast<const unsigned char*>(p);
+  const unsigned char* base = emu::dynamic_smem();
+  if (mine < base || mine + 16 > base + emu::dynamic_smem_bytes()) {
+    emu::fail("ldmatrix: row address outside the block's dynamic shared memory");
+  }
+  if (reinterpret_cast<uintptr_t>(mine) % 16 != 0) emu::fail("ldmatrix: row address not 16-byte aligned");
+  emu::warp_exchange(op, &mine, sizeof(mine), rows);
+  for (int j = 0; j < 4; ++j) {
+    const int row = lane / 4, col = 2 * (lane % 4);
+    if constexpr (kTrans) {
+      r[j] = ptx_detail::pack(ptx_detail::load_b16(rows[8 * j + col], row),
+                              ptx_detail::load_b16(rows[8 * j + col + 1], row));
+    } else {
+      r[j] = ptx_detail::pack(ptx_detail::load_b16(rows[8 * j + row], col),
+                              ptx_detail::load_b16(rows[8 * j + row], col + 1));
+    }
+  }
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32. Fragments (g = lane/4,
+// t = lane%4): a0 A[g][2t..2t+1], a1 A[g+8][2t..], a2 A[g][2t+8..], a3 A[g+8][2t+8..];
+// b0 B[2t..2t+1][g], b1 B[2t+8..2t+9][g]; d0 d1 D[g][2t..2t+1], d2 d3 D[g+8][2t..].
+template <class T>
+inline void mma_16816(float& d0, float& d1, float& d2, float& d3, const uint32_t (&a)[4],
+                      const uint32_t (&b)[2]) {
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  static_assert(kBf16 || std::is_same_v<T, __half>, "mma_16816: bf16 or fp16");
+  ptx_detail::MmaOperands mine{}, all[32];
+  std::memcpy(mine.a, a, sizeof(mine.a));
+  std::memcpy(mine.b, b, sizeof(mine.b));
+  emu::warp_exchange(kBf16 ? emu::WarpOp::kMmaBf16 : emu::WarpOp::kMmaF16, &mine, sizeof(mine), all);
+  double am[16][16], bm[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, t = l & 3;
+    auto lo = [&](uint32_t w) { return ptx_detail::b16_to_float(uint16_t(w & 0xffffu), kBf16); };
+    auto hi = [&](uint32_t w) { return ptx_detail::b16_to_float(uint16_t(w >> 16), kBf16); };
+    const uint32_t* fa = all[l].a;
+    am[g][2 * t] = lo(fa[0]), am[g][2 * t + 1] = hi(fa[0]);
+    am[g + 8][2 * t] = lo(fa[1]), am[g + 8][2 * t + 1] = hi(fa[1]);
+    am[g][2 * t + 8] = lo(fa[2]), am[g][2 * t + 9] = hi(fa[2]);
+    am[g + 8][2 * t + 8] = lo(fa[3]), am[g + 8][2 * t + 9] = hi(fa[3]);
+    const uint32_t* fb = all[l].b;
+    bm[2 * t][g] = lo(fb[0]), bm[2 * t + 1][g] = hi(fb[0]);
+    bm[2 * t + 8][g] = lo(fb[1]), bm[2 * t + 9][g] = hi(fb[1]);
+  }
+  ptx_detail::mma_finish(am, bm, 16, emu::lane(), d0, d1, d2, d3);
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: a0 A[g][t], a1 A[g+8][t], a2 A[g][t+4],
+// a3 A[g+8][t+4]; b0 B[t][g], b1 B[t+4][g]; D as above. Only the TF32 bits of an operand
+// (sign, exponent, 10 mantissa bits) are used.
+inline void mma_1688_tf32(float& d0, float& d1, float& d2, float& d3, const uint32_t (&a)[4],
+                          const uint32_t (&b)[2]) {
+  ptx_detail::MmaOperands mine{}, all[32];
+  std::memcpy(mine.a, a, sizeof(mine.a));
+  std::memcpy(mine.b, b, sizeof(mine.b));
+  emu::warp_exchange(emu::WarpOp::kMmaTf32, &mine, sizeof(mine), all);
+  auto value = [](uint32_t bits) {
+    bits &= 0xffffe000u;
+    float v;
+    std::memcpy(&v, &bits, 4);
+    return double(v);
+  };
+  double am[16][16] = {}, bm[16][8] = {};
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, t = l & 3;
+    am[g][t] = value(all[l].a[0]);
+    am[g + 8][t] = value(all[l].a[1]);
+    am[g][t + 4] = value(all[l].a[2]);
+    am[g + 8][t + 4] = value(all[l].a[3]);
+    bm[t][g] = value(all[l].b[0]);
+    bm[t + 4][g] = value(all[l].b[1]);
+  }
+  ptx_detail::mma_finish(am, bm, 8, emu::lane(), d0, d1, d2, d3);
+}
+
+// cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero (NaN and inf kept).
+inline uint32_t to_tf32(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  if ((bits & 0x7f800000u) == 0x7f800000u) return bits;
+  return (bits + 0x1000u) & 0xffffe000u;
+}
+
+}  // namespace dev
+}  // namespace cuda
+}  // namespace margin_ops
