@@ -125,6 +125,20 @@ OP_CONFIGS = [
 ]
 
 
+#: Arguments of the primitive margin_lse after (x, weight, labels): (margin, s, m1, m2, m3,
+#: lamb, feature_scale, detach_margin_grad), covering every φ branch and option.
+PRIMITIVE_ARGS = [
+    ("arcface", 64.0, 1.0, 0.5, 0.0, 0.0, False, False),
+    ("arcface", 8.0, 1.0, 1.2, 0.0, 0.0, False, False),  # linear branch past cos(π − m)
+    ("arcface_easy", 30.0, 1.0, 0.5, 0.0, 0.0, False, True),
+    ("cosface", 64.0, 1.0, 0.0, 0.35, 0.0, False, False),
+    ("combined", 32.0, 0.9, 0.3, 0.1, 0.0, False, False),
+    ("sphereface", 1.0, 4.0, 0.0, 0.0, 5.0, True, False),
+    ("sphereface", 16.0, 3.0, 0.0, 0.0, 0.0, False, False),
+    ("sphereface", 1.0, 1.0, 0.0, 0.0, 0.0, True, False),
+]
+
+
 def config_id(config) -> str:
     name, kwargs = config
     return name + ("-" + "-".join(f"{k}={v}" for k, v in kwargs.items()) if kwargs else "")

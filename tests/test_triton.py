@@ -23,7 +23,7 @@ import margin_ops  # noqa: E402
 import margin_ops.triton  # noqa: E402  (any ImportError here is a bug: triton is installed)
 from margin_ops import reference  # noqa: E402
 
-from conftest import (LOSS_TOLERANCES, OP_CONFIGS, REFERENCE_FNS, assert_close, call_op,  # noqa: E402
+from conftest import (LOSS_TOLERANCES, OP_CONFIGS, PRIMITIVE_ARGS, REFERENCE_FNS, assert_close, call_op,  # noqa: E402
                       check_nan_propagation, compare_to_reference, config_id, make_inputs, matmul_precision,
                       opcheck_primitive, run_with_grads)
 
@@ -36,17 +36,6 @@ INTERPRETER_OFF = "Triton interpreter off here: run by test_interpreter_suite"
 interpreter = pytest.mark.skipif(not INTERPRETED, reason=INTERPRETER_OFF)
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
 
-# Primitive arguments (margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad): every φ.
-PRIMITIVE_ARGS = [
-    ("arcface", 64.0, 1.0, 0.5, 0.0, 0.0, False, False),
-    ("arcface", 8.0, 1.0, 1.2, 0.0, 0.0, False, False),  # linear branch past cos(π − m)
-    ("arcface_easy", 30.0, 1.0, 0.5, 0.0, 0.0, False, True),
-    ("cosface", 64.0, 1.0, 0.0, 0.35, 0.0, False, False),
-    ("combined", 32.0, 0.9, 0.3, 0.1, 0.0, False, False),
-    ("sphereface", 1.0, 4.0, 0.0, 0.0, 5.0, True, False),
-    ("sphereface", 16.0, 3.0, 0.0, 0.0, 0.0, False, False),
-    ("sphereface", 1.0, 1.0, 0.0, 0.0, 0.0, True, False),
-]
 # (N, D, C): one row; one class; D = 1 (all |cos| = 1); D over several tl.dot steps and C
 # over several class tiles and groups of tiles; several row blocks; D split over programs
 # in the backward kernels (> 512).

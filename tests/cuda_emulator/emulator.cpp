@@ -55,7 +55,11 @@ struct State {
   int live = 0;  // threads of the running block not yet exited
   Barrier block_barrier;
   std::vector<Warp> warps;
+  // Runnable threads: in order of arrival (round robin), or one FIFO queue per warp (the
+  // warp-by-warp schedules); `queued` counts them.
   std::deque<Fiber*> runnable;
+  std::vector<std::deque<Fiber*>> runnable_by_warp;
+  int queued = 0;
   std::vector<unsigned char> smem;
   const std::function<void()>* body = nullptr;
   bool failed = false;
@@ -85,8 +89,18 @@ void to_scheduler() {
   swapcontext(&f.context, &state().scheduler);
 }
 
+void make_runnable(Fiber* f) {
+  State& s = state();
+  if (s.schedule == Schedule::kRoundRobin) {
+    s.runnable.push_back(f);
+  } else {
+    s.runnable_by_warp[f->linear / 32].push_back(f);
+  }
+  ++s.queued;
+}
+
 void release(Barrier& b) {
-  for (Fiber* f : b.waiting) state().runnable.push_back(f);
+  for (Fiber* f : b.waiting) make_runnable(f);
   b.waiting.clear();
   b.arrived = 0;
 }
@@ -163,16 +177,21 @@ void init_fiber(Fiber& f) {
 // Removes and returns the next thread to run under the current schedule.
 Fiber* next_runnable() {
   State& s = state();
-  auto best = s.runnable.begin();
-  if (s.schedule != Schedule::kRoundRobin) {
-    const bool ascending = s.schedule == Schedule::kWarpsAscending;
-    for (auto it = s.runnable.begin(); it != s.runnable.end(); ++it) {
-      const int warp = (*it)->linear / 32, best_warp = (*best)->linear / 32;
-      if (ascending ? warp < best_warp : warp > best_warp) best = it;
+  Fiber* f = nullptr;
+  if (s.schedule == Schedule::kRoundRobin) {
+    f = s.runnable.front();
+    s.runnable.pop_front();
+  } else {
+    const int warps = int(s.runnable_by_warp.size());
+    for (int i = 0; i < warps && f == nullptr; ++i) {
+      auto& q = s.runnable_by_warp[s.schedule == Schedule::kWarpsAscending ? i : warps - 1 - i];
+      if (!q.empty()) {
+        f = q.front();
+        q.pop_front();
+      }
     }
   }
-  Fiber* f = *best;
-  s.runnable.erase(best);
+  --s.queued;
   return f;
 }
 
@@ -293,6 +312,8 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, const void* kerne
         s.warps.assign(threads / 32, Warp{});
         for (Warp& w : s.warps) w.live = 32;
         s.runnable.clear();
+        s.runnable_by_warp.assign(threads / 32, {});
+        s.queued = 0;
         s.smem.assign(smem_bytes, 0xff);
         for (int t = 0; t < threads; ++t) {
           Fiber& f = s.fibers[t];
@@ -302,9 +323,9 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, const void* kerne
           f.coords.block_idx = make_uint3(bx, by, bz);
           f.coords.block_dim = block;
           f.coords.grid_dim = grid;
-          s.runnable.push_back(&f);
+          make_runnable(&f);
         }
-        while (!s.runnable.empty() && !s.failed) {
+        while (s.queued > 0 && !s.failed) {
           s.current = next_runnable();
           swapcontext(&s.scheduler, &s.current->context);
         }
