@@ -2,7 +2,7 @@
 execution model (tests/cuda_emulator), against the float64 reference.
 
 The kernels' own source is compiled with g++ (only the launch syntax and the PTX wrappers are
-swapped: see tests/cuda_emulator/build.py), and its blocks run as cooperative fibers with
+swapped: see tests/cuda_emulator/build_emulator.py), and its blocks run as cooperative fibers with
 barriers, warp-synchronous shuffles, ldmatrix and mma.sync given their PTX semantics, and
 cp.async copies that land only when waited for. That checks on any machine what a GPU run
 checks of the math and the indexing: tile and fragment layouts, bounds and padding, the
@@ -28,7 +28,7 @@ from conftest import (OP_CONFIGS, PRIMITIVE_ARGS, assert_close, call_op, check_n
                       compare_to_reference, config_id, make_inputs, matmul_precision)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulator"))
-import build as emulator_build  # noqa: E402
+import build_emulator  # noqa: E402
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 DTYPE_IDS = {F64: "f64", F32: "f32", BF16: "bf16", F16: "f16"}
@@ -39,9 +39,9 @@ NUM_SMS = 2
 
 
 def _load_emulator():
-    if emulator_build.cuda_include_dir() is None and not os.environ.get("CI"):
+    if build_emulator.cuda_include_dir() is None and not os.environ.get("CI"):
         pytest.skip("CUDA headers not found (set CUDA_HOME); CI has them and runs these tests")
-    return emulator_build.load()
+    return build_emulator.load()
 
 
 _module = None
@@ -90,10 +90,13 @@ def emulated_cuda_backend(monkeypatch):
 
 
 def test_rewrite_keeps_everything_but_the_launch_syntax():
-    src = "  k<T><<<unsigned(g), kThreads, 0, stream>>>(args);\n  extern __shared__ __align__(16) unsigned char s[];"
-    out = emulator_build.rewrite_kernel_source(src).splitlines()[1:]
+    src = ("  k<T><<<unsigned(g), kThreads, 0, stream>>>(args);\n"
+           "  extern __shared__ __align__(16) unsigned char s[];\n"
+           "  __shared__ Acc s_max[C::kWarpsN][C::BM];")
+    out = build_emulator.rewrite_kernel_source(src).splitlines()[1:]
     assert out == ["  ::emu::launch(unsigned(g), kThreads, 0, stream, k<T>, args);",
-                   "  unsigned char* s = reinterpret_cast<unsigned char*>(::emu::dynamic_smem());"]
+                   "  unsigned char* s = reinterpret_cast<unsigned char*>(::emu::dynamic_smem());",
+                   "  __shared__ Acc s_max[C::kWarpsN][C::BM]; ::emu::poison_shared(&s_max, sizeof(s_max));"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,3 +282,22 @@ def test_primitive_under_warp_by_warp_schedules(kind, schedule):
         primitive_vs_reference(x, w, y, PRIMITIVE_ARGS[0], allow_tf32, *PRIMITIVE_TOLERANCES[kind])
     finally:
         emulator().set_schedule(0)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=DTYPE_IDS.get)
+def test_unaligned_inputs(dtype):
+    """x and weight starting 2 elements past a 16-byte boundary, with D a multiple of the
+    16-byte vector: the kernels must fall back to scalar loads (the emulator fails a
+    cp.async from an unaligned address)."""
+    n, d, c = 6, 32, 300
+    x = torch.randn(n * d + 2, dtype=torch.float64).to(dtype)[2:].view(n, d)
+    w = torch.randn(c * d + 2, dtype=torch.float64).to(dtype)[2:].view(c, d)
+    y = torch.randint(0, c, (n,))
+    assert x.data_ptr() % 16 and w.data_ptr() % 16
+    primitive_vs_reference(x, w, y, PRIMITIVE_ARGS[0], False, *PRIMITIVE_TOLERANCES[DTYPE_IDS[dtype]])
+
+
+def test_large_batch():
+    """Eight row tiles and a class count that is no multiple of any tile."""
+    x, w, y = make_inputs(1000, 24, 257, BF16, requires_grad=False)
+    primitive_vs_reference(x, w, y, PRIMITIVE_ARGS[3], False, *PRIMITIVE_TOLERANCES["bf16"])

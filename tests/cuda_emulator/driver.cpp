@@ -1,7 +1,10 @@
 // Python entry points of the emulated CUDA kernels (tests/test_cuda_emulated.py): the part
 // of csrc/cuda/margin_lse_cuda.cpp that fills the launch parameters, for CPU tensors. Every
 // buffer the kernels write starts as NaN / 0xff bytes (as uninitialised device memory may)
-// and is followed by a canary region that must be intact after the launch.
+// and is followed by a canary region that must be intact after the launch; every input is
+// a copy between two NaN regions, at its original address offset modulo 256 (the kernels'
+// alignment-dependent paths stay as the caller's pointers choose), so that a read outside
+// an input shows up as NaN in the results.
 #include <torch/extension.h>
 
 #include <cstring>
@@ -62,6 +65,19 @@ struct Guarded {
   }
 };
 
+// A copy of contiguous `t` between two kCanaryBytes regions of 0xff bytes, at t's address
+// offset modulo 256.
+at::Tensor guarded_input(const at::Tensor& t) {
+  const int64_t bytes = t.numel() * int64_t(t.element_size());
+  auto storage = at::empty({bytes + 2 * kCanaryBytes + 512}, at::kByte);
+  auto* base = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(storage.data_ptr()) + 255) / 256 * 256);
+  std::memset(base, 0xff, size_t(bytes + 2 * kCanaryBytes + 256));
+  unsigned char* data = base + kCanaryBytes + reinterpret_cast<uintptr_t>(t.data_ptr()) % 256;
+  if (bytes > 0) std::memcpy(data, t.data_ptr(), size_t(bytes));
+  return at::from_blob(data, t.sizes(), [storage](void*) {}, t.options());
+}
+
 int64_t elements(at::IntArrayRef sizes) {
   int64_t n = 1;
   for (auto s : sizes) n *= s;
@@ -96,7 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& y_, const std::string& margin,
     double s, double m1, double m2, double m3, double lamb, bool feature_scale, bool detach,
     bool tf32, int64_t num_sms) {
-  const auto x = x_.contiguous(), w = w_.contiguous(), y = y_.contiguous();
+  const auto x = guarded_input(x_.contiguous()), w = guarded_input(w_.contiguous()),
+             y = guarded_input(y_.contiguous());
   const int64_t n = x.size(0);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const Guarded lse = output({n}, acc), target = output({n}, acc), max_cos = output({n}, acc),
@@ -125,10 +142,12 @@ std::tuple<at::Tensor, at::Tensor> backward(
     const at::Tensor& w_, const at::Tensor& y_, const at::Tensor& lse, const std::string& margin,
     double s, double m1, double m2, double m3, double lamb, bool feature_scale, bool detach,
     bool tf32, int64_t num_sms) {
-  const auto x = x_.contiguous(), w = w_.contiguous(), y = y_.contiguous();
+  const auto x = guarded_input(x_.contiguous()), w = guarded_input(w_.contiguous()),
+             y = guarded_input(y_.contiguous());
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto g_lse = grad_lse.to(acc).contiguous(), g_t = grad_target.to(acc).contiguous(),
-             lse_c = lse.to(acc).contiguous();
+  const auto g_lse = guarded_input(grad_lse.to(acc).contiguous()),
+             g_t = guarded_input(grad_target.to(acc).contiguous()),
+             lse_c = guarded_input(lse.to(acc).contiguous());
   const Guarded gx = output(x.sizes(), x.scalar_type()), gw = output(w.sizes(), w.scalar_type());
   margin_ops::cuda::BackwardParams p{};
   fill_problem(p, x, w, y, margin_ops::make_params(margin, s, m1, m2, m3, lamb, feature_scale, detach),

@@ -1,5 +1,5 @@
 // Host versions of the PTX wrappers of csrc/cuda/margin_lse_ptx.cuh, with the semantics of
-// the PTX ISA: build.py puts this file in that header's place. Warp-collective instructions
+// the PTX ISA: build_emulator.py puts this file in that header's place. Warp-collective instructions
 // (ldmatrix, mma.sync) gather the 32 lanes' operands through emu::warp_exchange and give
 // each lane its own fragment of the result, so the kernels' fragment indexing is exercised
 // exactly as on the GPU. The fragment maps below follow the PTX ISA's figures for these

@@ -68,6 +68,8 @@ struct State {
   cudaError_t cuda_error = cudaSuccess;
   std::map<const void*, int> smem_opt_in;  // cudaFuncAttributeMaxDynamicSharedMemorySize
   Schedule schedule = Schedule::kRoundRobin;
+  uint64_t block_serial = 0;                       // of the running block, across launches
+  std::map<void*, uint64_t> poisoned_in_block;     // static __shared__ variable -> block
 };
 
 State& state() {
@@ -233,6 +235,15 @@ void warp_exchange(WarpOp op, const void* mine, size_t bytes, void* all) {
 
 void set_schedule(Schedule schedule) { state().schedule = schedule; }
 
+void poison_shared(void* variable, size_t bytes) {
+  State& s = state();
+  uint64_t& last = s.poisoned_in_block[variable];
+  if (last != s.block_serial) {
+    last = s.block_serial;
+    std::memset(variable, 0xff, bytes);
+  }
+}
+
 unsigned char* dynamic_smem() { return state().smem.data(); }
 size_t dynamic_smem_bytes() { return state().smem.size(); }
 
@@ -307,6 +318,7 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, const void* kerne
   for (unsigned bz = 0; bz < grid.z; ++bz) {
     for (unsigned by = 0; by < grid.y; ++by) {
       for (unsigned bx = 0; bx < grid.x; ++bx) {
+        ++s.block_serial;
         s.live = threads;
         s.block_barrier = Barrier{};
         s.warps.assign(threads / 32, Warp{});

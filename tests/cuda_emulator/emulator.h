@@ -1,6 +1,6 @@
 // A host emulator of the CUDA execution model, for running the source of csrc/cuda/*.cu on a
 // machine without a GPU (tests/test_cuda_emulated.py). Included first by every kernel
-// source the build rewrites (build.py), before the CUDA headers.
+// source the build rewrites (build_emulator.py), before the CUDA headers.
 //
 // What it models:
 //   * a launch runs its blocks one after another; each block's threads are cooperative
@@ -9,8 +9,9 @@
 //   * __syncthreads is a block barrier that exited threads no longer count in;
 //   * warp-synchronous operations (__shfl_xor_sync, ldmatrix, mma.sync) are rendezvous of
 //     the warp's 32 lanes, which must all be alive and at the same kind of operation;
-//   * __shared__ variables are function statics (one block runs at a time), the dynamic
-//     shared buffer is poisoned with 0xff bytes (NaN in every float type) at block start;
+//   * __shared__ variables are function statics (one block runs at a time); they and the
+//     dynamic shared buffer are poisoned with 0xff bytes (NaN in every float type) at
+//     block start;
 //   * cp.async copies are snapshots of the source, landed only by the cp.async.wait_group
 //     that covers their group; the destination reads as 0xff bytes until then, so a read
 //     before the wait (or a copy into a stage another warp still reads) shows up as NaN.
@@ -62,6 +63,10 @@ void warp_exchange(WarpOp op, const void* mine, size_t bytes, void* all);
 unsigned char* dynamic_smem();
 size_t dynamic_smem_bytes();
 
+// Fills a static __shared__ variable with 0xff bytes, the first time a thread of the running
+// block reaches its declaration (build_emulator.py adds the call after each declaration).
+void poison_shared(void* variable, size_t bytes);
+
 // cp.async of 16 bytes by the calling thread, commit and wait_group.
 void cp_async16(void* smem, const void* gmem);
 void cp_async_commit();
@@ -84,7 +89,7 @@ void set_schedule(Schedule schedule);
 cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, const void* kernel_id,
                      const std::function<void()>& body);
 
-// kernel<<<grid, block, smem, stream>>>(args...), as build.py rewrites it.
+// kernel<<<grid, block, smem, stream>>>(args...), as build_emulator.py rewrites it.
 template <class... Params, class... Args>
 cudaError_t launch(dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t,
                    void (*kernel)(Params...), Args&&... args) {

@@ -3,8 +3,10 @@
 The kernel sources are copied into ``build/cuda_emulator/src`` and rewritten in the only two
 places where CUDA C++ is not C++: ``kernel<<<grid, block, smem, stream>>>(args)`` becomes
 ``::emu::launch(grid, block, smem, stream, kernel, args)`` and ``extern __shared__ T name[]``
-becomes a pointer to the emulated block's dynamic shared memory. margin_lse_ptx.cuh is
-replaced by emulated_ptx.cuh. Everything else (the device code, the launchers, the layouts
+becomes a pointer to the emulated block's dynamic shared memory; each static ``__shared__``
+declaration is followed by a call that poisons the variable once per block (on the same
+line: compiler messages keep the kernels' line numbers). margin_lse_ptx.cuh is replaced by
+emulated_ptx.cuh. Everything else (the device code, the launchers, the layouts
 and workspace carving) compiles unchanged with g++.
 
 Needs the CUDA toolkit's headers (cuda_runtime.h, cuda_bf16.h, cuda_fp16.h; no GPU, no
@@ -30,6 +32,7 @@ PARTIAL_BUDGET = 64 << 10
 
 _LAUNCH = re.compile(r"([\w:]+(?:<[^<>;()]*>)?)<<<(.+?)>>>\(")
 _EXTERN_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?([\w ]+?) (\w+)\[\];")
+_STATIC_SHARED = re.compile(r"^(\s*)__shared__ ([^;=]+?) (\w+)((?:\[[^\]]+\])*);", re.MULTILINE)
 
 
 def cuda_include_dir() -> Path | None:
@@ -49,6 +52,7 @@ def rewrite_kernel_source(text: str) -> str:
     launches = len(_LAUNCH.findall(text))
     text = _LAUNCH.sub(r"::emu::launch(\2, \1, ", text)
     text = _EXTERN_SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(::emu::dynamic_smem());", text)
+    text = _STATIC_SHARED.sub(r"\1__shared__ \2 \3\4; ::emu::poison_shared(&\3, sizeof(\3));", text)
     if "<<<" in text or "extern __shared__" in text:
         raise RuntimeError("a kernel launch or extern __shared__ declaration the rewrite does not handle")
     return f'#include "emulator.h"  // rewritten for the host emulator ({launches} launches)\n' + text
