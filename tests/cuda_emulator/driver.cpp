@@ -18,7 +18,7 @@
 namespace emu {
 std::string last_error();
 enum class Schedule : int;
-void set_schedule(Schedule schedule);
+void set_schedule(Schedule schedule, uint64_t seed);
 }
 
 namespace {
@@ -172,6 +172,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "The CUDA kernels of margin_ops run by a host emulator of the CUDA execution model";
   m.def("forward", &forward, "margin_lse forward: (lse, target_logit, max_cos, pred)");
   m.def("backward", &backward, "margin_lse backward: (grad_x, grad_weight)");
-  m.def("set_schedule", [](int schedule) { emu::set_schedule(static_cast<emu::Schedule>(schedule)); },
-        "thread schedule of later launches: 0 round robin, 1 / 2 warp by warp, lowest / highest first");
+  m.def("set_schedule",
+        [](int schedule, uint64_t seed) { emu::set_schedule(static_cast<emu::Schedule>(schedule), seed); },
+        "thread schedule of later launches: 0 round robin, 1 / 2 warp by warp (lowest / highest "
+        "first), 3 random (seeded)",
+        pybind11::arg("schedule"), pybind11::arg("seed") = 1);
 }

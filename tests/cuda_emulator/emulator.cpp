@@ -68,6 +68,7 @@ struct State {
   cudaError_t cuda_error = cudaSuccess;
   std::map<const void*, int> smem_opt_in;  // cudaFuncAttributeMaxDynamicSharedMemorySize
   Schedule schedule = Schedule::kRoundRobin;
+  uint64_t random_state = 1;  // kRandom's generator (splitmix64)
   uint64_t block_serial = 0;                       // of the running block, across launches
   std::map<void*, uint64_t> poisoned_in_block;     // static __shared__ variable -> block
 };
@@ -93,7 +94,7 @@ void to_scheduler() {
 
 void make_runnable(Fiber* f) {
   State& s = state();
-  if (s.schedule == Schedule::kRoundRobin) {
+  if (s.schedule == Schedule::kRoundRobin || s.schedule == Schedule::kRandom) {
     s.runnable.push_back(f);
   } else {
     s.runnable_by_warp[f->linear / 32].push_back(f);
@@ -183,6 +184,14 @@ Fiber* next_runnable() {
   if (s.schedule == Schedule::kRoundRobin) {
     f = s.runnable.front();
     s.runnable.pop_front();
+  } else if (s.schedule == Schedule::kRandom) {
+    uint64_t z = (s.random_state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    const size_t pick = size_t((z ^ (z >> 31)) % s.runnable.size());
+    f = s.runnable[pick];
+    s.runnable[pick] = s.runnable.back();
+    s.runnable.pop_back();
   } else {
     const int warps = int(s.runnable_by_warp.size());
     for (int i = 0; i < warps && f == nullptr; ++i) {
@@ -233,7 +242,10 @@ void warp_exchange(WarpOp op, const void* mine, size_t bytes, void* all) {
   arrive(w.barrier, 32);  // every lane has read before any lane writes its slot again
 }
 
-void set_schedule(Schedule schedule) { state().schedule = schedule; }
+void set_schedule(Schedule schedule, uint64_t seed) {
+  state().schedule = schedule;
+  state().random_state = seed;
+}
 
 void poison_shared(void* variable, size_t bytes) {
   State& s = state();

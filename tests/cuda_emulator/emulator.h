@@ -4,8 +4,7 @@
 //
 // What it models:
 //   * a launch runs its blocks one after another; each block's threads are cooperative
-//     fibers on one OS thread, scheduled in a fixed order (runs are reproducible), one of
-//     three (set_schedule);
+//     fibers on one OS thread, scheduled in one of four reproducible orders (set_schedule);
 //   * __syncthreads is a block barrier that exited threads no longer count in;
 //   * warp-synchronous operations (__shfl_xor_sync, ldmatrix, mma.sync) are rendezvous of
 //     the warp's 32 lanes, which must all be alive and at the same kind of operation;
@@ -81,9 +80,11 @@ std::string last_error();
 // Which runnable thread goes next. kRoundRobin interleaves the warps finely; the two warp
 // orders run one warp as far as it can get (to a block barrier) before the next, lowest or
 // highest warp first, so that a missing barrier between a warp's shared-memory writes and
-// another warp's reads shows up as stale or poisoned data.
-enum class Schedule : int { kRoundRobin = 0, kWarpsAscending = 1, kWarpsDescending = 2 };
-void set_schedule(Schedule schedule);
+// another warp's reads shows up as stale or poisoned data; kRandom picks any runnable
+// thread (a seeded generator: reproducible), which also reorders the lanes of one warp
+// between its warp-synchronous operations.
+enum class Schedule : int { kRoundRobin = 0, kWarpsAscending = 1, kWarpsDescending = 2, kRandom = 3 };
+void set_schedule(Schedule schedule, uint64_t seed);
 
 // Runs `body` as the kernel `kernel_id` on every thread of every block.
 cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, const void* kernel_id,
