@@ -302,3 +302,92 @@ def test_large_batch():
     """Eight row tiles and a class count that is no multiple of any tile."""
     x, w, y = make_inputs(1000, 24, 257, BF16, requires_grad=False)
     primitive_vs_reference(x, w, y, PRIMITIVE_ARGS[3], False, *PRIMITIVE_TOLERANCES["bf16"])
+
+
+# ---------------------------------------------------------------------------------------
+# The emulated PTX against fragment layouts written down independently: CUTLASS's CuTe
+# traits (mma_traits_sm80.hpp, copy_traits_sm75.hpp), as (shape, stride) data. A CuTe
+# layout maps a flat coordinate, decomposed first-mode-fastest, to an index.
+
+
+def _cute(shape, stride, i):
+    index = 0
+    for s, d in zip(shape, stride):
+        index += (i % s) * d
+        i //= s
+    return index
+
+
+# Per MMA kind: (A thread, A value, A rows M), (B thread, B value, B rows N), (C thread,
+# C value, C rows M), K, values per 32-bit register. A is M x K, B is N x K, C is M x N,
+# each column-major in the layout's index.
+_MMA_LAYOUTS = {
+    "bf16": (((4, 8), (32, 1)), ((2, 2, 2), (16, 8, 128)), ((4, 8), (16, 1)), ((2, 2), (8, 64)), 16, 2),
+    "f16": (((4, 8), (32, 1)), ((2, 2, 2), (16, 8, 128)), ((4, 8), (16, 1)), ((2, 2), (8, 64)), 16, 2),
+    "tf32": (((4, 8), (16, 1)), ((2, 2), (8, 64)), ((4, 8), (8, 1)), ((2,), (32,)), 8, 1),
+}
+_C_LAYOUT = (((4, 8), (32, 1)), ((2, 2), (16, 8)))
+
+
+def _element_bits(values: torch.Tensor, kind: str) -> torch.Tensor:
+    """float64 values (exact in the kind's type) -> their bits as int64."""
+    if kind == "tf32":
+        return values.float().view(torch.int32).long() & 0xFFFFFFFF
+    dtype = BF16 if kind == "bf16" else F16
+    return values.to(dtype).view(torch.int16).long() & 0xFFFF
+
+
+@pytest.mark.parametrize("kind", ["bf16", "f16", "tf32"])
+def test_emulated_mma_matches_cute_layouts(kind):
+    (a_thr, a_val, b_thr, b_val, k, per_reg) = _MMA_LAYOUTS[kind]
+    dtype = F32 if kind == "tf32" else (BF16 if kind == "bf16" else F16)
+    a = torch.randn(16, k).to(dtype).double()
+    b = torch.randn(8, k).to(dtype).double()
+    if kind == "tf32":  # exact in TF32: 10 mantissa bits
+        a, b = (t.float().view(torch.int32).bitwise_and(-8192).view(torch.float32).double() for t in (a, b))
+    c = torch.randn(16, 8)
+    a_bits, b_bits = _element_bits(a, kind), _element_bits(b, kind)
+    regs_a = torch.zeros(32, 4, dtype=torch.int64)
+    regs_b = torch.zeros(32, 2, dtype=torch.int64)
+    c_in = torch.zeros(32, 4)
+    shift = 32 // per_reg
+    for t in range(32):
+        for v in range(4 * per_reg):
+            idx = _cute(*a_thr, t) + _cute(*a_val, v)
+            regs_a[t, v // per_reg] |= a_bits[idx % 16, idx // 16] << (shift * (v % per_reg))
+        for v in range(2 * per_reg):
+            idx = _cute(*b_thr, t) + _cute(*b_val, v)
+            regs_b[t, v // per_reg] |= b_bits[idx % 8, idx // 8] << (shift * (v % per_reg))
+        for v in range(4):
+            idx = _cute(*_C_LAYOUT[0], t) + _cute(*_C_LAYOUT[1], v)
+            c_in[t, v] = c[idx % 16, idx // 16]
+    to_i32 = lambda r: torch.where(r >= 2**31, r - 2**32, r).int()  # noqa: E731
+    d = emulator().probe_mma({"bf16": 0, "f16": 1, "tf32": 2}[kind], to_i32(regs_a), to_i32(regs_b), c_in)
+    want = a @ b.t() + c.double()
+    for t in range(32):
+        for v in range(4):
+            idx = _cute(*_C_LAYOUT[0], t) + _cute(*_C_LAYOUT[1], v)
+            assert abs(d[t, v].item() - want[idx % 16, idx // 16].item()) <= 1e-5 * (1 + abs(want[idx % 16, idx // 16])), \
+                (kind, t, v)
+
+
+# SM75_U32x4_LDSM_N and SM75_U16x8_LDSM_T: destination (thread, value) -> bit of the source
+# image, where source thread i's 128-bit row holds bits 128 i .. 128 i + 127.
+_LDSM_DST = {False: (((32,), (32,)), ((32, 4), (1, 1024))),
+             True: (((4, 8), (256, 16)), ((16, 2, 4), (1, 128, 1024)))}
+
+
+@pytest.mark.parametrize("trans", [False, True], ids=["ldsm-n", "ldsm-t"])
+def test_emulated_ldmatrix_matches_cute_layouts(trans):
+    pitch = 40  # elements per shared-memory row: 16-byte aligned, as the kernels' padding
+    image = torch.randint(-32768, 32767, (32 * pitch,), dtype=torch.int16)
+    row_offset = torch.randperm(32) * pitch  # each lane addresses some row: any order
+    regs = emulator().probe_ldmatrix(trans, image, row_offset).long() & 0xFFFFFFFF
+    thr, val = _LDSM_DST[trans]
+    for t in range(32):
+        for reg in range(4):
+            for half in range(2):
+                bit = _cute(*thr, t) + _cute(*val, 16 * half + 32 * reg)
+                src_lane, element = bit // 128, (bit % 128) // 16
+                want = int(image[row_offset[src_lane] + element]) & 0xFFFF
+                assert (int(regs[t, reg]) >> (16 * half)) & 0xFFFF == want, (trans, t, reg, half)

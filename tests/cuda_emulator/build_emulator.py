@@ -93,7 +93,8 @@ def load(verbose: bool = False):
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name="margin_ops_cuda_emulator",
-        sources=[str(HERE / "driver.cpp"), str(HERE / "emulator.cpp"), *map(str, kernels)],
+        sources=[str(HERE / "driver.cpp"), str(HERE / "emulator.cpp"), str(HERE / "ptx_probe.cpp"),
+                 *map(str, kernels)],
         extra_include_paths=[str(BUILD / "src"), str(BUILD / "src" / "cuda"), str(HERE), str(include)],
         extra_cflags=[
             "-O2", "-std=c++17", "-Wno-unknown-pragmas",

@@ -168,10 +168,16 @@ std::tuple<at::Tensor, at::Tensor> backward(
 
 }  // namespace
 
+// ptx_probe.cpp
+at::Tensor probe_mma(int64_t kind, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c);
+at::Tensor probe_ldmatrix(bool trans, const at::Tensor& image, const at::Tensor& row_offset);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "The CUDA kernels of margin_ops run by a host emulator of the CUDA execution model";
   m.def("forward", &forward, "margin_lse forward: (lse, target_logit, max_cos, pred)");
   m.def("backward", &backward, "margin_lse backward: (grad_x, grad_weight)");
+  m.def("probe_mma", &probe_mma, "one emulated mma.sync: kind 0 bf16, 1 fp16, 2 tf32");
+  m.def("probe_ldmatrix", &probe_ldmatrix, "one emulated ldmatrix.x4 (.trans)");
   m.def("set_schedule",
         [](int schedule, uint64_t seed) { emu::set_schedule(static_cast<emu::Schedule>(schedule), seed); },
         "thread schedule of later launches: 0 round robin, 1 / 2 warp by warp (lowest / highest "

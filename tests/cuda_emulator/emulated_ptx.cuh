@@ -3,8 +3,9 @@
 // (ldmatrix, mma.sync) gather the 32 lanes' operands through emu::warp_exchange and give
 // each lane its own fragment of the result, so the kernels' fragment indexing is exercised
 // exactly as on the GPU. The fragment maps below follow the PTX ISA's figures for these
-// shapes; they were checked, independently of the kernels, against the (thread, value) ->
-// element layouts CUTLASS's CuTe declares for SM80_16x8x16_F32BF16BF16F32_TN,
+// shapes; tests/test_cuda_emulated.py (*_matches_cute_layouts, through ptx_probe.cpp)
+// checks them, independently of the kernels, against the (thread, value) -> element
+// layouts CUTLASS's CuTe declares for SM80_16x8x16_F32BF16BF16F32_TN (and F16),
 // SM80_16x8x8_F32TF32TF32F32_TN, SM75_U32x4_LDSM_N and SM75_U16x8_LDSM_T.
 #pragma once
 
