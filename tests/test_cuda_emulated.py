@@ -154,8 +154,10 @@ def test_primitive_matches_reference(args, kind):
 
 # (N, D, C): one row, one class, D = 1 (|cos| = 1); D = 13 (no 16-byte rows: the scalar
 # loads); N over one row tile (128); D over one dW/dX tile (128) and many k steps; C over
-# several forward splits of several tiles each and several backward chunks and dX splits.
-PRIMITIVE_SHAPES = [(1, 16, 1), (3, 1, 29), (5, 13, 300), (130, 24, 70), (3, 136, 40), (9, 64, 1100)]
+# several forward splits of several tiles each and several backward chunks and dX splits;
+# Liger-Kernel's "weird" 3 x 131 x 1009 (odd D, prime C).
+PRIMITIVE_SHAPES = [(1, 16, 1), (3, 1, 29), (5, 13, 300), (130, 24, 70), (3, 136, 40), (9, 64, 1100),
+                    (3, 131, 1009)]
 
 
 @pytest.mark.parametrize("kind", ["f32", "tf32", "bf16", "f16", "f64"])
