@@ -139,6 +139,21 @@ PRIMITIVE_ARGS = [
 ]
 
 
+#: One exact-gradient configuration per op, and ArcFace's detached gradient: the configs
+#: the odd-shape tests run.
+SHAPE_CONFIGS = [("arcface", dict(s=64.0, m=0.5)), ("cosface", dict(s=64.0, m=0.35)),
+                 ("combined", dict(s=32.0, m1=0.95, m2=0.3, m3=0.1)),
+                 ("sphereface", dict(m=4, lamb=2.0)), ("arcface", dict(s=64.0, m=0.5, margin_grad="detach"))]
+
+
+def place_targets(labels: torch.Tensor, num_classes: int, classes) -> None:
+    """Gives the leading rows of ``labels`` the targets ``classes`` (those < num_classes),
+    one per row, in order: targets on both sides of a backend's tile boundaries."""
+    picks = torch.tensor(classes, device=labels.device)
+    picks = picks[picks < num_classes][: labels.shape[0]]
+    labels[: len(picks)] = picks
+
+
 def config_id(config) -> str:
     name, kwargs = config
     return name + ("-" + "-".join(f"{k}={v}" for k, v in kwargs.items()) if kwargs else "")

@@ -7,8 +7,9 @@ import torch
 import margin_ops
 from margin_ops import backends, reference
 
-from conftest import (OP_CONFIGS, assert_close, call_op, check_nan_propagation, compare_to_reference,
-                      config_id, leaf_copy, make_inputs, matmul_precision, requires_cuda, run_with_grads)
+from conftest import (OP_CONFIGS, SHAPE_CONFIGS, assert_close, call_op, check_nan_propagation,
+                      compare_to_reference, config_id, leaf_copy, make_inputs, matmul_precision,
+                      place_targets, requires_cuda, run_with_grads)
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
@@ -41,9 +42,6 @@ def test_op_matches_reference(config, reduction, dtype, gpu_backend):
 
 ODD_SHAPES = [(1, 16, 29), (8, 16, 1), (8, 1, 29), (1, 1, 1), (5, 13, 1009), (3, 7, 513),
               (4, 512, 3000), (3, 4096, 130), (129, 512, 70001), (1000, 64, 257)]
-SHAPE_CONFIGS = [("arcface", dict(s=64.0, m=0.5)), ("cosface", dict(s=64.0, m=0.35)),
-                 ("combined", dict(s=32.0, m1=0.95, m2=0.3, m3=0.1)),
-                 ("sphereface", dict(m=4, lamb=2.0)), ("arcface", dict(s=64.0, m=0.5, margin_grad="detach"))]
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=DTYPE_IDS.get)
@@ -54,9 +52,7 @@ def test_op_odd_shapes(shape, config, dtype, gpu_backend):
     name, kwargs = config
     x, w, y = make_inputs(n, d, c, dtype, device=DEVICE)
     if c >= 3:
-        picks = torch.tensor([0, c - 1, 63, 64, 127, 128, 511, 512, 1008], device=DEVICE)
-        picks = picks[picks < c][:n]
-        y[: len(picks)] = picks
+        place_targets(y, c, [0, c - 1, 63, 64, 127, 128, 511, 512, 1008])
     compare_to_reference(name, x, w, y, backend=gpu_backend, reduction="sum", cancellation=d == 1, **kwargs)
 
 

@@ -13,9 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import margin_ops
 from margin_ops import backends, reference
 
-from conftest import (DTYPES, OP_CONFIGS, REFERENCE_FNS, assert_close, call_op, closed_form_logits,
-                      compare_to_reference, config_id, leaf_copy, make_inputs, opcheck_primitive,
-                      run_with_grads)
+from conftest import (DTYPES, OP_CONFIGS, REFERENCE_FNS, SHAPE_CONFIGS, assert_close, call_op,
+                      closed_form_logits, compare_to_reference, config_id, leaf_copy, make_inputs,
+                      opcheck_primitive, place_targets, run_with_grads)
 
 F32, F64 = torch.float32, torch.float64
 LOSSES = ("arcface", "cosface", "combined", "sphereface")
@@ -52,10 +52,6 @@ def test_op_ignore_index(name, ignore_index, dtype):
 # kernel (block = clamp(2^18 / D, 64, 4096) rows of W: 512 for D = 512, 64 for D = 4096).
 ODD_SHAPES = [(1, 16, 29), (8, 16, 1), (8, 1, 29), (1, 1, 1), (5, 13, 1009), (3, 7, 513),
               (4, 512, 3000), (3, 4096, 130)]
-# One exact-gradient configuration per op, and ArcFace's detached gradient.
-SHAPE_CONFIGS = [("arcface", dict(s=64.0, m=0.5)), ("cosface", dict(s=64.0, m=0.35)),
-                 ("combined", dict(s=32.0, m1=0.95, m2=0.3, m3=0.1)),
-                 ("sphereface", dict(m=4, lamb=2.0)), ("arcface", dict(s=64.0, m=0.5, margin_grad="detach"))]
 
 
 @pytest.mark.parametrize("dtype", [F64, F32, torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
@@ -66,9 +62,7 @@ def test_op_odd_shapes(shape, config, dtype):
     name, kwargs = config
     x, w, y = make_inputs(n, d, c, dtype)
     if c >= 3:  # put targets on both sides of class-block boundaries and at the ends
-        picks = torch.tensor([0, c - 1, 511, 512, 513, 63, 64, 1008])
-        picks = picks[picks < c]
-        y[: min(n, len(picks))] = picks[: min(n, len(picks))]
+        place_targets(y, c, [0, c - 1, 511, 512, 513, 63, 64, 1008])
     # D = 1: every cosine is ±1 and the gradients are sums that cancel to (nearly) 0.
     compare_to_reference(name, x, w, y, reduction="sum", cancellation=d == 1, **kwargs)
 

@@ -23,9 +23,9 @@ import margin_ops  # noqa: E402
 import margin_ops.triton  # noqa: E402  (any ImportError here is a bug: triton is installed)
 from margin_ops import reference  # noqa: E402
 
-from conftest import (LOSS_TOLERANCES, OP_CONFIGS, PRIMITIVE_ARGS, REFERENCE_FNS, assert_close, call_op,  # noqa: E402
-                      check_nan_propagation, compare_to_reference, config_id, make_inputs, matmul_precision,
-                      opcheck_primitive, run_with_grads)
+from conftest import (LOSS_TOLERANCES, OP_CONFIGS, PRIMITIVE_ARGS, REFERENCE_FNS, SHAPE_CONFIGS,  # noqa: E402
+                      assert_close, call_op, check_nan_propagation, compare_to_reference, config_id,
+                      make_inputs, matmul_precision, opcheck_primitive, place_targets, run_with_grads)
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 DTYPE_IDS = {F64: "f64", F32: "f32", BF16: "bf16", F16: "f16"}
@@ -40,9 +40,6 @@ gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (and TRITON_INTERP
 # over several class tiles and groups of tiles; several row blocks; D split over programs
 # in the backward kernels (> 512).
 SHAPES = [(1, 13, 37), (3, 13, 1), (4, 1, 29), (5, 130, 300), (70, 20, 90), (2, 600, 40)]
-SHAPE_CONFIGS = [("arcface", dict(s=64.0, m=0.5)), ("cosface", dict(s=64.0, m=0.35)),
-                 ("combined", dict(s=32.0, m1=0.95, m2=0.3, m3=0.1)),
-                 ("sphereface", dict(m=4, lamb=2.0)), ("arcface", dict(s=64.0, m=0.5, margin_grad="detach"))]
 
 #: bfloat16 gradient tolerance of this backend. The gradient GEMMs take the gradient tile
 #: rounded to bfloat16 (as FlashAttention's dS, or eager autocast's N x C dlogits), not in
@@ -131,9 +128,7 @@ def test_op_shapes(shape, config, dtype):
     n, d, c = shape
     name, kwargs = config
     x, w, y = make_inputs(n, d, c, dtype)
-    picks = torch.tensor([0, c - 1, 63, 64, 65, 31, 32, 127, 128, 255, 256])  # ends of class tiles
-    picks = picks[picks < c][:n]
-    y[: len(picks)] = picks
+    place_targets(y, c, [0, c - 1, 63, 64, 65, 31, 32, 127, 128, 255, 256])  # ends of class tiles
     compare(name, x, w, y, reduction="sum", cancellation=d == 1, **kwargs)
 
 
