@@ -65,9 +65,10 @@ struct Guarded {
   }
 };
 
-// A copy of contiguous `t` between two kCanaryBytes regions of 0xff bytes, at t's address
+// A contiguous copy of `t` between two kCanaryBytes regions of 0xff bytes, at t's address
 // offset modulo 256.
-at::Tensor guarded_input(const at::Tensor& t) {
+at::Tensor guarded_input(const at::Tensor& t_) {
+  const auto t = t_.contiguous();
   const int64_t bytes = t.numel() * int64_t(t.element_size());
   auto storage = at::empty({bytes + 2 * kCanaryBytes + 512}, at::kByte);
   auto* base = reinterpret_cast<unsigned char*>(
@@ -93,34 +94,46 @@ void check_launch(cudaError_t err, const char* which) {
               emu::last_error());
 }
 
+// The guarded copies of the inputs both passes read.
+struct Problem {
+  at::Tensor x, w, y;
+};
+
+// Fills the fields ForwardParams and BackwardParams share from guarded copies of x, w, y,
+// which it returns (the caller keeps them alive until the launch).
 template <class Params>
-void fill_problem(Params& p, const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
-                  const margin_ops::MarginParams& mp, bool tf32, int64_t num_sms) {
-  p.dtype = kernel_dtype(x, tf32);
-  p.n = x.size(0);
-  p.c = w.size(0);
-  p.d = x.size(1);
-  p.x = x.data_ptr();
-  p.weight = w.data_ptr();
-  p.labels = y.data_ptr<int64_t>();
-  p.margin = mp;
+Problem fill_problem(Params& p, const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
+                     const std::string& margin, double s, double m1, double m2, double m3,
+                     double lamb, bool feature_scale, bool detach, bool tf32, int64_t num_sms) {
+  Problem in{guarded_input(x), guarded_input(w), guarded_input(y)};
+  p.dtype = kernel_dtype(in.x, tf32);
+  p.n = in.x.size(0);
+  p.c = in.w.size(0);
+  p.d = in.x.size(1);
+  p.x = in.x.data_ptr();
+  p.weight = in.w.data_ptr();
+  p.labels = in.y.data_ptr<int64_t>();
+  p.margin = margin_ops::make_params(margin, s, m1, m2, m3, lamb, feature_scale, detach);
   p.num_sms = int(num_sms);
   p.deterministic = false;
+  return in;
+}
+
+at::ScalarType accumulation_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
-    const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& y_, const std::string& margin,
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const std::string& margin,
     double s, double m1, double m2, double m3, double lamb, bool feature_scale, bool detach,
     bool tf32, int64_t num_sms) {
-  const auto x = guarded_input(x_.contiguous()), w = guarded_input(w_.contiguous()),
-             y = guarded_input(y_.contiguous());
   const int64_t n = x.size(0);
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = accumulation_type(x);
   const Guarded lse = output({n}, acc), target = output({n}, acc), max_cos = output({n}, acc),
                 pred = output({n}, at::kLong);
   margin_ops::cuda::ForwardParams p{};
-  fill_problem(p, x, w, y, margin_ops::make_params(margin, s, m1, m2, m3, lamb, feature_scale, detach),
-               tf32, num_sms);
+  const Problem inputs =  // alive until the launch ends
+      fill_problem(p, x, w, y, margin, s, m1, m2, m3, lamb, feature_scale, detach, tf32, num_sms);
   p.lse = lse.data;
   p.target_logit = target.data;
   p.max_cos = max_cos.data;
@@ -138,20 +151,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
 }
 
 std::tuple<at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_lse, const at::Tensor& grad_target, const at::Tensor& x_,
-    const at::Tensor& w_, const at::Tensor& y_, const at::Tensor& lse, const std::string& margin,
+    const at::Tensor& grad_lse, const at::Tensor& grad_target, const at::Tensor& x,
+    const at::Tensor& w, const at::Tensor& y, const at::Tensor& lse, const std::string& margin,
     double s, double m1, double m2, double m3, double lamb, bool feature_scale, bool detach,
     bool tf32, int64_t num_sms) {
-  const auto x = guarded_input(x_.contiguous()), w = guarded_input(w_.contiguous()),
-             y = guarded_input(y_.contiguous());
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto g_lse = guarded_input(grad_lse.to(acc).contiguous()),
-             g_t = guarded_input(grad_target.to(acc).contiguous()),
-             lse_c = guarded_input(lse.to(acc).contiguous());
+  const auto acc = accumulation_type(x);
+  const auto g_lse = guarded_input(grad_lse.to(acc)), g_t = guarded_input(grad_target.to(acc)),
+             lse_c = guarded_input(lse.to(acc));
   const Guarded gx = output(x.sizes(), x.scalar_type()), gw = output(w.sizes(), w.scalar_type());
   margin_ops::cuda::BackwardParams p{};
-  fill_problem(p, x, w, y, margin_ops::make_params(margin, s, m1, m2, m3, lamb, feature_scale, detach),
-               tf32, num_sms);
+  const Problem inputs =  // alive until the launch ends
+      fill_problem(p, x, w, y, margin, s, m1, m2, m3, lamb, feature_scale, detach, tf32, num_sms);
   p.lse = lse_c.data_ptr();
   p.grad_lse = g_lse.data_ptr();
   p.grad_target_logit = g_t.data_ptr();

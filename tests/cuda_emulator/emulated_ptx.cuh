@@ -56,10 +56,19 @@ inline float b16_to_float(uint16_t bits, bool bf16) {
   return __half2float(h);
 }
 
-// A 16 x K row-major and a K x 8 operand, assembled from the warp's fragments.
+// One lane's A and B fragment registers.
 struct MmaOperands {
   uint32_t a[4], b[2];
 };
+
+// Every lane's A and B fragments (all[lane]), gathered through a warp rendezvous.
+inline void gather_operands(emu::WarpOp op, const uint32_t (&a)[4], const uint32_t (&b)[2],
+                            MmaOperands (&all)[32]) {
+  MmaOperands mine{};
+  std::memcpy(mine.a, a, sizeof(mine.a));
+  std::memcpy(mine.b, b, sizeof(mine.b));
+  emu::warp_exchange(op, &mine, sizeof(mine), all);
+}
 
 // D (lane's 4 values) = C + A B with products summed in double and rounded once.
 inline void mma_finish(const double (&a)[16][16], const double (&b)[16][8], int k, int lane,
@@ -111,10 +120,8 @@ inline void mma_16816(float& d0, float& d1, float& d2, float& d3, const uint32_t
                       const uint32_t (&b)[2]) {
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   static_assert(kBf16 || std::is_same_v<T, __half>, "mma_16816: bf16 or fp16");
-  ptx_detail::MmaOperands mine{}, all[32];
-  std::memcpy(mine.a, a, sizeof(mine.a));
-  std::memcpy(mine.b, b, sizeof(mine.b));
-  emu::warp_exchange(kBf16 ? emu::WarpOp::kMmaBf16 : emu::WarpOp::kMmaF16, &mine, sizeof(mine), all);
+  ptx_detail::MmaOperands all[32];
+  ptx_detail::gather_operands(kBf16 ? emu::WarpOp::kMmaBf16 : emu::WarpOp::kMmaF16, a, b, all);
   double am[16][16], bm[16][8];
   for (int l = 0; l < 32; ++l) {
     const int g = l >> 2, t = l & 3;
@@ -137,10 +144,8 @@ inline void mma_16816(float& d0, float& d1, float& d2, float& d3, const uint32_t
 // (sign, exponent, 10 mantissa bits) are used.
 inline void mma_1688_tf32(float& d0, float& d1, float& d2, float& d3, const uint32_t (&a)[4],
                           const uint32_t (&b)[2]) {
-  ptx_detail::MmaOperands mine{}, all[32];
-  std::memcpy(mine.a, a, sizeof(mine.a));
-  std::memcpy(mine.b, b, sizeof(mine.b));
-  emu::warp_exchange(emu::WarpOp::kMmaTf32, &mine, sizeof(mine), all);
+  ptx_detail::MmaOperands all[32];
+  ptx_detail::gather_operands(emu::WarpOp::kMmaTf32, a, b, all);
   auto value = [](uint32_t bits) {
     bits &= 0xffffe000u;
     float v;
