@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .problem import Tiles, class_splits, device_guard, prepare
-from .tiles import cosine_tile, logits, margin_tile
+from .tiles import cosine_tile, logits, margin_tile, split_blocks
 
 #: Tiles per input element size. Untuned (no GPU was at hand): chosen so that sm_90a builds
 #: (triton.compile offline) need at most ~190 registers, spill none and fit shared memory.
@@ -54,8 +54,7 @@ def margin_lse_kernel(
     run_sum = tl.zeros((BLOCK_M,), acc_dtype)
     best_cos = tl.full((BLOCK_M,), float("-inf"), acc_dtype)
     best_class = tl.zeros((BLOCK_M,), tl.int64)
-    first_block = split * blocks_per_split
-    last_block = tl.minimum(first_block + blocks_per_split, tl.cdiv(C, BLOCK_C))
+    first_block, last_block = split_blocks(split, blocks_per_split, C, BLOCK_C)
     for block in range(first_block, last_block):
         cols = block * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
         col_mask = cols < C

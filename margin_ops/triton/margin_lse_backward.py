@@ -28,7 +28,7 @@ import triton.language as tl
 from .. import reference
 from .margin import NORM_EPS
 from .problem import Tiles, class_splits, device_guard, prepare
-from .tiles import cosine_tile, inverse_norm, logit_grad_tile, mma
+from .tiles import cosine_tile, inverse_norm, logit_grad_tile, mma, split_blocks
 
 #: Tiles per input element size. Untuned (no GPU was at hand): chosen so that sm_90a builds
 #: (triton.compile offline) spill no registers and fit shared memory. A (rows or classes) x
@@ -129,8 +129,7 @@ def grad_x_kernel(
     acc_dtype = inv_x_norm.dtype
     grad_x_hat = tl.zeros((BLOCK_M, BLOCK_D), acc_dtype)
     scale_grad = tl.zeros((BLOCK_M,), acc_dtype)
-    first_block = split * blocks_per_split
-    last_block = tl.minimum(first_block + blocks_per_split, tl.cdiv(C, BLOCK_C))
+    first_block, last_block = split_blocks(split, blocks_per_split, C, BLOCK_C)
     for block in range(first_block, last_block):
         cols = block * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
         col_mask = cols < C

@@ -37,6 +37,14 @@ def inverse_norm(norm):
 
 
 @triton.jit
+def split_blocks(split, blocks_per_split, C, BLOCK_C: tl.constexpr):
+    """The class blocks [first, last) of class group ``split``: ``blocks_per_split``
+    consecutive blocks of BLOCK_C classes (problem.class_splits), the last group short."""
+    first = split * blocks_per_split
+    return first, tl.minimum(first + blocks_per_split, tl.cdiv(C, BLOCK_C))
+
+
+@triton.jit
 def cosine_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, inv_x_norm,
                 D, stride_xn, stride_xd, stride_wc, stride_wd,
                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
