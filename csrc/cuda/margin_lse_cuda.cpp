@@ -105,21 +105,30 @@ at::Tensor workspace(size_t bytes, const at::Tensor& x) {
   return at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
 }
 
-// The fields ForwardParams and BackwardParams share. xc, wc, yc: the contiguous inputs,
-// which the caller keeps alive until the launch.
+// The contiguous inputs the kernels read.
+struct Problem {
+  at::Tensor x, weight, labels;
+};
+
+// Fills the fields ForwardParams and BackwardParams share from contiguous copies (or the
+// tensors themselves) of the inputs, which it returns: the caller keeps them alive until
+// the launch.
 template <class Params>
-void fill_problem(Params& p, const at::Tensor& xc, const at::Tensor& wc, const at::Tensor& yc,
-                  const MarginParams& mp, std::optional<bool> allow_tf32) {
-  p.dtype = kernel_dtype(xc, allow_tf32);
-  p.n = xc.size(0);
-  p.c = wc.size(0);
-  p.d = xc.size(1);
-  p.x = xc.data_ptr();
-  p.weight = wc.data_ptr();
-  p.labels = yc.data_ptr<int64_t>();
+Problem fill_problem(Params& p, const at::Tensor& x, const at::Tensor& weight,
+                     const at::Tensor& labels, const MarginParams& mp,
+                     std::optional<bool> allow_tf32) {
+  Problem in{x.contiguous(), weight.contiguous(), labels.contiguous()};
+  p.dtype = kernel_dtype(in.x, allow_tf32);
+  p.n = in.x.size(0);
+  p.c = in.weight.size(0);
+  p.d = in.x.size(1);
+  p.x = in.x.data_ptr();
+  p.weight = in.weight.data_ptr();
+  p.labels = in.labels.data_ptr<int64_t>();
   p.margin = mp;
-  p.num_sms = multiprocessors(xc);
+  p.num_sms = multiprocessors(in.x);
   p.deterministic = at::globalContext().deterministicAlgorithms();
+  return in;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_lse_cuda(
@@ -138,16 +147,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_lse_cuda(
   auto pred = at::empty({n}, x.options().dtype(at::kLong));
   if (n == 0) return {lse, target_logit, max_cos, pred};
 
-  const auto xc = x.contiguous();
-  const auto wc = weight.contiguous();
-  const auto yc = labels.contiguous();
   cuda::ForwardParams p{};
-  fill_problem(p, xc, wc, yc, mp, allow_tf32);
+  const Problem inputs = fill_problem(p, x, weight, labels, mp, allow_tf32);
   p.lse = lse.data_ptr();
   p.target_logit = target_logit.data_ptr();
   p.max_cos = max_cos.data_ptr();
   p.pred = pred.data_ptr<int64_t>();
-  const auto ws = workspace(cuda::forward_workspace_bytes(p), xc);
+  const auto ws = workspace(cuda::forward_workspace_bytes(p), x);
   p.workspace = ws.data_ptr();
   C10_CUDA_CHECK(cuda::launch_margin_lse_forward(p, c10::cuda::getCurrentCUDAStream().stream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -174,17 +180,14 @@ std::tuple<at::Tensor, at::Tensor> margin_lse_backward_cuda(
     return {grad_x, grad_weight};
   }
 
-  const auto xc = x.contiguous();
-  const auto wc = weight.contiguous();
-  const auto yc = labels.contiguous();
   cuda::BackwardParams p{};
-  fill_problem(p, xc, wc, yc, mp, allow_tf32);
+  const Problem inputs = fill_problem(p, x, weight, labels, mp, allow_tf32);
   p.lse = lse_c.data_ptr();
   p.grad_lse = g_lse.data_ptr();
   p.grad_target_logit = g_target.data_ptr();
   p.grad_x = grad_x.data_ptr();
   p.grad_weight = grad_weight.data_ptr();
-  const auto ws = workspace(cuda::backward_workspace_bytes(p), xc);
+  const auto ws = workspace(cuda::backward_workspace_bytes(p), x);
   p.workspace = ws.data_ptr();
   C10_CUDA_CHECK(cuda::launch_margin_lse_backward(p, c10::cuda::getCurrentCUDAStream().stream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
