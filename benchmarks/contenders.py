@@ -43,7 +43,7 @@ class Shape:
         return f"{self.n}x{self.d}x{self.c}"
 
 
-#: DESIGN.md section 2: the face-recognition shapes the CUDA targets are set on.
+#: docs/design.md §2.4: the face-recognition shapes the CUDA targets are set on.
 GPU_SHAPES = {s.name: s for s in (
     Shape("ms1mv2", 512, 512, 85_742),
     Shape("glint360k-8gpu", 1024, 512, 45_029),

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from margin_ops import distributed  # also registers torch.ops.margin
 
-#: DESIGN.md section 2, "ms1mv2" (one GPU), and a CPU-sized problem for --quick.
+#: docs/design.md §2.4, "ms1mv2" (one GPU), and a CPU-sized problem for --quick.
 DEFAULT_SHAPE = (512, 512, 85_742)
 QUICK_SHAPE = (64, 64, 2_000)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}

@@ -6,8 +6,8 @@
 # Stages (a fresh machine needs `build` first in every call):
 #   build     pip install --no-build-isolation -e . (the C++/CUDA extension, in place),
 #             then `python -m margin_ops` (which backends this install has)
-#   test      the GPU tests: tests/test_cuda.py (both GPU backends) and the GPU cases of
-#             tests/test_triton.py, with every other test file as a regression check
+#   test      the GPU tests: the conformance suite on the 'cuda' and 'triton' backends and
+#             tests/test_cuda.py (both GPU backends), then the whole suite as a regression check
 #   sanitize  compute-sanitizer memcheck and racecheck on a small forward + backward of
 #             every margin in bf16 and fp32 through the CUDA backend
 #   bench     python benchmarks/run.py on the named shapes (bf16), then fp32 under "high"
@@ -71,9 +71,9 @@ for stage in "${stages[@]}"; do
         && run_stage build "$PY" -m margin_ops || { status=1; break; } ;;
     test)
       # --maxfail: a first run on a GPU should show the spread of failures, not only the first
-      run_stage test "$PY" -m pytest -q -rs --maxfail=25 -o faulthandler_timeout=240 \
-        tests/test_cuda.py tests/test_triton.py || status=1
-      run_stage test "$PY" -m pytest -q tests --ignore=tests/test_cuda.py --ignore=tests/test_triton.py || status=1 ;;
+      MARGIN_OPS_TEST_BACKENDS=cuda,triton run_stage test "$PY" -m pytest -q -rs --maxfail=25 \
+        -o faulthandler_timeout=240 tests/conformance tests/test_cuda.py || status=1
+      run_stage test "$PY" -m pytest -q -m "not slow" tests --ignore=tests/test_cuda.py || status=1 ;;
     sanitize)
       run_stage sanitize sanitizer_case memcheck || status=1
       run_stage sanitize sanitizer_case racecheck || status=1 ;;

@@ -21,7 +21,7 @@ Contenders, side by side in one run on every (shape, dtype, margin):
   Cross-Entropy) when installed, on the margin-free problem only (``--margins softmax``:
   cross-entropy of s·x̂·ŵ, which margin_ops computes as CosFace with m = 0).
 
-Default shapes: with a GPU the named shapes of DESIGN.md section 2 in bfloat16; on a CPU
+Default shapes: with a GPU the named shapes of docs/design.md §2.4 in bfloat16; on a CPU
 "cpu-100k" (256 x 512 x 100,000, the CPU acceptance shape) and "cpu-20k" in float32.
 
 Measured per (shape, dtype, margin, contender): the median forward + backward time

@@ -19,8 +19,10 @@ TORCH_LIBRARY(margin, m) {
       "combined(Tensor x, Tensor weight, Tensor labels, float s=64.0, float m1=1.0, "
       "float m2=0.5, float m3=0.0, str margin_grad=\"exact\", str reduction=\"mean\", "
       "int ignore_index=-100) -> Tensor");
+  // m is a Scalar, not an int, so that the check sees what the caller passed: an int
+  // argument would turn True into 1 and refuse 4.0 with the dispatcher's own message.
   m.def(
-      "sphereface(Tensor x, Tensor weight, Tensor labels, int m=4, float lamb=0.0, "
+      "sphereface(Tensor x, Tensor weight, Tensor labels, Scalar m=4, float lamb=0.0, "
       "float? s=None, float gamma=0.0, str reduction=\"mean\", int ignore_index=-100) -> Tensor");
   // The fused primitive. Per row i: lse_i = logsumexp_c(logit_ic) and target_logit_i =
   // logit_{i,labels_i} (0 when labels_i is outside [0, C)), with the margin `margin`

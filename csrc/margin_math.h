@@ -1,10 +1,12 @@
 // The target-logit margin φ(c) and its derivative, shared by the CPU and CUDA kernels.
-// The readable statement of this math is margin_ops/reference.py (target_margin); the
-// constants below must stay equal to NORM_EPS / SIN_THETA_EPS there.
+// The readable statement of this math is margin_ops/reference.py (target_margin); the margin
+// kinds and the eps floors come from the registry margin_ops/spec.py (margin_kinds.h).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+
+#include "margin_kinds.h"
 
 #if defined(__CUDACC__)
 #define MARGIN_HD __host__ __device__ __forceinline__
@@ -14,11 +16,7 @@
 
 namespace margin_ops {
 
-constexpr double kNormEps = 1e-12;
-constexpr double kSinThetaEps = 1e-4;
 constexpr double kPi = 3.14159265358979323846;
-
-enum class MarginKind : int32_t { ArcFace = 0, ArcFaceEasy, CosFace, Combined, SphereFace };
 
 // Plain description of a margin, filled by the torch glue; no torch types, so kernels
 // compiled with bare nvcc can include it.

@@ -10,7 +10,7 @@ Python halves of the ops (margin_ops.ops) and, when triton imports, the Triton b
 import torch
 
 from . import _C  # noqa: F401  (registers the op schemas and the C++ kernels)
-from . import ops, reference
+from . import checks, ops, reference, spec
 from .backends import available_backends, backend, current_backend
 from .nn import ArcFace, CombinedMargin, CosFace, SphereFace
 from .ops import MarginOutput, with_stats
@@ -28,6 +28,6 @@ sphereface = torch.ops.margin.sphereface
 __version__ = "0.1.0"
 __all__ = [
     "ArcFace", "CombinedMargin", "CosFace", "MarginOutput", "SphereFace", "arcface",
-    "available_backends", "backend", "combined", "cosface", "current_backend", "ops",
-    "reference", "sphereface", "with_stats",
+    "available_backends", "backend", "checks", "combined", "cosface", "current_backend", "ops",
+    "reference", "spec", "sphereface", "with_stats",
 ]

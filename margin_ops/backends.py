@@ -62,6 +62,8 @@ def _native_missing(device_type: str) -> Callable[[], str | None]:
 _registry: dict[str, Backend] = {
     "cpu": Backend(lambda *a: torch.ops.margin.margin_lse(*a), lambda: ("cpu",), _native_missing("cpu")),
     "cuda": Backend(lambda *a: torch.ops.margin.margin_lse(*a), lambda: ("cuda",), _native_missing("cuda")),
+    # margin_ops.ops installs the reference primitive (behind the checks and autocast rule
+    # of the other backends' primitives)
     "reference": Backend(reference.margin_lse, lambda: ("cpu", "cuda"), lambda: None),
     "triton": Backend(None, lambda: (), lambda: "the triton package is not installed"),
 }
@@ -70,7 +72,8 @@ _selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("margin_o
 
 
 def register(name: str, backend: Backend) -> None:
-    """Installs an implementation (used by margin_ops.triton when triton imports)."""
+    """Installs an implementation (used by margin_ops.triton when triton imports, and by
+    margin_ops.ops for the reference)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}")
     _registry[name] = backend

@@ -18,10 +18,19 @@ The global batch is the rows of every rank in rank order: X (N, D), Y (N,), N = 
 
 What one call does, on every rank:
 
-1. One all-gather of each rank's (N_q, C_q, D, dtype, arguments valid?): the sizes must be
-   on the host to gather uneven batches, so this is the one host synchronization of a step.
-   Invalid arguments on any rank make every rank raise, instead of leaving the others
-   waiting in a collective.
+1. The size and argument exchange: one all-gather of a small int64 row per rank (4 sizes,
+   an error code and 12 argument values: 17 int64, 136 bytes per rank; on the CPU, or on
+   x's GPU for NCCL). It carries (N_q, C_q, D, dtype) — the sizes must be on the host to
+   gather uneven batches, so this is the one host synchronization of a step — and the
+   argument check, which so costs no collective of its own. Before it, each rank checks its
+   own arguments without communicating; the row then holds an error code (which argument
+   this rank rejected, 0 if none) and the value of every argument the ranks must pass alike
+   (kind, reduction, ignore_index and every margin argument). After it, every rank sees
+   every rank's status and raises the same way: the rank whose argument was invalid raises
+   its own error (prefixed with its rank); the others raise a ValueError naming that rank
+   and argument; arguments valid on every rank but different between ranks (e.g. ``s``)
+   raise on every rank, naming the argument and each rank's value. No rank is left waiting
+   in a collective until the process-group timeout.
 2. All-gather of x and labels (padded to max N_q) into X and Y.
 3. The fused primitive on this rank's shard for the whole global batch, with labels
    Y − o_r (rows of other shards have no target here): per-row partials
@@ -75,15 +84,18 @@ normalize each parameter's gradient (Adam, AdamW) are nearly insensitive to it.
 from __future__ import annotations
 
 import math
+import operator
+import struct
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import backends, ops, reference
+from . import backends, checks, ops, reference
+from . import spec as registry
 from .ops import MarginOutput
-from .reference import MarginSpec
+from .spec import MarginSpec
 
 # torch 2.13 renamed the single-tensor collectives; the old names still exist before it.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -93,20 +105,143 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 _BATCH_ARGS = ("x", "weight", "labels", "reduction", "ignore_index")
 #: Floating dtypes, numbered for the argument check of the size exchange.
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+#: The arguments every rank must pass alike, in the order of their values in the exchanged row:
+#: kind, reduction, ignore_index, then every margin argument of every kind (0 where ``kind``
+#: has no such argument).
+_SHARED_ARGS = ("kind", "reduction", "ignore_index", "s", "m", "m1", "m2", "m3", "easy_margin", "margin_grad",
+                "lamb", "gamma")
+#: What a rank's error code names: code = 1 + index, 0 when its arguments are valid.
+#: ``**margin_kwargs``: a margin argument no kind has, or an error naming none of these.
+_CHECKED_ARGS = _SHARED_ARGS + ("x", "weight", "labels", "**margin_kwargs")
+#: The exchanged row: these columns, then the values of _SHARED_ARGS.
+_ROWS, _CLASSES, _FEATURES, _DTYPE, _ERROR = range(5)
+_NONE = struct.unpack("<q", struct.pack("<d", math.nan))[0]  #: the code of None (s of sphereface)
+
+
+def _margin_arguments(kind: str, margin_kwargs: dict) -> tuple[MarginSpec, dict]:
+    """MarginSpec of ``torch.ops.margin.<kind>`` and its margin arguments (name -> value) with
+    these margin arguments, the op's defaults for the others (arcface: s, m, easy_margin,
+    margin_grad; cosface: s, m; combined: s, m1, m2, m3, margin_grad; sphereface: m, lamb, s,
+    gamma)."""
+    registry.check_choice("kind", kind, registry.LOSSES)
+    signature = ops._SIGNATURES[kind]
+    allowed = [name for name in signature.names if name not in _BATCH_ARGS]
+    unknown = sorted(set(margin_kwargs) - set(allowed))
+    if unknown:
+        error = TypeError(f"{kind} takes the margin arguments {allowed}, got unexpected {unknown}")
+        error.argument = unknown[0]  # what the argument check reports to the other ranks
+        raise error
+    bound = signature.bind((None, None, None), margin_kwargs)
+    return registry.OP_SPECS[kind](bound), {name: bound[name] for name in allowed}
 
 
 def _margin_spec(kind: str, margin_kwargs: dict) -> MarginSpec:
-    """MarginSpec of ``torch.ops.margin.<kind>`` with these margin arguments, the op's defaults
-    for the others (arcface: s, m, easy_margin, margin_grad; cosface: s, m; combined: s, m1,
-    m2, m3, margin_grad; sphereface: m, lamb, s, gamma)."""
-    if kind not in ops._SPEC_BUILDERS:
-        raise ValueError(f"kind must be one of {', '.join(map(repr, ops.LOSSES))}, got {kind!r}")
-    schema = getattr(torch.ops.margin, kind).default._schema
-    allowed = [a.name for a in schema.arguments if a.name not in _BATCH_ARGS]
-    unknown = sorted(set(margin_kwargs) - set(allowed))
-    if unknown:
-        raise TypeError(f"{kind} takes the margin arguments {allowed}, got unexpected {unknown}")
-    return ops._SPEC_BUILDERS[kind](ops._bind(schema, (None, None, None), margin_kwargs))
+    """MarginSpec of ``torch.ops.margin.<kind>`` with these margin arguments (see
+    :func:`_margin_arguments`)."""
+    return _margin_arguments(kind, margin_kwargs)[0]
+
+
+def _float_code(value: float) -> int:
+    """The bits of float64 ``value`` as an int64: exact, and equal only for equal values."""
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def _encode(name: str, value) -> int:
+    """int64 code of a valid value of shared argument ``name`` (see :func:`_decode`)."""
+    if name == "kind":
+        return registry.LOSSES.index(value)
+    if name == "reduction":
+        return registry.REDUCTIONS.index(value)
+    if name == "margin_grad":
+        return registry.MARGIN_GRADS.index(value)
+    if name in ("ignore_index", "easy_margin"):
+        return int(value)
+    return _NONE if value is None else _float_code(float(value))
+
+
+def _decode(name: str, code: int):
+    if name == "kind":
+        return registry.LOSSES[code]
+    if name == "reduction":
+        return registry.REDUCTIONS[code]
+    if name == "margin_grad":
+        return registry.MARGIN_GRADS[code]
+    if name == "ignore_index":
+        return code
+    if name == "easy_margin":
+        return bool(code)
+    return None if code == _NONE else struct.unpack("<d", struct.pack("<q", code))[0]
+
+
+class _Arguments(NamedTuple):
+    """What a rank passed besides the tensors, as the caller named it."""
+
+    kind: object
+    margin_kwargs: dict
+    reduction: object
+    ignore_index: object
+
+
+class _Checked(NamedTuple):
+    """The outcome of this rank's local argument check."""
+
+    spec: MarginSpec | None  #: the margin (None if an argument was rejected)
+    codes: list[int]         #: _SHARED_ARGS' values, encoded (zeros if rejected)
+    rejected: str | None     #: the name (from _CHECKED_ARGS) of the argument rejected, or None
+    error: Exception | None  #: the error this rank would have raised
+
+
+def _named_argument(error: Exception, default: str) -> str:
+    """The argument an error of the checks is about: each message starts with "<name> must"."""
+    name = getattr(error, "argument", None) or str(error).split(" ", 1)[0]
+    return name if name in _CHECKED_ARGS else default
+
+
+def _check_arguments(arguments: _Arguments, spec_fn=None) -> tuple[MarginSpec, list[int]]:
+    """This rank's margin (``spec_fn()`` if given, else the one of ``kind`` and the margin
+    arguments) and the codes of _SHARED_ARGS' values; raises ValueError / TypeError naming
+    the first invalid argument."""
+    spec, margin_args = _margin_arguments(arguments.kind, arguments.margin_kwargs)
+    registry.check_choice("reduction", arguments.reduction, registry.REDUCTIONS)
+    try:
+        ignore_index = operator.index(arguments.ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an integer, got {arguments.ignore_index!r}") from None
+    if not -2 ** 63 <= ignore_index < 2 ** 63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    if spec_fn is not None:
+        spec = spec_fn()
+    values = {**margin_args, "kind": arguments.kind, "reduction": arguments.reduction, "ignore_index": ignore_index}
+    return spec, [_encode(name, values[name]) if name in values else 0 for name in _SHARED_ARGS]
+
+
+def _check_locally(arguments: _Arguments, x, weight, labels, spec_fn=None) -> _Checked:
+    """This rank's half of the argument check, without any collective: catches the
+    ValueError / TypeError a bad argument raises and finds which argument it names."""
+    rejected = [0] * len(_SHARED_ARGS)
+    try:
+        spec, codes = _check_arguments(arguments, spec_fn)
+    except (TypeError, ValueError) as error:
+        return _Checked(None, rejected, _named_argument(error, "**margin_kwargs"), error)
+    try:
+        # The label range is checked against the global C once the labels are gathered.
+        checks.check_tensors(x, weight, labels)
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"x must be one of {_DTYPES}, got {x.dtype}")
+    except (TypeError, ValueError) as error:
+        return _Checked(None, rejected, _named_argument(error, "x"), error)
+    return _Checked(spec, codes, None, None)
+
+
+def _exchange_device(group, x) -> torch.device:
+    """Where the exchanged row lives, whatever this rank's arguments: the CPU, except for NCCL,
+    which only moves CUDA tensors: x's GPU, or the current CUDA device when x is not a CUDA
+    tensor (an invalid argument)."""
+    if dist.get_backend(group) != "nccl":
+        return torch.device("cpu")
+    if isinstance(x, torch.Tensor) and x.is_cuda:
+        return x.device
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 class _Layout(NamedTuple):
@@ -128,39 +263,48 @@ class _Layout(NamedTuple):
         return sum(self.classes[:self.rank])
 
 
-def _exchange_layout(x, weight, labels, ignore_index: int, group) -> _Layout:
-    """Step 1: checks this rank's arguments and shares (N_r, C_r, D, dtype, ok) with every rank.
+def _exchange_layout(who: str, arguments: _Arguments, x, weight, labels, group,
+                     spec_fn=None) -> tuple[_Layout, MarginSpec]:
+    """Step 1: checks this rank's arguments, then shares (N_r, C_r, D, dtype, error code,
+    argument values) with every rank in one all-gather (see the module docstring).
 
-    Raises on every rank if any rank's arguments are invalid or the ranks disagree on D or
-    the dtype. The label range is checked later, on the gathered labels, against the global C.
+    Raises on every rank if any rank's arguments are invalid, or the ranks disagree on an
+    argument, on D or on the dtype. The label range is checked later, on the gathered labels,
+    against the global C. Returns the layout and this rank's margin (``spec_fn()`` if given).
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    problem = None
-    try:
-        # The label range is checked against the global C once the labels are gathered.
-        ops.check_tensors(x, weight, labels)
-        if x.dtype not in _DTYPES:
-            raise TypeError(f"x must be one of {_DTYPES}, got {x.dtype}")
-    except (TypeError, ValueError) as error:
-        problem = error
-    if problem is None:
-        row, device = [x.shape[0], weight.shape[0], x.shape[1], _DTYPES.index(x.dtype), 0], x.device
+    checked = _check_locally(arguments, x, weight, labels, spec_fn)
+    if checked.error is None:
+        sizes = [x.shape[0], weight.shape[0], x.shape[1], _DTYPES.index(x.dtype), 0]
     else:
-        on_gpu = dist.get_backend(group) == "nccl"
-        row = [0, 0, 0, 0, 1]
-        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        sizes = [0, 0, 0, 0, 1 + _CHECKED_ARGS.index(checked.rejected)]
+    row = sizes + checked.codes
+    device = _exchange_device(group, x)
     table = torch.empty(world * len(row), dtype=torch.int64, device=device)
     _all_gather_single(table, torch.tensor(row, dtype=torch.int64, device=device), group=group)
     table = table.view(world, len(row)).tolist()  # the host sync: uneven gathers need the sizes
-    if problem is not None:
-        raise type(problem)(f"rank {rank}: {problem}") from problem
-    failed = [q for q, entry in enumerate(table) if entry[4]]
-    if failed:
-        raise ValueError(f"invalid arguments on rank(s) {failed} (see the error raised there)")
-    if len({(entry[2], entry[3]) for entry in table}) > 1:
-        raise ValueError("every rank must pass features of the same size D and dtype, got (D, dtype) "
-                         f"{[(entry[2], _DTYPES[entry[3]]) for entry in table]}")
-    return _Layout(group, rank, tuple(e[0] for e in table), tuple(e[1] for e in table))
+
+    if checked.error is not None:
+        raise type(checked.error)(f"{who}: rank {rank}: {checked.error}") from checked.error
+    rejected = [(q, _CHECKED_ARGS[entry[_ERROR] - 1]) for q, entry in enumerate(table) if entry[_ERROR]]
+    if rejected:
+        ranks = "those ranks'" if len(rejected) > 1 else "that rank's"
+        raise ValueError(f"{who}: " + ", ".join(f"rank {q} rejected argument {name!r}" for q, name in rejected)
+                         + f" (see {ranks} error)")
+    values = [entry[len(sizes):] for entry in table]
+    differ = [i for i in range(len(_SHARED_ARGS)) if len({v[i] for v in values}) > 1]
+    if 0 in differ:  # another kind: its margin arguments differ as a consequence
+        differ = [0]
+    if differ:
+        raise ValueError(f"{who}: " + "; ".join(
+            f"argument {_SHARED_ARGS[i]!r} differs between ranks: "
+            + ", ".join(f"rank {q}: {_decode(_SHARED_ARGS[i], v[i])!r}" for q, v in enumerate(values))
+            for i in differ))
+    if len({(entry[_FEATURES], entry[_DTYPE]) for entry in table}) > 1:
+        raise ValueError(f"{who}: every rank must pass features of the same size D and dtype, got (D, dtype) "
+                         f"{[(entry[_FEATURES], _DTYPES[entry[_DTYPE]]) for entry in table]}")
+    layout = _Layout(group, rank, tuple(e[_ROWS] for e in table), tuple(e[_CLASSES] for e in table))
+    return layout, checked.spec
 
 
 def _all_gather_rows(t: torch.Tensor, layout: _Layout) -> torch.Tensor:
@@ -256,13 +400,14 @@ class _Batch(NamedTuple):
     layout: _Layout
 
 
-def _gather_batch(x, weight, labels, ignore_index: int, group) -> _Batch:
+def _gather_batch(who: str, arguments: _Arguments, x, weight, labels, group,
+                  spec_fn=None) -> tuple[_Batch, MarginSpec]:
     """Steps 1-2, and the check of every label against the global number of classes."""
-    layout = _exchange_layout(x, weight, labels, ignore_index, group)
+    layout, spec = _exchange_layout(who, arguments, x, weight, labels, group, spec_fn)
     labels = _all_gather_rows(labels, layout)
     # Every rank checks the same gathered labels, so every rank raises.
-    ops.check_labels(labels, sum(layout.classes), ignore_index)
-    return _Batch(_GatherRows.apply(x, layout), labels, layout)
+    checks.check_labels(labels, sum(layout.classes), arguments.ignore_index)
+    return _Batch(_GatherRows.apply(x, layout), labels, layout), spec
 
 
 def _sharded_loss(batch: _Batch, weight, shard_labels, class_ids, spec: MarginSpec, reduction: str,
@@ -303,6 +448,13 @@ def margin_loss(x: torch.Tensor, weight_shard: torch.Tensor, labels: torch.Tenso
     Call it on every rank of ``group``, with the same ``kind``, margin arguments, reduction and
     ignore_index. See the module docstring for the layout, the gradients and DDP.
 
+    Arguments are checked on every call, at no extra collective: each rank checks its own
+    before communicating, and the size exchange (step 1 of the module docstring: one
+    all-gather of 17 int64 per rank, which the call needs anyway) tells every rank every
+    rank's verdict and values. So an invalid argument on one rank, or an argument that
+    differs between ranks (e.g. ``s``), raises on every rank at once, naming the argument and
+    the ranks (a ValueError; the rank whose argument is invalid raises its own error).
+
     Args:
         x: (N_r, D) floating (float64, float32, bfloat16, float16): this rank's features;
             N_r may differ per rank and be 0.
@@ -321,9 +473,8 @@ def margin_loss(x: torch.Tensor, weight_shard: torch.Tensor, labels: torch.Tenso
         (N_r,) (accumulation dtype, differentiable) and pred (N_r,) (int64 global class id with
         the largest cosine) are this rank's rows (one more all-reduce).
     """
-    spec = _margin_spec(kind, margin_kwargs)
-    reference._check_choice("reduction", reduction, reference.REDUCTIONS)
-    batch = _gather_batch(x, weight_shard, labels, ignore_index, group)
+    arguments = _Arguments(kind, margin_kwargs, reduction, ignore_index)
+    batch, spec = _gather_batch("margin_loss", arguments, x, weight_shard, labels, group)
     shard_labels = batch.labels - batch.layout.class_offset
     return _sharded_loss(batch, weight_shard, shard_labels, None, spec, reduction, ignore_index, return_stats)
 
@@ -351,6 +502,13 @@ class PartialFC(nn.Module):
     No host sync beyond the size exchange, except when the global batch has more rows than
     ``num_sample``: then counting the positives needs one.
 
+    Arguments. The constructor checks its arguments on this rank alone (no collective: a
+    bad argument raises there, prefixed with the rank, like any error in setup code). Every
+    forward checks, within its size exchange and at no extra collective, that every rank's
+    head is valid and agrees on kind, margin arguments, reduction and ignore_index (see
+    :func:`margin_loss`), so a head built or changed differently on one rank raises on every
+    rank instead of leaving the others waiting.
+
     Args:
         embedding_size: D. num_classes: C ≥ world size.
         kind, margin_kwargs: the margin (see :func:`margin_loss`).
@@ -362,14 +520,17 @@ class PartialFC(nn.Module):
                  group: dist.ProcessGroup | None = None, *, reduction: str = "mean", ignore_index: int = -100,
                  device=None, dtype=None, **margin_kwargs):
         super().__init__()
-        self._spec = _margin_spec(kind, margin_kwargs)
-        reference._check_choice("reduction", reduction, reference.REDUCTIONS)
-        if not 0 < sample_rate <= 1:
-            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        if embedding_size < 1 or num_classes < world:
-            raise ValueError(f"need embedding_size >= 1 and num_classes >= world size {world}, "
-                             f"got {embedding_size}, {num_classes}")
+        try:  # a forward's checks of these arguments, on this rank only (a forward checks agreement too)
+            self._spec = _check_arguments(_Arguments(kind, margin_kwargs, reduction, ignore_index))[0]
+            if not 0 < sample_rate <= 1:
+                raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
+            if embedding_size < 1 or num_classes < world:
+                raise ValueError(f"need embedding_size >= 1 and num_classes >= world size {world}, "
+                                 f"got {embedding_size}, {num_classes}")
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"PartialFC: rank {rank}: {error}") from error
+        self.margin_kwargs = dict(margin_kwargs)
         base, extra = divmod(num_classes, world)
         self.kind, self.group, self.reduction, self.ignore_index = kind, group, reduction, ignore_index
         self.num_classes, self.sample_rate = num_classes, sample_rate
@@ -415,14 +576,16 @@ class PartialFC(nn.Module):
         return index, labels
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor, return_stats: bool = False):
-        batch = _gather_batch(features, self.weight, labels, self.ignore_index, self.group)
+        arguments = _Arguments(self.kind, self.margin_kwargs, self.reduction, self.ignore_index)
+        # self.spec() is called before the exchange: an error there raises on every rank too.
+        batch, spec = _gather_batch("PartialFC", arguments, features, self.weight, labels, self.group, self.spec)
         shard_labels = batch.labels - batch.layout.class_offset
         weight, class_ids = self.weight, None
         if self.training and self.num_sample < self.weight.shape[0]:
             index, shard_labels = self.sample(shard_labels, batch.labels != self.ignore_index)
             # A copy of the sampled rows: the kernel cannot take row indices (yet).
             weight, class_ids = self.weight.index_select(0, index), index + batch.layout.class_offset
-        return _sharded_loss(batch, weight, shard_labels, class_ids, self.spec(), self.reduction,
+        return _sharded_loss(batch, weight, shard_labels, class_ids, spec, self.reduction,
                              self.ignore_index, return_stats)
 
     def extra_repr(self) -> str:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import reference
+from . import spec as registry
 from .ops import margin_loss
-from .reference import MarginSpec
+from .spec import MarginSpec
 
 
 class _MarginHead(nn.Module):
@@ -23,7 +23,7 @@ class _MarginHead(nn.Module):
         super().__init__()
         if embedding_size < 1 or num_classes < 1:
             raise ValueError(f"embedding_size and num_classes must be >= 1, got {embedding_size}, {num_classes}")
-        reference._check_choice("reduction", reduction, reference.REDUCTIONS)
+        registry.check_choice("reduction", reduction, registry.REDUCTIONS)
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))
@@ -51,7 +51,7 @@ class ArcFace(_MarginHead):
                  easy_margin: bool = False, margin_grad: str = "exact", reduction: str = "mean",
                  ignore_index: int = -100, device=None, dtype=None):
         super().__init__(embedding_size, num_classes, reduction, ignore_index, device, dtype)
-        self._spec = reference.arcface_spec(s, m, easy_margin, margin_grad)
+        self._spec = registry.arcface(s, m, easy_margin, margin_grad)
 
     def spec(self) -> MarginSpec:
         return self._spec
@@ -63,7 +63,7 @@ class CosFace(_MarginHead):
     def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.35,
                  reduction: str = "mean", ignore_index: int = -100, device=None, dtype=None):
         super().__init__(embedding_size, num_classes, reduction, ignore_index, device, dtype)
-        self._spec = reference.cosface_spec(s, m)
+        self._spec = registry.cosface(s, m)
 
     def spec(self) -> MarginSpec:
         return self._spec
@@ -76,7 +76,7 @@ class CombinedMargin(_MarginHead):
                  m2: float = 0.5, m3: float = 0.0, margin_grad: str = "exact", reduction: str = "mean",
                  ignore_index: int = -100, device=None, dtype=None):
         super().__init__(embedding_size, num_classes, reduction, ignore_index, device, dtype)
-        self._spec = reference.combined_spec(s, m1, m2, m3, margin_grad)
+        self._spec = registry.combined(s, m1, m2, m3, margin_grad)
 
     def spec(self) -> MarginSpec:
         return self._spec
@@ -96,24 +96,34 @@ class SphereFace(_MarginHead):
                  gamma: float = 0.0, lambda_min: float = 5.0, lambda_max: float = 1500.0,
                  reduction: str = "mean", ignore_index: int = -100, device=None, dtype=None):
         super().__init__(embedding_size, num_classes, reduction, ignore_index, device, dtype)
-        reference.sphereface_spec(m, lambda_min, s, gamma)  # validates m, s, gamma
-        reference._check_finite("lambda_max", lambda_max, nonnegative=True)
+        registry.check_finite("lambda_min", lambda_min, nonnegative=True)
+        registry.check_finite("lambda_max", lambda_max, nonnegative=True)
+        registry.sphereface(m, lambda_min, s, gamma, lamb_name="lambda_min")  # validates m, s, gamma
         self.m, self.s, self.gamma = m, s, gamma
         self.lambda_min, self.lambda_max = lambda_min, lambda_max
         self.register_buffer("iteration", torch.zeros((), dtype=torch.int64, device=device))
 
+    def lamb_at(self, iteration: int) -> float:
+        """λ of a given iteration: max(lambda_min, lambda_max / (1 + 0.1·iteration))."""
+        return max(self.lambda_min, self.lambda_max / (1 + 0.1 * iteration))
+
     @property
     def lamb(self) -> float:
         """λ for the current iteration."""
-        return max(self.lambda_min, self.lambda_max / (1 + 0.1 * int(self.iteration)))
+        return self.lamb_at(int(self.iteration))
 
     def spec(self) -> MarginSpec:
-        return reference.sphereface_spec(self.m, self.lamb, self.s, self.gamma)
+        return registry.sphereface(self.m, self.lamb, self.s, self.gamma)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor, return_stats: bool = False):
-        if self.training:
-            self.iteration += 1
-        return super().forward(features, labels, return_stats)
+        if not self.training:
+            return super().forward(features, labels, return_stats)
+        # A training step runs with the next iteration's λ; the counter advances only once
+        # the step has succeeded (a forward that raises leaves the schedule where it was).
+        step_spec = registry.sphereface(self.m, self.lamb_at(int(self.iteration) + 1), self.s, self.gamma)
+        out = margin_loss(features, self.weight, labels, step_spec, self.reduction, self.ignore_index)
+        self.iteration += 1
+        return out if return_stats else out.loss
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, m={self.m}, s={self.s}, gamma={self.gamma}, "

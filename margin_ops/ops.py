@@ -14,21 +14,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
-from torch._subclasses.functional_tensor import FunctionalTensor
 
-from . import backends, reference
-from .reference import MarginSpec
-
-LOSSES = ("arcface", "cosface", "combined", "sphereface")
-
-# Public op name -> builder of its MarginSpec from the op's bound arguments.
-_SPEC_BUILDERS = {
-    "arcface": lambda a: reference.arcface_spec(a["s"], a["m"], a["easy_margin"], a["margin_grad"]),
-    "cosface": lambda a: reference.cosface_spec(a["s"], a["m"]),
-    "combined": lambda a: reference.combined_spec(a["s"], a["m1"], a["m2"], a["m3"], a["margin_grad"]),
-    "sphereface": lambda a: reference.sphereface_spec(a["m"], a["lamb"], a["s"], a["gamma"]),
-}
+from . import backends, checks, reference
+from .spec import LOSSES, OP_SPECS, MarginSpec
 
 
 class MarginOutput(NamedTuple):
@@ -39,77 +27,39 @@ class MarginOutput(NamedTuple):
     pred: torch.Tensor  #: (N,) int64: class with the largest cosine (margin-free top-1)
 
 
-def _bind(schema: torch.FunctionSchema, args: tuple, kwargs: dict) -> dict:
-    """Argument name -> value, defaults filled in from the schema."""
-    names = [a.name for a in schema.arguments]
-    if len(args) > len(names):
-        raise TypeError(f"{schema.name}() takes {len(names)} arguments, got {len(args)}")
-    unknown = set(kwargs) - set(names)
-    if unknown:
-        raise TypeError(f"{schema.name}() got unexpected keyword argument(s) {sorted(unknown)}")
-    bound = dict(zip(names, args))
-    for arg in schema.arguments[len(args):]:
-        if arg.name in kwargs:
-            bound[arg.name] = kwargs[arg.name]
-        elif arg.has_default_value():
-            bound[arg.name] = arg.default_value
-        else:
-            raise TypeError(f"{schema.name}() missing required argument {arg.name!r}")
-    return bound
+class _Signature(NamedTuple):
+    """A loss op's argument names and defaults, read from its schema once, as plain data
+    (torch.compile traces :func:`with_stats` through it; a schema object it cannot)."""
+
+    name: str
+    names: tuple
+    defaults: dict
+
+    @classmethod
+    def of(cls, name: str) -> "_Signature":
+        schema = getattr(torch.ops.margin, name).default._schema
+        return cls(name, tuple(a.name for a in schema.arguments),
+                   {a.name: a.default_value for a in schema.arguments if a.has_default_value()})
+
+    def bind(self, args: tuple, kwargs: dict) -> dict:
+        """Argument name -> value, defaults filled in."""
+        if len(args) > len(self.names):
+            raise TypeError(f"{self.name}() takes {len(self.names)} arguments, got {len(args)}")
+        unknown = set(kwargs) - set(self.names)
+        if unknown:
+            raise TypeError(f"{self.name}() got unexpected keyword argument(s) {sorted(unknown)}")
+        bound = dict(zip(self.names, args))
+        for name in self.names[len(args):]:
+            if name in kwargs:
+                bound[name] = kwargs[name]
+            elif name in self.defaults:
+                bound[name] = self.defaults[name]
+            else:
+                raise TypeError(f"{self.name}() missing required argument {name!r}")
+        return bound
 
 
-def _is_traced(t: torch.Tensor) -> bool:
-    """True while torch.compile / make_fx trace: the data is not there to look at."""
-    return torch.compiler.is_compiling() or isinstance(t, (FakeTensor, FunctionalTensor))
-
-
-def check_inputs(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int):
-    """Raises a ValueError/TypeError naming the bad argument (shapes, dtypes, devices, labels)."""
-    check_tensors(x, weight, labels)
-    check_labels(labels, weight.shape[0], ignore_index)
-
-
-def check_tensors(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
-    """Shapes, dtypes and devices of x (N, D), weight (C, D) and labels (N,)."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"x must be a 2-D tensor (N, D), got {_describe(x)}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be floating point, got {x.dtype}")
-    if x.shape[1] < 1:
-        raise ValueError(f"x must have at least one feature column, got shape {tuple(x.shape)}")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight must be (C, D) with D = x.shape[1] = {x.shape[1]}, got {_describe(weight)}"
-                         " (classic code keeps W as (D, C): pass W.t())")
-    if weight.shape[0] < 1:
-        raise ValueError("weight must have at least one class (row), got C = 0")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != x.shape[0]:
-        raise ValueError(f"labels must be (N,) with N = x.shape[0] = {x.shape[0]}, got {_describe(labels)}")
-    if labels.dtype != torch.int64:
-        raise TypeError(f"labels must be int64, got {labels.dtype}")
-    for name, t in (("weight", weight), ("labels", labels)):
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
-
-
-def check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int):
-    """Every label lies in [0, num_classes) or equals ignore_index.
-
-    Eagerly this is a clear ValueError (a host sync on CUDA); while torch.compile traces
-    or a CUDA graph captures, the data is not there, so the check becomes an asynchronous
-    assertion in the graph.
-    """
-    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
-    message = f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}"
-    if _is_traced(labels) or (labels.is_cuda and torch.cuda.is_current_stream_capturing()):
-        torch._assert_async(~bad.any(), message)
-    elif bad.any():
-        raise ValueError(f"{message}; got {labels[bad][0].item()}")
-
-
-def _describe(t) -> str:
-    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+_SIGNATURES = {name: _Signature.of(name) for name in LOSSES}
 
 
 def margin_loss(x, weight, labels, spec: MarginSpec, reduction="mean", ignore_index=-100):
@@ -118,8 +68,7 @@ def margin_loss(x, weight, labels, spec: MarginSpec, reduction="mean", ignore_in
     Returns a :class:`MarginOutput`: the loss (float32 for 16-bit inputs, else x's dtype)
     reduced as ``reduction`` says, and lse / pred (N,) from the same pass.
     """
-    reference._check_choice("reduction", reduction, reference.REDUCTIONS)
-    check_inputs(x, weight, labels, ignore_index)
+    checks.check_loss_inputs(x, weight, labels, reduction, ignore_index)
     lse_fn = backends.margin_lse_for(x.device)
     lse, target_logit, _, pred = lse_fn(x, weight, labels, *spec.primitive_args())
     loss = reference.loss_from_lse(lse, target_logit, labels, spec.gamma, reduction, ignore_index)
@@ -130,14 +79,18 @@ _lib = torch.library.Library("margin", "FRAGMENT")
 
 
 def _register_loss(name: str):
-    op = getattr(torch.ops.margin, name).default
-
     def composite(*args):
-        a = _bind(op._schema, args, {})
-        spec = _SPEC_BUILDERS[name](a)
-        return margin_loss(a["x"], a["weight"], a["labels"], spec, a["reduction"], a["ignore_index"]).loss
+        a = _SIGNATURES[name].bind(args, {})
+        return margin_loss(a["x"], a["weight"], a["labels"], OP_SPECS[name](a), a["reduction"],
+                           a["ignore_index"]).loss
 
     _lib.impl(name, composite, "CompositeImplicitAutograd")
+
+
+#: What :func:`with_stats` accepts as ``op``: a loss's name, its OpOverloadPacket or default
+#: overload (looked up, not parsed, so that torch.compile can trace the call).
+_LOSS_NAMES = {key: name for name in LOSSES
+               for key in (name, getattr(torch.ops.margin, name), getattr(torch.ops.margin, name).default)}
 
 
 def with_stats(op, *args, **kwargs) -> MarginOutput:
@@ -149,11 +102,11 @@ def with_stats(op, *args, **kwargs) -> MarginOutput:
         loss, lse, pred = margin_ops.with_stats(torch.ops.margin.arcface, x, w, y, s=64.0)
         accuracy = (pred == y).float().mean()
     """
-    name = op if isinstance(op, str) else getattr(op, "__name__", "").split(".")[0]
-    if name not in _SPEC_BUILDERS:
+    name = _LOSS_NAMES.get(op) if isinstance(op, (str, torch._ops.OpOverloadPacket, torch._ops.OpOverload)) else None
+    if name is None:
         raise ValueError(f"op must be one of {', '.join(LOSSES)} (or torch.ops.margin.<name>), got {op!r}")
-    a = _bind(getattr(torch.ops.margin, name).default._schema, args, kwargs)
-    return margin_loss(a["x"], a["weight"], a["labels"], _SPEC_BUILDERS[name](a), a["reduction"],
+    a = _SIGNATURES[name].bind(args, kwargs)
+    return margin_loss(a["x"], a["weight"], a["labels"], OP_SPECS[name](a), a["reduction"],
                        a["ignore_index"])
 
 
@@ -163,6 +116,7 @@ def with_stats(op, *args, **kwargs) -> MarginOutput:
 
 
 def _lse_fake(x, weight, labels, *margin_args):
+    checks.check_primitive(x, weight, labels, *margin_args[:8])
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     n = x.shape[0]
     row = x.new_empty(n, dtype=acc)
@@ -170,20 +124,40 @@ def _lse_fake(x, weight, labels, *margin_args):
 
 
 def _lse_backward_fake(grad_lse, grad_target_logit, x, weight, labels, lse, *margin_args):
+    checks.check_primitive_backward(grad_lse, grad_target_logit, x, weight, labels, lse, *margin_args[:8])
     return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _autocast_inputs(x, weight, device_type: str):
+    """x and weight as autocast computes them: cast to its dtype like F.linear (float64,
+    and tensors of another device, untouched)."""
+    if x.dtype != torch.float64 and x.device.type == device_type:
+        dtype = torch.get_autocast_dtype(device_type)
+        return x.to(dtype), weight.to(dtype)
+    return x, weight
 
 
 def _autocast_kernel(op, device_type: str):
     key = torch._C.DispatchKey.AutocastCPU if device_type == "cpu" else torch._C.DispatchKey.AutocastCUDA
 
     def kernel(x, weight, labels, *margin_args):
-        dtype = torch.get_autocast_dtype(device_type)
-        if x.dtype != torch.float64 and x.device.type == device_type:
-            x, weight = x.to(dtype), weight.to(dtype)
+        x, weight = _autocast_inputs(x, weight, device_type)
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
             return op(x, weight, labels, *margin_args)
 
     return key, kernel
+
+
+def _reference_margin_lse(x, weight, labels, *margin_args):
+    """The "reference" backend's primitive: margin_ops.reference behind the same checks and
+    autocast rule as the custom ops' primitives."""
+    checks.check_primitive(x, weight, labels, *margin_args)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        x, weight = _autocast_inputs(x, weight, device_type)
+        with torch.autocast(device_type, enabled=False):
+            return reference.margin_lse(x, weight, labels, *margin_args)
+    return reference.margin_lse(x, weight, labels, *margin_args)
 
 
 def register_primitive(lib: torch.library.Library, forward_name: str, backward_name: str):
@@ -216,5 +190,6 @@ def register_primitive(lib: torch.library.Library, forward_name: str, backward_n
 
 
 register_primitive(_lib, "margin_lse", "margin_lse_backward")
+backends.register("reference", backends.Backend(_reference_margin_lse, lambda: ("cpu", "cuda"), lambda: None))
 for _name in LOSSES:
     _register_loss(_name)

@@ -15,100 +15,18 @@ Logits and losses are computed in the accumulation dtype: float64 for float64 in
 float32 for everything else (bfloat16/float16 inputs are multiplied in their own dtype,
 as ``F.linear`` does, then upcast).
 
-The reference assumes valid input; argument checking lives in :mod:`margin_ops.ops`.
+The reference assumes valid input: the margins, their parameters and their rules are the
+registry's (:mod:`margin_ops.spec`), tensor checks are :mod:`margin_ops.checks`'.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 
-#: Floor of the row norms: ``x̂ = x / max(‖x‖, NORM_EPS)``, as ``F.normalize`` does.
-NORM_EPS = 1e-12
-#: Floor of sin θ in the derivative of θ = acos(c), so the exact margin gradient stays
-#: finite at |c| = 1. In float32 it only changes c = ±1 exactly (the nearest float32 below 1
-#: already has sin θ ≈ 3.5e-4).
-SIN_THETA_EPS = 1e-4
-#: Target-logit transforms φ understood by :func:`margin_lse` and every kernel.
-MARGINS = ("arcface", "arcface_easy", "cosface", "combined", "sphereface")
-REDUCTIONS = ("mean", "sum", "none")
-MARGIN_GRADS = ("exact", "detach")
-
-
-class MarginSpec(NamedTuple):
-    """Everything the fused primitive needs to know about a margin, plus the focal γ.
-
-    ``margin`` selects φ (see :func:`target_margin`); ``m1, m2, m3`` are its parameters
-    (ArcFace: m2 = m; CosFace: m3 = m; SphereFace: m1 = the integer m; combined: all
-    three); ``lamb`` is SphereFace's annealing λ; ``feature_scale`` replaces ``s`` by
-    the feature norm ‖x_i‖; ``detach_margin_grad`` makes dφ/dc = 1 (straight-through).
-    """
-
-    margin: str
-    s: float
-    m1: float = 1.0
-    m2: float = 0.0
-    m3: float = 0.0
-    lamb: float = 0.0
-    feature_scale: bool = False
-    detach_margin_grad: bool = False
-    gamma: float = 0.0
-
-    def primitive_args(self) -> tuple:
-        """The margin arguments of ``margin_lse`` (everything but γ), in schema order."""
-        return tuple(self)[:-1]
-
-
-def _check_finite(name: str, value: float, *, positive: bool = False, nonnegative: bool = False):
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    if nonnegative and value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-
-
-def _check_choice(name: str, value: str, choices: tuple):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
-def _detach_flag(margin_grad: str) -> bool:
-    _check_choice("margin_grad", margin_grad, MARGIN_GRADS)
-    return margin_grad == "detach"
-
-
-def arcface_spec(s: float, m: float, easy_margin: bool, margin_grad: str) -> MarginSpec:
-    _check_finite("s", s, positive=True)
-    _check_finite("m", m)
-    return MarginSpec("arcface_easy" if easy_margin else "arcface", s, m2=m,
-                      detach_margin_grad=_detach_flag(margin_grad))
-
-
-def cosface_spec(s: float, m: float) -> MarginSpec:
-    _check_finite("s", s, positive=True)
-    _check_finite("m", m)
-    return MarginSpec("cosface", s, m3=m)
-
-
-def combined_spec(s: float, m1: float, m2: float, m3: float, margin_grad: str) -> MarginSpec:
-    _check_finite("s", s, positive=True)
-    for name, value in (("m1", m1), ("m2", m2), ("m3", m3)):
-        _check_finite(name, value)
-    return MarginSpec("combined", s, m1, m2, m3, detach_margin_grad=_detach_flag(margin_grad))
-
-
-def sphereface_spec(m: int, lamb: float, s: float | None, gamma: float) -> MarginSpec:
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"m must be an integer >= 1 for SphereFace, got {m!r}")
-    _check_finite("lamb", lamb, nonnegative=True)
-    _check_finite("gamma", gamma, nonnegative=True)
-    if s is not None:
-        _check_finite("s", s, positive=True)
-    return MarginSpec("sphereface", 1.0 if s is None else float(s), m1=float(m), lamb=lamb,
-                      feature_scale=s is None, gamma=gamma)
+from . import spec as margin_spec
+from .spec import NORM_EPS, SIN_THETA_EPS, MarginSpec
 
 
 class _FlooredAcos(torch.autograd.Function):
@@ -152,11 +70,27 @@ def target_margin(c: torch.Tensor, spec: MarginSpec) -> torch.Tensor:
         k = torch.floor(m * theta.detach() / math.pi).clamp(0, m - 1)  # piecewise constant
         psi = (1 - 2 * torch.remainder(k, 2)) * chebyshev_t(c, m) - 2 * k
         return (psi + spec.lamb * c) / (1 + spec.lamb)
-    raise ValueError(f"margin must be one of {MARGINS}, got {spec.margin!r}")
+    raise ValueError(f"margin must be one of {margin_spec.MARGINS}, got {spec.margin!r}")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_norms(t: torch.Tensor) -> torch.Tensor:
+    """‖t_r‖ as (R, 1), in the accumulation dtype (a float16 row's norm may exceed 65504)."""
+    return torch.linalg.vector_norm(t, dim=1, keepdim=True, dtype=accumulation_dtype(t.dtype))
 
 
 def normalize_rows(t: torch.Tensor) -> torch.Tensor:
-    """t / max(‖t‖, NORM_EPS) row-wise: (R, D) -> (R, D)."""
+    """t / max(‖t‖, NORM_EPS) row-wise: (R, D) -> (R, D) in t's dtype, as ``F.normalize``.
+
+    float16 alone is normalized in float32: its range (65504) is too small for the norm of
+    a row whose entries are not (a float16 row of norm 7e4 would become 0, not a unit row).
+    """
+    if t.dtype == torch.float16:
+        return (t / row_norms(t).clamp_min(NORM_EPS)).to(t.dtype)
     return t / t.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
 
 
@@ -166,8 +100,7 @@ def cosine(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     The clamp only keeps rounding out of acos's domain; its gradient passes straight
     through (a sample matching its class to the last bit still gets a gradient).
     """
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dot = (normalize_rows(x) @ normalize_rows(weight).t()).to(acc)
+    dot = (normalize_rows(x) @ normalize_rows(weight).t()).to(accumulation_dtype(x.dtype))
     return dot + (dot.clamp(-1, 1) - dot).detach()
 
 
@@ -192,7 +125,7 @@ def margin_lse(x, weight, labels, margin, s, m1=1.0, m2=0.0, m3=0.0, lamb=0.0,
     if detach_margin_grad:
         phi = c_target + (phi - c_target).detach()
     phi = torch.where(has_target.unsqueeze(1), phi, c_target)
-    scale = x.to(c.dtype).norm(dim=1, keepdim=True) if feature_scale else s
+    scale = row_norms(x) if feature_scale else s
     logits = c.scatter(1, column, phi) * scale
     target_logit = torch.where(has_target, logits.gather(1, column).squeeze(1), 0)
     max_cos, pred = c.detach().max(dim=1)
@@ -207,7 +140,7 @@ def loss_from_lse(lse, target_logit, labels, gamma=0.0, reduction="mean", ignore
     ``mean`` divides by the number of rows not ignored, or by 1 when there are none
     (so an all-ignored or empty batch gives a loss of 0, not NaN).
     """
-    _check_choice("reduction", reduction, REDUCTIONS)
+    margin_spec.check_choice("reduction", reduction, margin_spec.REDUCTIONS)
     valid = labels != ignore_index
     log_p = target_logit - lse
     loss = -log_p
@@ -233,19 +166,19 @@ def margin_loss(x, weight, labels, spec: MarginSpec, reduction="mean", ignore_in
 def arcface(x, weight, labels, s=64.0, m=0.5, easy_margin=False, margin_grad="exact",
             reduction="mean", ignore_index=-100):
     """ArcFace: φ(c) = cos(θ + m) (see :func:`target_margin`). Returns the reduced loss."""
-    return margin_loss(x, weight, labels, arcface_spec(s, m, easy_margin, margin_grad),
+    return margin_loss(x, weight, labels, margin_spec.arcface(s, m, easy_margin, margin_grad),
                        reduction, ignore_index)
 
 
 def cosface(x, weight, labels, s=64.0, m=0.35, reduction="mean", ignore_index=-100):
     """CosFace: φ(c) = c − m."""
-    return margin_loss(x, weight, labels, cosface_spec(s, m), reduction, ignore_index)
+    return margin_loss(x, weight, labels, margin_spec.cosface(s, m), reduction, ignore_index)
 
 
 def combined(x, weight, labels, s=64.0, m1=1.0, m2=0.5, m3=0.0, margin_grad="exact",
              reduction="mean", ignore_index=-100):
     """InsightFace's combined margin: φ(c) = cos(m1·θ + m2) − m3."""
-    return margin_loss(x, weight, labels, combined_spec(s, m1, m2, m3, margin_grad),
+    return margin_loss(x, weight, labels, margin_spec.combined(s, m1, m2, m3, margin_grad),
                        reduction, ignore_index)
 
 
@@ -255,5 +188,5 @@ def sphereface(x, weight, labels, m=4, lamb=0.0, s=None, gamma=0.0, reduction="m
 
     ``s=None`` scales each row by its feature norm ‖x_i‖, as the original SphereFace.
     """
-    return margin_loss(x, weight, labels, sphereface_spec(m, lamb, s, gamma), reduction,
+    return margin_loss(x, weight, labels, margin_spec.sphereface(m, lamb, s, gamma), reduction,
                        ignore_index)

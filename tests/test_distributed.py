@@ -18,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -172,7 +173,9 @@ def check_errors_raise_on_every_rank(rank, world):
             caught[name] = str(error)
     assert list(caught) == list(scenarios), caught
     messages = list(caught.values())
-    assert ("weight must be (C, D)" if last else f"invalid arguments on rank(s) [{world - 1}]") in messages[0], messages
+    expected = (f"margin_loss: rank {world - 1}: weight must be (C, D)" if last else
+                f"margin_loss: rank {world - 1} rejected argument 'weight' (see that rank's error)")
+    assert expected in messages[0], messages
     assert f"labels must lie in [0, {3 * world})" in messages[1], messages
     assert "same size D and dtype" in messages[2], messages
 
@@ -311,6 +314,101 @@ def check_ddp_backbone(rank, world):
     close(head_grad, w_full.grad[span(sizes, rank)], torch.float64, "head grad")
 
 
+#: The process group's timeout (see _worker): a rank left waiting in a collective raises after it.
+PG_TIMEOUT_S = 60
+#: An argument error must reach every rank far sooner than the timeout.
+PROMPT_S = 10
+
+
+def raised_on_this_rank(call):
+    """(exception type, message, seconds) of ``call()``, which must raise TypeError/ValueError.
+
+    The ranks start together (a barrier) and the clock stops when this rank raises. Afterwards
+    a valid call runs on every rank: the failed call must have left no collective pending.
+    """
+    dist.barrier()
+    start = time.monotonic()
+    try:
+        call()
+    except (TypeError, ValueError) as error:
+        outcome = type(error), str(error), time.monotonic() - start
+    else:
+        outcome = None, "returned instead of raising", time.monotonic() - start
+    x, w = torch.randn(2, D, dtype=torch.float64), torch.randn(3, D, dtype=torch.float64)
+    assert torch.isfinite(distributed.margin_loss(x, w, torch.tensor([0, 1]))), "the ranks lost sync"
+    return outcome
+
+
+def assert_raised(outcome, error_type, message, what):
+    got_type, got_message, elapsed = outcome
+    assert (got_type, got_message) == (error_type, message), \
+        f"{what}: expected {error_type.__name__}({message!r}), got {got_type and got_type.__name__}({got_message!r})"
+    assert elapsed < PROMPT_S, f"{what}: took {elapsed:.1f} s (process-group timeout {PG_TIMEOUT_S} s)"
+
+
+def check_invalid_argument_on_one_rank(rank, world):
+    """An invalid reduction, kind or margin value on the last rank only: every rank raises at once,
+    that rank with its own message, the others naming the argument and the rank."""
+    x, w, labels = torch.randn(2, D, dtype=torch.float64), torch.randn(3, D, dtype=torch.float64), torch.tensor([0, 1])
+    last = world - 1
+    mine = rank == last
+    reduction = raised_on_this_rank(lambda: distributed.margin_loss(
+        x, w, labels, reduction="avg" if mine else "mean"))
+    kind = raised_on_this_rank(lambda: distributed.margin_loss(
+        x, w, labels, kind="softmax" if mine else "arcface"))
+    scale = raised_on_this_rank(lambda: distributed.margin_loss(
+        x, w, labels, kind="cosface", s=-1.0 if mine else 64.0))
+    # PartialFC checks its constructor's arguments on this rank alone (no collective) ...
+    try:
+        distributed.PartialFC(D, 2 * world, s=-1.0 if mine else 64.0, dtype=torch.float64)
+        built = "built"
+    except ValueError as error:
+        built = str(error)
+    # ... and a forward with an argument gone bad on one rank raises on every rank.
+    head = distributed.PartialFC(D, 2 * world, dtype=torch.float64)
+    head.reduction = "avg" if mine else "mean"
+    forward = raised_on_this_rank(lambda: head(x, labels))
+
+    def other(who, name):
+        return f"{who}: rank {last} rejected argument {name!r} (see that rank's error)"
+    if mine:
+        assert_raised(reduction, ValueError, f"margin_loss: rank {last}: reduction must be one of 'mean', 'sum', "
+                      "'none', got 'avg'", "reduction")
+        assert_raised(kind, ValueError, f"margin_loss: rank {last}: kind must be one of 'arcface', 'cosface', "
+                      "'combined', 'sphereface', got 'softmax'", "kind")
+        assert_raised(scale, ValueError, f"margin_loss: rank {last}: s must be > 0, got -1.0", "s")
+        assert built == f"PartialFC: rank {last}: s must be > 0, got -1.0", built
+        assert_raised(forward, ValueError,
+                      f"PartialFC: rank {last}: reduction must be one of 'mean', 'sum', 'none', got 'avg'", "forward")
+    else:
+        assert_raised(reduction, ValueError, other("margin_loss", "reduction"), "reduction")
+        assert_raised(kind, ValueError, other("margin_loss", "kind"), "kind")
+        assert_raised(scale, ValueError, other("margin_loss", "s"), "s")
+        assert built == "built", built
+        assert_raised(forward, ValueError, other("PartialFC", "reduction"), "forward")
+
+
+def check_arguments_differ_between_ranks(rank, world):
+    """Valid arguments that differ between ranks (s, ignore_index, kind, PartialFC's s): every rank
+    raises naming the argument and every rank's value."""
+    x, w, labels = torch.randn(2, D, dtype=torch.float64), torch.randn(3, D, dtype=torch.float64), torch.tensor([0, 1])
+    last = world - 1
+    mine = rank == last
+    scale = raised_on_this_rank(lambda: distributed.margin_loss(x, w, labels, s=30.0 if mine else 64.0))
+    ignore = raised_on_this_rank(lambda: distributed.margin_loss(x, w, labels, ignore_index=-1 if mine else -100))
+    kind = raised_on_this_rank(lambda: distributed.margin_loss(x, w, labels, kind="cosface" if mine else "arcface"))
+    head = distributed.PartialFC(D, 2 * world, kind="cosface", s=30.0 if mine else 64.0, dtype=torch.float64)
+    forward = raised_on_this_rank(lambda: head(x, labels))
+
+    def differs(who, name, value, last_value):
+        values = ", ".join(f"rank {q}: {last_value if q == last else value}" for q in range(world))
+        return f"{who}: argument {name!r} differs between ranks: {values}"
+    assert_raised(scale, ValueError, differs("margin_loss", "s", 64.0, 30.0), "s")
+    assert_raised(ignore, ValueError, differs("margin_loss", "ignore_index", -100, -1), "ignore_index")
+    assert_raised(kind, ValueError, differs("margin_loss", "kind", "'arcface'", "'cosface'"), "kind")
+    assert_raised(forward, ValueError, differs("PartialFC", "s", 64.0, 30.0), "PartialFC s")
+
+
 CHECKS = {}
 for _i, (_kind, _dtype, _reduction) in enumerate(
         (k, d, r) for k in MARGINS for d in (torch.float64, torch.float32) for r in ("mean", "sum", "none")):
@@ -329,13 +427,16 @@ CHECKS.update({
     "sampling": check_sampling,
     "sampling-more-positives-than-sample": check_sampling_more_positives_than_sample,
     "ddp-backbone": check_ddp_backbone,
+    # Last: before these were fixed, a rank left waiting desynchronized every later check.
+    "invalid-argument-on-one-rank": check_invalid_argument_on_one_rank,
+    "arguments-differ-between-ranks": check_arguments_differ_between_ranks,
 })
 
 
 def _worker(rank, world, port, out_dir):
     torch.set_num_threads(1)  # 2-4 processes share the machine's cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
     results = {}
     for name, check in CHECKS.items():
         try:
@@ -369,6 +470,7 @@ def results(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(CHECKS))
 @pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.slow
 def test_distributed(results, world, name):
     failures = [f"rank {rank}:\n{r[name]}" for rank, r in enumerate(results(world)) if r[name]]
     assert not failures, "\n".join(failures)
@@ -379,10 +481,11 @@ def test_margin_kwargs_are_checked():
         distributed._margin_spec("arcface", {"lamb": 1.0})
     with pytest.raises(ValueError, match="kind must be one of"):
         distributed._margin_spec("softmax", {})
-    defaults = margin_ops.reference.sphereface_spec(4, 0.0, None, 0.0)
+    defaults = margin_ops.spec.sphereface(4, 0.0, None, 0.0)
     assert distributed._margin_spec("sphereface", {"s": None}) == defaults
 
 
+@pytest.mark.slow
 def test_torchrun_example_and_benchmark():
     """The example trains under torchrun (2 gloo processes); the benchmark runs at world size 1."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

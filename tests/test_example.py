@@ -16,6 +16,7 @@ CHANCE = 0.1  # ten balanced classes
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_train_digits_quick(tmp_path):
     run = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)

@@ -160,8 +160,35 @@ def test_bad_constructor_arguments():
         margin_ops.CosFace(8, 3, reduction="avg")
     with pytest.raises(ValueError, match="m must be an integer"):
         margin_ops.SphereFace(8, 3, m=0)
-    with pytest.raises(ValueError, match="lambda_max"):
+    with pytest.raises(ValueError, match="lambda_max must be >= 0"):
         margin_ops.SphereFace(8, 3, lambda_max=-1.0)
+    # the error names the argument the user passed, not the λ it feeds
+    with pytest.raises(ValueError, match=r"^lambda_min must be >= 0, got -1"):
+        margin_ops.SphereFace(8, 3, lambda_min=-1.0)
+    with pytest.raises(ValueError, match=r"^lambda_min must be a finite number"):
+        margin_ops.SphereFace(8, 3, lambda_min=float("nan"))
+    with pytest.raises(ValueError, match=r"m must lie in \[0, π\)"):
+        margin_ops.ArcFace(8, 3, m=4.0)
+    with pytest.raises(ValueError, match=r"m must be an integer >= 1, got True"):
+        margin_ops.SphereFace(8, 3, m=True)
+
+
+def test_sphereface_schedule_does_not_advance_when_forward_raises():
+    """A training forward that raises (here: a label out of range) leaves the iteration
+    counter, and so λ, where it was; the next good step uses the λ it would have used."""
+    head = margin_ops.SphereFace(6, 9)
+    x, _, y = make_inputs(4, 6, 9, F32)
+    bad = y.clone()
+    bad[0] = 42
+    with margin_ops.backend("cpu"):
+        head(x, y)
+        for _ in range(3):
+            with pytest.raises(ValueError, match="labels must lie in"):
+                head(x, bad)
+        assert int(head.iteration) == 1
+        loss = head(x, y)
+    assert int(head.iteration) == 2
+    assert torch.equal(loss, torch.ops.margin.sphereface(x, head.weight, y, m=4, lamb=_lamb(2)))
 
 
 def test_module_float64_and_repr():

@@ -15,26 +15,11 @@
 #include <algorithm>
 #include <optional>
 
+#include "../margin_checks.h"
 #include "../margin_params.h"
 
 namespace margin_ops {
 namespace {
-
-void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels) {
-  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (N, D), got shape ", x.sizes());
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.size(1),
-                    "weight must be (C, D) with D = x.size(1) = ", x.size(1), ", got shape ",
-                    weight.sizes());
-  TORCH_CHECK_VALUE(weight.size(0) >= 1, "weight must have at least one class (row)");
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()) && weight.scalar_type() == x.scalar_type(),
-                   "x and weight must share one floating dtype, got ", x.scalar_type(), " and ",
-                   weight.scalar_type());
-  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == x.size(0),
-                    "labels must be (N,) with N = x.size(0) = ", x.size(0), ", got shape ",
-                    labels.sizes());
-  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "labels must be int64, got ",
-                   labels.scalar_type());
-}
 
 at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -186,9 +171,9 @@ std::tuple<at::Tensor, at::Tensor> margin_lse_backward_cpu(
   const Problem p =
       prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad);
   const int64_t n = p.n, dim = x.size(1);
-  for (const auto* t : {&grad_lse, &grad_target_logit, &lse}) {
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == n, "per-row gradients and lse must be (N,)");
-  }
+  check_per_row(grad_lse, "grad_lse", x);
+  check_per_row(grad_target_logit, "grad_target_logit", x);
+  check_per_row(lse, "lse", x);
   const auto opts = p.options();
   auto grad_weight = at::empty_like(weight);
   const auto g_lse = grad_lse.to(p.acc).contiguous().unsqueeze(1);

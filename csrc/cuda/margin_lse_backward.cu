@@ -2,7 +2,11 @@
 // finalize (see margin_lse_kernels.cuh for the design).
 #include <algorithm>
 
-#include "margin_lse_device.cuh"
+#include "margin_lse_dtype.cuh"
+#include "margin_lse_layout.cuh"
+#include "margin_lse_norms.cuh"
+#include "margin_lse_reduce.cuh"
+#include "margin_lse_tile_gemm.cuh"
 
 namespace margin_ops {
 namespace cuda {
@@ -12,7 +16,7 @@ using namespace dev;
 namespace {
 
 // Budgets of the two large workspaces (bytes); see backward_layout. Overridable at compile
-// time: tests/cuda_emulator shrinks them so that small problems take several class chunks
+// time: the emulated build (tools/margin_emulated) shrinks them so that small problems take several class chunks
 // and dX splits.
 #ifndef MARGIN_OPS_BWD_SCRATCH_BUDGET
 #define MARGIN_OPS_BWD_SCRATCH_BUDGET (int64_t(16) << 20)
@@ -35,12 +39,7 @@ constexpr int64_t kPartialBudget = MARGIN_OPS_BWD_PARTIAL_BUDGET;  // dX̂ split
 template <class T>
 struct TileArgs {
   using Acc = AccOf<T>;
-  const T* x;  // (n, d), as given: normalized in the epilogue, as in the forward
-  int64_t n;
-  const T* weight;  // (c, d)
-  int64_t c, d;
-  bool x_vec, w_vec;
-  const int64_t* labels;
+  ProblemInputs<T> in;  // x as given: normalized in the epilogue, as in the forward
   const Acc* x_norm;  // (n_pad,)
   const Acc* scale;   // (n_pad,)
   const Acc* lse;     // (n,)
@@ -60,60 +59,38 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_tile_kernel(
     const TileArgs<T> args) {
   using C = Cfg<T>;
   using Acc = AccOf<T>;
-  using Gemm = TileGemm<T, false, false>;
   constexpr Acc kLog2e = Consts<Acc>::kLog2e;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
-  __shared__ Acc s_inv[C::BN];
+  __shared__ CosineTile<T> tile;
   __shared__ Acc s_norm[C::BN];
-  __shared__ Acc s_scale[C::BM];
-  __shared__ Acc s_xinv[C::BM];
   __shared__ Acc s_lse2[C::BM];
   __shared__ Acc s_gl[C::BM];
   __shared__ Acc s_gt[C::BM];
-  __shared__ int32_t s_label[C::BM];
   __shared__ Acc s_r[C::kWarpsM][C::BN];
   __shared__ MarginParams s_margin;
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int warp_m = warp / C::kWarpsN, warp_n = warp % C::kWarpsN;
-  const int wm0 = warp_m * C::WM, wn0 = warp_n * C::WN;
+  const int tid = threadIdx.x;
+  const auto [lane, warp_m, warp_n, wm0, wn0] = warp_place<C>();
   const int rt = blockIdx.x;
   const int64_t row0 = int64_t(rt) * C::BM;
   const int64_t ct_local0 = int64_t(blockIdx.y) * C::BN;  // first column, chunk-local
   const int64_t col0 = args.c0 + ct_local0;                // first column, global
 
   if (tid == 0) s_margin = args.margin;
+  tile.load_rows(args.in, row0, args.x_norm, args.scale);
   for (int r = tid; r < C::BM; r += kThreads) {
     const int64_t gr = row0 + r;
-    Acc sc = Acc(0), xinv = Acc(0), l2 = Acc(0), gl = Acc(0), gt = Acc(0);
-    int32_t y = -1;
-    if (gr < args.n) {
-      sc = args.scale[gr];
-      xinv = inverse_norm(args.x_norm[gr]);
-      l2 = args.lse[gr] * kLog2e;
-      gl = args.g_lse[gr];
-      gt = args.g_t[gr];
-      const int64_t lab = args.labels[gr];
-      if (lab >= 0 && lab < args.c) y = int32_t(lab);
-    }
-    s_scale[r] = sc;
-    s_xinv[r] = xinv;
-    s_lse2[r] = l2;
-    s_gl[r] = gl;
-    s_gt[r] = gt;
-    s_label[r] = y;
+    const bool row_ok = gr < args.in.n;
+    s_lse2[r] = row_ok ? args.lse[gr] * kLog2e : Acc(0);
+    s_gl[r] = row_ok ? args.g_lse[gr] : Acc(0);
+    s_gt[r] = row_ok ? args.g_t[gr] : Acc(0);
   }
   // (visible after the GEMM's barriers)
 
-  const Operand<T> a{args.x, args.d, row0, args.n, args.d, args.x_vec};
-  const Operand<T> b{args.weight, args.d, col0, args.c, args.d, args.w_vec};
   Acc acc[C::TR][C::TC];
-  WeightNorm<T> wnorm;
-  Gemm::run(acc, a, b, 0, (args.d + C::BK - 1) / C::BK * C::BK, smem, wnorm);
-  wnorm.finish(s_norm, s_inv);
-  __syncthreads();
+  tile.products(acc, args.in, row0, col0, smem, s_norm);
 
   Acc rsum[C::TC];
 #pragma unroll
@@ -123,10 +100,10 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_tile_kernel(
   for (int ri = 0; ri < C::TR; ++ri) {
     const int r = wm0 + C::row(ri, lane);
     const int64_t gr = row0 + r;
-    const bool row_ok = gr < args.n;
-    const Acc sc = s_scale[r], sc2 = sc * kLog2e, lse2 = s_lse2[r], gl = s_gl[r], xinv = s_xinv[r];
-    const int64_t ydiff = int64_t(s_label[r]) - col0;
-    const int yl = (s_label[r] >= 0 && ydiff >= 0 && ydiff < C::BN) ? int(ydiff) : -1;
+    const bool row_ok = gr < args.in.n;
+    const Acc sc = tile.scale[r], sc2 = sc * kLog2e, lse2 = s_lse2[r], gl = s_gl[r];
+    const Acc xinv = tile.xinv[r];
+    const int yl = tile.target_column(r, col0);
     // Non-target entries are stored as they are computed (pairs of adjacent columns for the
     // mma layout); the target entry, if this thread has it, is overwritten afterwards.
     T* out = args.scratch + gr * args.cc + ct_local0 + wn0;
@@ -140,8 +117,8 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_tile_kernel(
       for (int e = 0; e < kStep; ++e) {
         const int cl = wn0 + C::col(ci + e, lane);
         dv[e] = Acc(0);
-        if (row_ok && col0 + cl < args.c) {
-          const Acc inv = s_inv[cl];
+        if (row_ok && col0 + cl < args.in.c) {
+          const Acc inv = tile.inv[cl];
           const Acc raw = acc[ri][ci + e] * xinv * inv;  // as in the forward
           const Acc cs = clamp_unit(raw);
           if (cl == yl) {
@@ -175,16 +152,13 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_tile_kernel(
       for (int ci = 0; ci < C::TC; ++ci) {
         if (wn0 + C::col(ci, lane) == yl) rsum[ci] += dc * t_cos;
       }
-      out[yl - wn0] = Type<T>::store(dc * s_inv[yl]);  // same thread: program order
+      out[yl - wn0] = Type<T>::store(dc * tile.inv[yl]);  // same thread: program order
     }
   }
 
   // r_c: sum the column over the lanes sharing it (lane bits 2-4), then over the warps.
 #pragma unroll
-  for (int ci = 0; ci < C::TC; ++ci) {
-#pragma unroll
-    for (int off = 4; off <= 16; off <<= 1) rsum[ci] += __shfl_xor_sync(0xffffffffu, rsum[ci], off);
-  }
+  for (int ci = 0; ci < C::TC; ++ci) rsum[ci] = lanes_sum<2, 5>(rsum[ci]);
   if ((lane >> 2) == 0) {
 #pragma unroll
     for (int ci = 0; ci < C::TC; ++ci) s_r[warp_m][wn0 + C::col(ci, lane)] = rsum[ci];
@@ -230,8 +204,8 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_dw_kernel(
   T* smem = reinterpret_cast<T*>(smem_raw);
   __shared__ Acc s_coef[C::BM];
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wm0 = (warp / C::kWarpsN) * C::WM, wn0 = (warp % C::kWarpsN) * C::WN;
+  const int tid = threadIdx.x;
+  const auto [lane, warp_m, warp_n, wm0, wn0] = warp_place<C>();
   const int64_t d0 = int64_t(blockIdx.x) * C::BN;
   const int64_t m0 = int64_t(blockIdx.y) * C::BM;  // chunk-local class
 
@@ -298,8 +272,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_dx_kernel(
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wm0 = (warp / C::kWarpsN) * C::WM, wn0 = (warp % C::kWarpsN) * C::WN;
+  const auto [lane, warp_m, warp_n, wm0, wn0] = warp_place<C>();
   const int64_t d0 = int64_t(blockIdx.x) * C::BN;
   const int64_t row0 = int64_t(blockIdx.y) * C::BM;
   const int64_t split = blockIdx.z;
@@ -398,32 +371,6 @@ struct BwdLayout {
 };
 
 template <class T>
-BwdLayout bwd_layout(const BackwardParams& p) {
-  using C = Cfg<T>;
-  using Acc = AccOf<T>;
-  BwdLayout l;
-  l.n_pad = rows_padded(p.n);
-  l.d_pad = dims_padded(p.d);
-  l.row_tiles = int(l.n_pad / C::BM);
-  l.d_tiles = int(l.d_pad / C::BN);
-  const int64_t c_pad = round_up(p.c, 128);
-  const int64_t fit = kScratchBudget / (l.n_pad * int64_t(sizeof(T))) / 128 * 128;
-  l.cc = std::min(c_pad, std::max<int64_t>(128, fit));
-  l.chunks = ceil_div(p.c, l.cc);
-  // Splits: about two CTAs per SM for bwd_dx, each with >= 256 classes, partials in budget.
-  const int64_t tiles = int64_t(l.row_tiles) * l.d_tiles;
-  const int64_t sms = p.num_sms > 0 ? p.num_sms : 1;
-  int64_t splits = ceil_div(2 * sms, tiles);
-  splits = std::min(splits, std::max<int64_t>(1, l.cc / 256));
-  splits = std::min(splits, std::max<int64_t>(
-                                1, kPartialBudget / (l.n_pad * l.d_pad * int64_t(sizeof(Acc)))));
-  splits = std::max<int64_t>(1, splits);
-  l.k_split = round_up(ceil_div(l.cc, splits), C::BK);
-  l.splits = int(ceil_div(l.cc, l.k_split));
-  return l;
-}
-
-template <class T>
 struct BwdBuffers {
   using Acc = AccOf<T>;
   T* x_hat;
@@ -436,149 +383,157 @@ struct BwdBuffers {
   Acc* t_corr;
 };
 
-template <class T>
-BwdBuffers<T> carve_bwd(Carve& cv, const BwdLayout& l) {
-  using Acc = AccOf<T>;
-  BwdBuffers<T> b;
-  b.x_hat = cv.take<T>(l.n_pad * l.d_pad);
-  b.x_norm = cv.take<Acc>(l.n_pad);
-  b.scale = cv.take<Acc>(l.n_pad);
-  b.scratch = cv.take<T>(l.n_pad * l.cc);
-  b.r_part = cv.take<Acc>(int64_t(l.row_tiles) * l.cc);
-  b.w_norm = cv.take<Acc>(l.cc);
-  b.part = cv.take<Acc>(int64_t(l.splits) * l.n_pad * l.d_pad);
-  b.t_corr = cv.take<Acc>(l.n_pad);
-  return b;
-}
+// The host side of the backward: the layout of its chunks, splits and grids, its workspace
+// buffers and its launches (the entry points below join them: launch_pass in
+// margin_lse_layout.cuh).
+struct Backward {
+  template <class T>
+  static BwdLayout layout(const BackwardParams& p) {
+    using C = Cfg<T>;
+    using Acc = AccOf<T>;
+    BwdLayout l;
+    l.n_pad = rows_padded(p.n);
+    l.d_pad = dims_padded(p.d);
+    l.row_tiles = int(l.n_pad / C::BM);
+    l.d_tiles = int(l.d_pad / C::BN);
+    const int64_t c_pad = round_up(p.c, 128);
+    const int64_t fit = kScratchBudget / (l.n_pad * int64_t(sizeof(T))) / 128 * 128;
+    l.cc = std::min(c_pad, std::max<int64_t>(128, fit));
+    l.chunks = ceil_div(p.c, l.cc);
+    // Splits: about two CTAs per SM for bwd_dx, each with >= 256 classes, partials in budget.
+    const int64_t tiles = int64_t(l.row_tiles) * l.d_tiles;
+    const int64_t sms = p.num_sms > 0 ? p.num_sms : 1;
+    int64_t splits = ceil_div(2 * sms, tiles);
+    splits = std::min(splits, std::max<int64_t>(1, l.cc / 256));
+    splits = std::min(splits, std::max<int64_t>(
+                                  1, kPartialBudget / (l.n_pad * l.d_pad * int64_t(sizeof(Acc)))));
+    splits = std::max<int64_t>(1, splits);
+    l.k_split = round_up(ceil_div(l.cc, splits), C::BK);
+    l.splits = int(ceil_div(l.cc, l.k_split));
+    return l;
+  }
 
-template <class T>
-size_t bwd_workspace(const BackwardParams& p) {
-  Carve cv{nullptr};
-  carve_bwd<T>(cv, bwd_layout<T>(p));
-  return cv.used;
-}
+  template <class T>
+  static BwdBuffers<T> carve(Carve& cv, const BwdLayout& l) {
+    using Acc = AccOf<T>;
+    BwdBuffers<T> b;
+    b.x_hat = cv.take<T>(l.n_pad * l.d_pad);
+    b.x_norm = cv.take<Acc>(l.n_pad);
+    b.scale = cv.take<Acc>(l.n_pad);
+    b.scratch = cv.take<T>(l.n_pad * l.cc);
+    b.r_part = cv.take<Acc>(int64_t(l.row_tiles) * l.cc);
+    b.w_norm = cv.take<Acc>(l.cc);
+    b.part = cv.take<Acc>(int64_t(l.splits) * l.n_pad * l.d_pad);
+    b.t_corr = cv.take<Acc>(l.n_pad);
+    return b;
+  }
 
-template <class K>
-cudaError_t allow_smem(K* kernel, size_t bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-}
+  template <class T>
+  static cudaError_t run(const BackwardParams& p, const BwdLayout& l, const BwdBuffers<T>& buf,
+                         cudaStream_t stream) {
+    using C = Cfg<T>;
+    using Acc = AccOf<T>;
+    using GemmDw = TileGemm<T, true, true>;
+    using GemmDx = TileGemm<T, false, true>;
+    const ProblemInputs<T> in = problem_inputs<T>(p);
+
+    cudaError_t err;
+    constexpr size_t kTileSmem = CosineTile<T>::kSmemBytes;
+    if ((err = allow_smem(bwd_tile_kernel<T>, kTileSmem)) != cudaSuccess) return err;
+    if ((err = allow_smem(bwd_dw_kernel<T>, GemmDw::kSmemBytes)) != cudaSuccess) return err;
+    if ((err = allow_smem(bwd_dx_kernel<T>, GemmDx::kSmemBytes)) != cudaSuccess) return err;
+
+    const PrepArgs<T> pa =
+        make_prep_args<T>(p, l.n_pad, l.d_pad, buf.x_hat, buf.x_norm, buf.scale, buf.t_corr);
+    prep_kernel<T><<<unsigned(l.n_pad), kThreads, 0, stream>>>(pa);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+
+    TileArgs<T> ta;
+    ta.in = in;
+    ta.x_norm = buf.x_norm;
+    ta.scale = buf.scale;
+    ta.lse = static_cast<const Acc*>(p.lse);
+    ta.g_lse = static_cast<const Acc*>(p.grad_lse);
+    ta.g_t = static_cast<const Acc*>(p.grad_target_logit);
+    ta.margin = p.margin;
+    ta.cc = l.cc;
+    ta.scratch = buf.scratch;
+    ta.r_part = buf.r_part;
+    ta.w_norm = buf.w_norm;
+    ta.t_corr = buf.t_corr;
+
+    DwArgs<T> da;
+    da.scratch = buf.scratch;
+    da.cc = l.cc;
+    da.n = p.n;
+    da.n_pad = l.n_pad;
+    da.x_hat = buf.x_hat;
+    da.d_pad = l.d_pad;
+    da.weight = in.weight;
+    da.d = p.d;
+    da.r_part = buf.r_part;
+    da.w_norm = buf.w_norm;
+    da.row_tiles = l.row_tiles;
+    da.grad_weight = static_cast<T*>(p.grad_weight);
+
+    DxArgs<T> xa;
+    xa.scratch = buf.scratch;
+    xa.cc = l.cc;
+    xa.n_pad = l.n_pad;
+    xa.d = p.d;
+    xa.d_pad = l.d_pad;
+    xa.w_vec = in.w_vec;
+    xa.k_split = l.k_split;
+    xa.part = buf.part;
+
+    for (int64_t chunk = 0; chunk < l.chunks; ++chunk) {
+      const int64_t c0 = chunk * l.cc;
+      const int64_t kc = std::min(l.cc, p.c - c0);
+
+      ta.c0 = c0;
+      const dim3 grid_tile(unsigned(l.row_tiles), unsigned(ceil_div(kc, C::BN)));
+      bwd_tile_kernel<T><<<grid_tile, kThreads, kTileSmem, stream>>>(ta);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+
+      da.kc = kc;
+      da.c0 = c0;
+      const dim3 grid_dw(unsigned(l.d_tiles), unsigned(ceil_div(kc, C::BM)));
+      bwd_dw_kernel<T><<<grid_dw, kThreads, GemmDw::kSmemBytes, stream>>>(da);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+
+      xa.kc = kc;
+      xa.weight_chunk = in.weight + c0 * p.d;
+      xa.accumulate = chunk > 0;
+      const dim3 grid_dx(unsigned(l.d_tiles), unsigned(l.row_tiles), unsigned(l.splits));
+      bwd_dx_kernel<T><<<grid_dx, kThreads, GemmDx::kSmemBytes, stream>>>(xa);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+
+    FinalizeArgs<T> fa;
+    fa.x = in.x;
+    fa.d = p.d;
+    fa.n_pad = l.n_pad;
+    fa.d_pad = l.d_pad;
+    fa.x_norm = buf.x_norm;
+    fa.scale = buf.scale;
+    fa.part = buf.part;
+    fa.splits = l.splits;
+    fa.t_corr = buf.t_corr;
+    fa.feature_scale = p.margin.feature_scale;
+    fa.grad_x = static_cast<T*>(p.grad_x);
+    bwd_finalize_kernel<T><<<unsigned(p.n), kThreads, 0, stream>>>(fa);
+    return cudaGetLastError();
+  }
+};
 
 }  // namespace
 
-template <class T>
-cudaError_t run_backward(const BackwardParams& p, cudaStream_t stream) {
-  using C = Cfg<T>;
-  using Acc = AccOf<T>;
-  using GemmTile = TileGemm<T, false, false>;
-  using GemmDw = TileGemm<T, true, true>;
-  using GemmDx = TileGemm<T, false, true>;
-  const BwdLayout l = bwd_layout<T>(p);
-  Carve cv{static_cast<char*>(p.workspace)};
-  const BwdBuffers<T> buf = carve_bwd<T>(cv, l);
-  const T* x = static_cast<const T*>(p.x);
-  const T* w = static_cast<const T*>(p.weight);
-  const bool w_vec = rows_vec<T>(w, p.d);
-
-  cudaError_t err;
-  if ((err = allow_smem(bwd_tile_kernel<T>, GemmTile::kSmemBytes)) != cudaSuccess) return err;
-  if ((err = allow_smem(bwd_dw_kernel<T>, GemmDw::kSmemBytes)) != cudaSuccess) return err;
-  if ((err = allow_smem(bwd_dx_kernel<T>, GemmDx::kSmemBytes)) != cudaSuccess) return err;
-
-  const PrepArgs<T> pa =
-      make_prep_args<T>(p, l.n_pad, l.d_pad, buf.x_hat, buf.x_norm, buf.scale, buf.t_corr);
-  prep_kernel<T><<<unsigned(l.n_pad), kThreads, 0, stream>>>(pa);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-
-  TileArgs<T> ta;
-  ta.x = x;
-  ta.n = p.n;
-  ta.weight = w;
-  ta.c = p.c;
-  ta.d = p.d;
-  ta.x_vec = rows_vec<T>(x, p.d);
-  ta.w_vec = w_vec;
-  ta.labels = p.labels;
-  ta.x_norm = buf.x_norm;
-  ta.scale = buf.scale;
-  ta.lse = static_cast<const Acc*>(p.lse);
-  ta.g_lse = static_cast<const Acc*>(p.grad_lse);
-  ta.g_t = static_cast<const Acc*>(p.grad_target_logit);
-  ta.margin = p.margin;
-  ta.cc = l.cc;
-  ta.scratch = buf.scratch;
-  ta.r_part = buf.r_part;
-  ta.w_norm = buf.w_norm;
-  ta.t_corr = buf.t_corr;
-
-  DwArgs<T> da;
-  da.scratch = buf.scratch;
-  da.cc = l.cc;
-  da.n = p.n;
-  da.n_pad = l.n_pad;
-  da.x_hat = buf.x_hat;
-  da.d_pad = l.d_pad;
-  da.weight = w;
-  da.d = p.d;
-  da.r_part = buf.r_part;
-  da.w_norm = buf.w_norm;
-  da.row_tiles = l.row_tiles;
-  da.grad_weight = static_cast<T*>(p.grad_weight);
-
-  DxArgs<T> xa;
-  xa.scratch = buf.scratch;
-  xa.cc = l.cc;
-  xa.n_pad = l.n_pad;
-  xa.d = p.d;
-  xa.d_pad = l.d_pad;
-  xa.w_vec = w_vec;
-  xa.k_split = l.k_split;
-  xa.part = buf.part;
-
-  for (int64_t chunk = 0; chunk < l.chunks; ++chunk) {
-    const int64_t c0 = chunk * l.cc;
-    const int64_t kc = std::min(l.cc, p.c - c0);
-
-    ta.c0 = c0;
-    const dim3 grid_tile(unsigned(l.row_tiles), unsigned(ceil_div(kc, C::BN)));
-    bwd_tile_kernel<T><<<grid_tile, kThreads, GemmTile::kSmemBytes, stream>>>(ta);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-
-    da.kc = kc;
-    da.c0 = c0;
-    const dim3 grid_dw(unsigned(l.d_tiles), unsigned(ceil_div(kc, C::BM)));
-    bwd_dw_kernel<T><<<grid_dw, kThreads, GemmDw::kSmemBytes, stream>>>(da);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-
-    xa.kc = kc;
-    xa.weight_chunk = w + c0 * p.d;
-    xa.accumulate = chunk > 0;
-    const dim3 grid_dx(unsigned(l.d_tiles), unsigned(l.row_tiles), unsigned(l.splits));
-    bwd_dx_kernel<T><<<grid_dx, kThreads, GemmDx::kSmemBytes, stream>>>(xa);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
-
-  FinalizeArgs<T> fa;
-  fa.x = x;
-  fa.d = p.d;
-  fa.n_pad = l.n_pad;
-  fa.d_pad = l.d_pad;
-  fa.x_norm = buf.x_norm;
-  fa.scale = buf.scale;
-  fa.part = buf.part;
-  fa.splits = l.splits;
-  fa.t_corr = buf.t_corr;
-  fa.feature_scale = p.margin.feature_scale;
-  fa.grad_x = static_cast<T*>(p.grad_x);
-  bwd_finalize_kernel<T><<<unsigned(p.n), kThreads, 0, stream>>>(fa);
-  return cudaGetLastError();
-}
-
 size_t backward_workspace_bytes(const BackwardParams& p) {
-  return dispatch_dtype(p.dtype, [&](auto t) { return bwd_workspace<decltype(t)>(p); });
+  return pass_workspace_bytes<Backward>(p);
 }
 
 cudaError_t launch_margin_lse_backward(const BackwardParams& p, cudaStream_t stream) {
-  return dispatch_dtype(p.dtype, [&](auto t) { return run_backward<decltype(t)>(p, stream); });
+  return launch_pass<Backward>(p, stream);
 }
 
 }  // namespace cuda

@@ -2,7 +2,11 @@
 #include <algorithm>
 #include <limits>
 
-#include "margin_lse_device.cuh"
+#include "margin_lse_dtype.cuh"
+#include "margin_lse_layout.cuh"
+#include "margin_lse_norms.cuh"
+#include "margin_lse_reduce.cuh"
+#include "margin_lse_tile_gemm.cuh"
 
 namespace margin_ops {
 namespace cuda {
@@ -14,12 +18,8 @@ namespace {
 template <class T>
 struct FwdArgs {
   using Acc = AccOf<T>;
-  const T* x;  // (n, d), as given: normalized in the epilogue, never rounded as x̂
-  int64_t n, n_pad;
-  const T* weight;  // (c, d)
-  int64_t c, d;
-  bool x_vec, w_vec;
-  const int64_t* labels;
+  ProblemInputs<T> in;  // x as given: normalized in the epilogue, never rounded as x̂
+  int64_t n_pad;
   const Acc* x_norm;  // (n_pad,)
   const Acc* scale;   // (n_pad,)
   MarginParams margin;
@@ -35,51 +35,24 @@ struct FwdArgs {
   int row_tiles;
 };
 
-// (m, s) <- merge of two (max, sum of 2^(v - max)) pairs; max = -inf means empty.
-template <class A>
-__device__ __forceinline__ void merge_lse(A& m, A& s, A om, A os) {
-  const A mx = vmax(m, om);
-  if (mx == neg_inf(A(0))) {  // both empty: sums are 0, or NaN (kept: NaN is sticky)
-    s += os;
-    return;
-  }
-  s = s * fast_exp2(m - mx) + os * fast_exp2(om - mx);
-  m = mx;
-}
-
-// Larger cosine wins, the lower class on ties; NaN beats every number (as torch.max).
-template <class A>
-__device__ __forceinline__ void merge_best(A& b, int32_t& i, A ob, int32_t oi) {
-  const bool o_nan = ob != ob, nan = b != b;
-  if (o_nan != nan ? o_nan : (ob > b || ((ob == b || o_nan) && oi < i))) {
-    b = ob;
-    i = oi;
-  }
-}
-
 template <class T>
 __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) fwd_main_kernel(const FwdArgs<T> args) {
   using C = Cfg<T>;
   using Acc = AccOf<T>;
-  using Gemm = TileGemm<T, false, false>;
   constexpr Acc kLog2e = Consts<Acc>::kLog2e;
   const Acc kNegInf = neg_inf(Acc(0));
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
-  __shared__ Acc s_inv[C::BN];
-  __shared__ Acc s_xinv[C::BM];
-  __shared__ Acc s_scale[C::BM];
-  __shared__ int32_t s_label[C::BM];
+  __shared__ CosineTile<T> tile;
   __shared__ Acc s_max[C::kWarpsN][C::BM];
   __shared__ Acc s_sum[C::kWarpsN][C::BM];
   __shared__ Acc s_cos[C::kWarpsN][C::BM];
   __shared__ int32_t s_idx[C::kWarpsN][C::BM];
   __shared__ MarginParams s_margin;
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int warp_m = warp / C::kWarpsN, warp_n = warp % C::kWarpsN;
-  const int wm0 = warp_m * C::WM, wn0 = warp_n * C::WN;
+  const int tid = threadIdx.x;
+  const auto [lane, warp_m, warp_n, wm0, wn0] = warp_place<C>();
   const int rt = int(blockIdx.x % unsigned(args.row_tiles));
   const int64_t split = blockIdx.x / unsigned(args.row_tiles);
   const int64_t row0 = int64_t(rt) * C::BM;
@@ -89,20 +62,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) fwd_main_kernel(
                              : args.n_class_tiles;
 
   if (tid == 0) s_margin = args.margin;
-  for (int r = tid; r < C::BM; r += kThreads) {
-    const int64_t gr = row0 + r;
-    Acc sc = Acc(0), xinv = Acc(0);
-    int32_t y = -1;
-    if (gr < args.n) {
-      sc = args.scale[gr];
-      xinv = inverse_norm(args.x_norm[gr]);
-      const int64_t lab = args.labels[gr];
-      if (lab >= 0 && lab < args.c) y = int32_t(lab);
-    }
-    s_scale[r] = sc;
-    s_xinv[r] = xinv;
-    s_label[r] = y;
-  }
+  tile.load_rows(args.in, row0, args.x_norm, args.scale);
   for (int k = tid; k < C::kWarpsN * C::BM; k += kThreads) {
     s_max[k / C::BM][k % C::BM] = kNegInf;
     s_sum[k / C::BM][k % C::BM] = Acc(0);
@@ -111,27 +71,19 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) fwd_main_kernel(
   }
   __syncthreads();
 
-  const Operand<T> a{args.x, args.d, row0, args.n, args.d, args.x_vec};
-  const int64_t k_end = (args.d + C::BK - 1) / C::BK * C::BK;
-  WeightNorm<T> wnorm;
-
   for (int64_t ct = ct_begin; ct < ct_end; ++ct) {
     const int64_t col0 = ct * C::BN;
-    const Operand<T> b{args.weight, args.d, col0, args.c, args.d, args.w_vec};
     Acc acc[C::TR][C::TC];
-    Gemm::run(acc, a, b, 0, k_end, smem, wnorm);
-    wnorm.finish(nullptr, s_inv);
-    __syncthreads();
+    tile.products(acc, args.in, row0, col0, smem, nullptr);
 
     // This thread's columns are valid iff its first one is (columns increase with ci).
-    const bool lane_valid = col0 + wn0 + C::col(0, lane) < args.c;
+    const bool lane_valid = col0 + wn0 + C::col(0, lane) < args.in.c;
 #pragma unroll
     for (int ri = 0; ri < C::TR; ++ri) {
       const int r = wm0 + C::row(ri, lane);
-      const Acc sc = s_scale[r], xinv = s_xinv[r];
+      const Acc sc = tile.scale[r], xinv = tile.xinv[r];
       const Acc sc2 = sc * kLog2e;
-      const int64_t ydiff = int64_t(s_label[r]) - col0;  // target column in this tile, if any
-      const int yl = (s_label[r] >= 0 && ydiff >= 0 && ydiff < C::BN) ? int(ydiff) : -1;
+      const int yl = tile.target_column(r, col0);
       Acc l2[C::TC];
       Acc tile_max = kNegInf, best = kNegInf;
       int32_t best_idx = 0;
@@ -141,8 +93,8 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) fwd_main_kernel(
       for (int ci = 0; ci < C::TC; ++ci) {
         const int cl = wn0 + C::col(ci, lane);
         l2[ci] = kNegInf;
-        if (col0 + cl < args.c) {
-          const Acc cs = clamp_unit(acc[ri][ci] * xinv * s_inv[cl]);
+        if (col0 + cl < args.in.c) {
+          const Acc cs = clamp_unit(acc[ri][ci] * xinv * tile.inv[cl]);
           merge_best(best, best_idx, cs, int32_t(col0 + cl));
           if (cl == yl) {
             has_t = true;
@@ -159,11 +111,10 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) fwd_main_kernel(
         t_l2 = sc2 * tm.phi;
         tile_max = vmax(tile_max, t_l2);
         const int64_t gr = row0 + r;
-        if (gr < args.n) args.target_logit[gr] = sc * tm.phi;
+        if (gr < args.in.n) args.target_logit[gr] = sc * tm.phi;
       }
       // The row's statistics over this tile: the 4 lanes sharing it differ in lane bits 0-1.
-      tile_max = vmax(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-      tile_max = vmax(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+      tile_max = lanes_max<0, 2>(tile_max);
       Acc sum = Acc(0);
       if (tile_max != kNegInf) {
 #pragma unroll
@@ -172,14 +123,8 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) fwd_main_kernel(
       } else if (lane_valid) {
         sum = Acc(__int_as_float(0x7fffffff));  // valid columns but only NaN logits
       }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-#pragma unroll
-      for (int off = 1; off <= 2; off <<= 1) {
-        const Acc ob = __shfl_xor_sync(0xffffffffu, best, off);
-        const int32_t oi = __shfl_xor_sync(0xffffffffu, best_idx, off);
-        merge_best(best, best_idx, ob, oi);
-      }
+      sum = lanes_sum<0, 2>(sum);
+      lanes_best<0, 2>(best, best_idx);
       // Lane 0 of the group owns (warp_n, r) in shared memory: no other thread touches it.
       if ((lane & 3) == 0) {
         Acc m = s_max[warp_n][r], s = s_sum[warp_n][r], b = s_cos[warp_n][r];
@@ -198,7 +143,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) fwd_main_kernel(
   __syncthreads();
   for (int r = tid; r < C::BM; r += kThreads) {
     const int64_t gr = row0 + r;
-    if (gr >= args.n) continue;
+    if (gr >= args.in.n) continue;
     Acc m = s_max[0][r], s = s_sum[0][r], b = s_cos[0][r];
     int32_t idx = s_idx[0][r];
 #pragma unroll
@@ -257,21 +202,6 @@ struct FwdLayout {
 };
 
 template <class T>
-FwdLayout fwd_layout(const ForwardParams& p) {
-  using C = Cfg<T>;
-  FwdLayout l;
-  l.n_pad = rows_padded(p.n);
-  l.row_tiles = int(l.n_pad / C::BM);
-  l.n_class_tiles = ceil_div(p.c, C::BN);
-  // About two CTAs per SM in total, each with a contiguous range of class tiles.
-  const int64_t target = 2 * int64_t(p.num_sms > 0 ? p.num_sms : 1);
-  const int64_t splits0 = std::max<int64_t>(1, ceil_div(target, l.row_tiles));
-  l.tiles_per_split = ceil_div(l.n_class_tiles, splits0);
-  l.splits = int(ceil_div(l.n_class_tiles, l.tiles_per_split));  // every split non-empty
-  return l;
-}
-
-template <class T>
 struct FwdBuffers {
   using Acc = AccOf<T>;
   Acc* x_norm;
@@ -282,96 +212,92 @@ struct FwdBuffers {
   int32_t* part_idx;
 };
 
-template <class T>
-FwdBuffers<T> carve_fwd(Carve& cv, const FwdLayout& l) {
-  using Acc = AccOf<T>;
-  FwdBuffers<T> b;
-  b.x_norm = cv.take<Acc>(l.n_pad);
-  b.scale = cv.take<Acc>(l.n_pad);
-  const int64_t np = int64_t(l.splits) * l.n_pad;
-  b.part_max = cv.take<Acc>(np);
-  b.part_sum = cv.take<Acc>(np);
-  b.part_cos = cv.take<Acc>(np);
-  b.part_idx = cv.take<int32_t>(np);
-  return b;
-}
+// The host side of the forward: the layout of its grid, its workspace buffers and its
+// launches (the entry points below join them: launch_pass in margin_lse_layout.cuh).
+struct Forward {
+  template <class T>
+  static FwdLayout layout(const ForwardParams& p) {
+    using C = Cfg<T>;
+    FwdLayout l;
+    l.n_pad = rows_padded(p.n);
+    l.row_tiles = int(l.n_pad / C::BM);
+    l.n_class_tiles = ceil_div(p.c, C::BN);
+    // About two CTAs per SM in total, each with a contiguous range of class tiles.
+    const int64_t target = 2 * int64_t(p.num_sms > 0 ? p.num_sms : 1);
+    const int64_t splits0 = std::max<int64_t>(1, ceil_div(target, l.row_tiles));
+    l.tiles_per_split = ceil_div(l.n_class_tiles, splits0);
+    l.splits = int(ceil_div(l.n_class_tiles, l.tiles_per_split));  // every split non-empty
+    return l;
+  }
 
-template <class T>
-size_t fwd_workspace(const ForwardParams& p) {
-  Carve cv{nullptr};
-  carve_fwd<T>(cv, fwd_layout<T>(p));
-  return cv.used;
-}
+  template <class T>
+  static FwdBuffers<T> carve(Carve& cv, const FwdLayout& l) {
+    using Acc = AccOf<T>;
+    FwdBuffers<T> b;
+    b.x_norm = cv.take<Acc>(l.n_pad);
+    b.scale = cv.take<Acc>(l.n_pad);
+    const int64_t np = int64_t(l.splits) * l.n_pad;
+    b.part_max = cv.take<Acc>(np);
+    b.part_sum = cv.take<Acc>(np);
+    b.part_cos = cv.take<Acc>(np);
+    b.part_idx = cv.take<int32_t>(np);
+    return b;
+  }
+
+  template <class T>
+  static cudaError_t run(const ForwardParams& p, const FwdLayout& l, const FwdBuffers<T>& buf,
+                         cudaStream_t stream) {
+    using Acc = AccOf<T>;
+    // No x̂: the forward GEMM reads x itself.
+    const PrepArgs<T> pa = make_prep_args<T>(p, l.n_pad, 0, nullptr, buf.x_norm, buf.scale,
+                                             static_cast<Acc*>(p.target_logit));
+    prep_kernel<T><<<unsigned(l.n_pad), kThreads, 0, stream>>>(pa);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+
+    FwdArgs<T> fa;
+    fa.in = problem_inputs<T>(p);
+    fa.n_pad = l.n_pad;
+    fa.x_norm = buf.x_norm;
+    fa.scale = buf.scale;
+    fa.margin = p.margin;
+    fa.target_logit = static_cast<Acc*>(p.target_logit);
+    fa.part_max = buf.part_max;
+    fa.part_sum = buf.part_sum;
+    fa.part_cos = buf.part_cos;
+    fa.part_idx = buf.part_idx;
+    fa.n_class_tiles = l.n_class_tiles;
+    fa.tiles_per_split = l.tiles_per_split;
+    fa.row_tiles = l.row_tiles;
+    constexpr size_t smem = CosineTile<T>::kSmemBytes;
+    if ((err = allow_smem(fwd_main_kernel<T>, smem)) != cudaSuccess) return err;
+    const int64_t grid = int64_t(l.row_tiles) * l.splits;
+    fwd_main_kernel<T><<<unsigned(grid), kThreads, smem, stream>>>(fa);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+
+    CombineArgs<Acc> ca;
+    ca.part_max = buf.part_max;
+    ca.part_sum = buf.part_sum;
+    ca.part_cos = buf.part_cos;
+    ca.part_idx = buf.part_idx;
+    ca.n = p.n;
+    ca.n_pad = l.n_pad;
+    ca.splits = l.splits;
+    ca.lse = static_cast<Acc*>(p.lse);
+    ca.max_cos = static_cast<Acc*>(p.max_cos);
+    ca.pred = p.pred;
+    combine_kernel<Acc><<<unsigned(ceil_div(p.n, kThreads)), kThreads, 0, stream>>>(ca);
+    return cudaGetLastError();
+  }
+};
 
 }  // namespace
 
-template <class T>
-cudaError_t run_forward(const ForwardParams& p, cudaStream_t stream) {
-  using Acc = AccOf<T>;
-  const FwdLayout l = fwd_layout<T>(p);
-  Carve cv{static_cast<char*>(p.workspace)};
-  const FwdBuffers<T> buf = carve_fwd<T>(cv, l);
-  const T* x = static_cast<const T*>(p.x);
-  const T* w = static_cast<const T*>(p.weight);
-
-  // No x̂: the forward GEMM reads x itself.
-  const PrepArgs<T> pa = make_prep_args<T>(p, l.n_pad, 0, nullptr, buf.x_norm, buf.scale,
-                                           static_cast<Acc*>(p.target_logit));
-  prep_kernel<T><<<unsigned(l.n_pad), kThreads, 0, stream>>>(pa);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-
-  FwdArgs<T> fa;
-  fa.x = x;
-  fa.n = p.n;
-  fa.n_pad = l.n_pad;
-  fa.weight = w;
-  fa.c = p.c;
-  fa.d = p.d;
-  fa.x_vec = rows_vec<T>(x, p.d);
-  fa.w_vec = rows_vec<T>(w, p.d);
-  fa.labels = p.labels;
-  fa.x_norm = buf.x_norm;
-  fa.scale = buf.scale;
-  fa.margin = p.margin;
-  fa.target_logit = static_cast<Acc*>(p.target_logit);
-  fa.part_max = buf.part_max;
-  fa.part_sum = buf.part_sum;
-  fa.part_cos = buf.part_cos;
-  fa.part_idx = buf.part_idx;
-  fa.n_class_tiles = l.n_class_tiles;
-  fa.tiles_per_split = l.tiles_per_split;
-  fa.row_tiles = l.row_tiles;
-  constexpr size_t smem = TileGemm<T, false, false>::kSmemBytes;
-  err = cudaFuncSetAttribute(fwd_main_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             int(smem));
-  if (err != cudaSuccess) return err;
-  const int64_t grid = int64_t(l.row_tiles) * l.splits;
-  fwd_main_kernel<T><<<unsigned(grid), kThreads, smem, stream>>>(fa);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-
-  CombineArgs<Acc> ca;
-  ca.part_max = buf.part_max;
-  ca.part_sum = buf.part_sum;
-  ca.part_cos = buf.part_cos;
-  ca.part_idx = buf.part_idx;
-  ca.n = p.n;
-  ca.n_pad = l.n_pad;
-  ca.splits = l.splits;
-  ca.lse = static_cast<Acc*>(p.lse);
-  ca.max_cos = static_cast<Acc*>(p.max_cos);
-  ca.pred = p.pred;
-  combine_kernel<Acc><<<unsigned(ceil_div(p.n, kThreads)), kThreads, 0, stream>>>(ca);
-  return cudaGetLastError();
-}
-
-size_t forward_workspace_bytes(const ForwardParams& p) {
-  return dispatch_dtype(p.dtype, [&](auto t) { return fwd_workspace<decltype(t)>(p); });
-}
+size_t forward_workspace_bytes(const ForwardParams& p) { return pass_workspace_bytes<Forward>(p); }
 
 cudaError_t launch_margin_lse_forward(const ForwardParams& p, cudaStream_t stream) {
-  return dispatch_dtype(p.dtype, [&](auto t) { return run_forward<decltype(t)>(p, stream); });
+  return launch_pass<Forward>(p, stream);
 }
 
 }  // namespace cuda

@@ -7,14 +7,21 @@
 // Shapes (all tensors contiguous, row-major): x (N, D) and weight (C, D) of one dtype T
 // (float16, bfloat16, float32, float64); labels (N,) int64, a label outside [0, C) meaning
 // "no target". Per-row statistics and upstream gradients are (N,) of the accumulation type
-// Acc: float, or double for float64 inputs. The math is DESIGN.md section 1, the CPU kernel
+// Acc: float, or double for float64 inputs. The math is docs/design.md §1, the CPU kernel
 // (csrc/cpu/margin_lse_cpu.cpp) and margin_ops/reference.py; the margin phi and its slope
 // come from csrc/margin_math.h.
 //
 // ---------------------------------------------------------------------------------------
-// Design
+// Design (the algorithm: docs/design.md §2)
 // ---------------------------------------------------------------------------------------
-// One generic CTA tile engine (margin_lse_device.cuh): a BM x BN output tile of
+// Files: this header (parameters, launchers), margin_lse_forward.cu, margin_lse_backward.cu,
+// and the device headers they share: margin_lse_dtype.cuh (element types, scalar helpers),
+// margin_lse_tile_gemm.cuh (tile loads, the CTA GEMM, the cosine tile), margin_lse_reduce.cuh
+// (warp and block reductions, the log-sum-exp and argmax merges), margin_lse_norms.cuh
+// (inverse norms, the prep kernel), margin_lse_layout.cuh (host sizes, workspace carving),
+// margin_lse_ptx.cuh (the PTX). launch_params.h fills the parameters from tensors.
+//
+// One generic CTA tile engine (margin_lse_tile_gemm.cuh): a BM x BN output tile of
 // A (M x K) * B (K x N) with either operand stored K-contiguous or M/N-contiguous in
 // global memory, streamed through a 3-stage cp.async pipeline into padded (bank-conflict
 // free) shared-memory tiles, bounds- and alignment-guarded (zero fill; a scalar path when
@@ -94,7 +101,7 @@
 // Precision: cosines, statistics, dc and every reduction in fp32 (fp64 for float64), from
 // the inputs as given; only the backward GEMMs' operands x̂ and dS' are rounded to T (a
 // gradient-only error of the size of the 16-bit output rounding; these kernels run under
-// tests/cuda_emulator at N = 64-128, D = 128-256, C = 1000-2000, ArcFace s = 64, gave bf16
+// the host emulator (tools/cuda_emulator) at N = 64-128, D = 128-256, C = 1000-2000, ArcFace s = 64, gave bf16
 // gradients within 3.1e-3 to 5.2e-3 of their largest entry, against 2.3e-3 to 2.8e-3 for
 // the output rounding alone; fp16 within 5.6e-4). fp16 caveats: dS' = dc / ‖w_c‖ overflows if |dc| / ‖w_c‖ >
 // 65504 (e.g. exact ArcFace slope ~1e4 at cos = 1 together with ‖w_c‖ << 1), and the
@@ -102,12 +109,14 @@
 // as in any fp16 GEMM on unscaled gradients: train fp16 with a GradScaler.
 //
 // PTX: the only inline assembly is in margin_lse_ptx.cuh (cp.async, ldmatrix, mma.sync, ex2,
-// cvt.rna.tf32). tests/cuda_emulator swaps that one header for host versions of the same
-// instructions and runs the rest of this source unchanged on the CPU, for the tests.
+// cvt.rna.tf32). The emulated build (tools/margin_emulated, on tools/cuda_emulator) swaps that
+// one header for host versions of the same instructions and runs the rest of this source
+// unchanged on the CPU, for the tests.
 //
 // Tuning knobs for a GPU session: Cfg<T> (tile shapes, BK; 2 CTAs/SM for the tensor-core
 // kernels = 128 registers), kStages, the two budgets above, the 2 x #SMs grid targets in
-// fwd_layout / bwd_layout. A wgmma (sm_90a) mainloop would replace TileGemm::warp_mma_tc.
+// Forward::layout / Backward::layout. A wgmma (sm_90a) mainloop would replace
+// TileGemm::warp_mma_tc.
 //
 // 64-bit offsets for every global index that can exceed 2^31 (N*C, C*D, N*D); C < 2^31.
 #pragma once
@@ -129,8 +138,10 @@ enum class DType : int32_t {
   kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3, kFloat32Tf32 = 4
 };
 
-// margin_lse. Pointers are device pointers; "Acc" = float, or double when dtype is kFloat64.
-struct ForwardParams {
+// What both passes are given: the problem (inputs, margin), the device and the workspace.
+// Pointers are device pointers; "Acc" = float, or double when dtype is kFloat64.
+// csrc/cuda/launch_params.h fills these fields from tensors (fill_problem).
+struct ProblemParams {
   DType dtype;
   int64_t n;                // rows of x, >= 1
   int64_t c;                // classes (rows of weight), 1 <= c < 2^31
@@ -139,31 +150,26 @@ struct ForwardParams {
   const void* weight;       // (c, d) T
   const int64_t* labels;    // (n,)
   MarginParams margin;      // finalize()d
-  void* lse;                // (n,) Acc out
-  void* target_logit;       // (n,) Acc out
-  void* max_cos;            // (n,) Acc out
-  int64_t* pred;            // (n,) out
-  void* workspace;          // forward_workspace_bytes(*this) bytes, 256-byte aligned
+  void* workspace;          // {forward,backward}_workspace_bytes(*this) bytes, 256-byte aligned
   int num_sms;              // multiprocessors of the device (sizes the grid)
   bool deterministic;       // recorded only: the kernels are always deterministic
 };
 
+// margin_lse.
+struct ForwardParams : ProblemParams {
+  void* lse;                // (n,) Acc out
+  void* target_logit;       // (n,) Acc out
+  void* max_cos;            // (n,) Acc out
+  int64_t* pred;            // (n,) out
+};
+
 // margin_lse_backward.
-struct BackwardParams {
-  DType dtype;
-  int64_t n, c, d;
-  const void* x;                  // (n, d) T
-  const void* weight;             // (c, d) T
-  const int64_t* labels;          // (n,)
+struct BackwardParams : ProblemParams {
   const void* lse;                // (n,) Acc, from the forward
   const void* grad_lse;           // (n,) Acc
   const void* grad_target_logit;  // (n,) Acc
-  MarginParams margin;
   void* grad_x;                   // (n, d) T out
   void* grad_weight;              // (c, d) T out
-  void* workspace;                // backward_workspace_bytes(*this) bytes, 256-byte aligned
-  int num_sms;
-  bool deterministic;
 };
 
 // Workspace sizes; they read only dtype, n, c, d and num_sms.

@@ -1,8 +1,9 @@
 // The PTX instructions the kernels use, each behind a small inline function: the async
 // global->shared copy, ldmatrix, the mma.sync tensor-core products, and two conversions.
-// Nothing else in the kernels is written in PTX, so this file is the whole of what
-// tests/cuda_emulator/ must re-implement to run the kernels' source on the host (its
-// emulated_ptx.h declares the same functions with the same meaning).
+// Nothing else in the kernels is written in PTX, so this file is the whole of what the host
+// emulator must re-implement to run the kernels' source on the CPU (the emulated build
+// stages tools/margin_emulated/margin_lse_ptx.cuh in its place: the same functions with the
+// same meaning, forwarded to tools/cuda_emulator/emulated_ptx.cuh).
 #pragma once
 
 #include <cuda_bf16.h>

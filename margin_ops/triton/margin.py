@@ -12,28 +12,26 @@ import math
 import triton
 import triton.language as tl
 
-from .. import reference
-
-#: Margin kinds: the ``MARGIN`` constexpr of the kernels (margin_math.h's MarginKind order).
-KINDS = {name: kind for kind, name in enumerate(reference.MARGINS)}
+from .. import spec
+from ..spec import KINDS
 ARCFACE = tl.constexpr(KINDS["arcface"])
 ARCFACE_EASY = tl.constexpr(KINDS["arcface_easy"])
 COSFACE = tl.constexpr(KINDS["cosface"])
 COMBINED = tl.constexpr(KINDS["combined"])
 SPHEREFACE = tl.constexpr(KINDS["sphereface"])
 
-NORM_EPS = tl.constexpr(reference.NORM_EPS)
-SIN_THETA_EPS = tl.constexpr(reference.SIN_THETA_EPS)
+NORM_EPS = tl.constexpr(spec.NORM_EPS)
+SIN_THETA_EPS = tl.constexpr(spec.SIN_THETA_EPS)
 PI = tl.constexpr(math.pi)
 
 
 def host_params(margin: str, m1: float, m2: float, m3: float, lamb: float) -> tuple:
     """The margin's kernel arguments ``(m1, m2, m3, lamb, cos_m, sin_m, threshold, sphere_m)``.
 
-    As margin_math.h's ``finalize``: cos m, sin m and ArcFace's threshold cos(π − m) of
-    m = m2 are computed once here, in double precision.
+    cos m, sin m and ArcFace's threshold cos(π − m) of m = m2 are the registry's
+    :func:`margin_ops.spec.derived_constants` (margin_math.h's ``finalize``).
     """
-    return (m1, m2, m3, lamb, math.cos(m2), math.sin(m2), math.cos(math.pi - m2), int(m1))
+    return (m1, m2, m3, lamb, *spec.derived_constants(m2), int(m1))
 
 
 @triton.jit

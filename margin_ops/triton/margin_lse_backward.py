@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
+from .. import checks, spec
 from .margin import NORM_EPS
 from .problem import Tiles, class_splits, device_guard, prepare
 from .tiles import cosine_tile, inverse_norm, logit_grad_tile, mma, split_blocks
@@ -160,12 +160,11 @@ def margin_lse_backward(grad_lse, grad_target_logit, x, weight, labels, lse, mar
     grad_lse, grad_target_logit, lse (N,) floating; the rest as :func:`margin_lse.margin_lse`.
     Returns grad_x (N, D) like x and grad_weight (C, D) like weight.
     """
+    for name, t in (("grad_lse", grad_lse), ("grad_target_logit", grad_target_logit), ("lse", lse)):
+        checks.check_per_row(t, name, x)
     p = prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad, allow_tf32)
     n, dim = x.shape
     num_classes = weight.shape[0]
-    for name, t in (("grad_lse", grad_lse), ("grad_target_logit", grad_target_logit), ("lse", lse)):
-        if t.shape != (n,):
-            raise ValueError(f"{name} must be (N,) with N = {n}, got shape {tuple(t.shape)}")
     grad_x = torch.empty_like(x)
     grad_weight = torch.empty_like(weight)
     if n == 0:
@@ -194,7 +193,7 @@ def margin_lse_backward(grad_lse, grad_target_logit, x, weight, labels, lse, mar
     x_hat = x.to(p.acc) * p.inv_x_norm.unsqueeze(1)
     grad_x_hat = part_grad.sum(0)
     tangent = grad_x_hat - x_hat * (grad_x_hat * x_hat).sum(1, keepdim=True)
-    above_floor = (p.x_norm > reference.NORM_EPS).unsqueeze(1)
+    above_floor = (p.x_norm > spec.NORM_EPS).unsqueeze(1)
     grad = torch.where(above_floor, tangent, grad_x_hat) * p.inv_x_norm.unsqueeze(1)
     if feature_scale:
         # d‖x‖/dx = x / ‖x‖ = x̂ where ‖x‖ > 0, and 0 at x = 0 (as torch.norm's backward).

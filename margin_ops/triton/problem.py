@@ -8,14 +8,13 @@ otherwise.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import NamedTuple
 
 import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
-from .. import backends, reference
+from .. import backends, checks, spec
 from .margin import KINDS, host_params, target_margin
 
 #: True when TRITON_INTERPRET was set as the kernels were defined: they then run on CPU tensors.
@@ -42,32 +41,17 @@ class Problem(NamedTuple):
         return (*self.x.stride(), *self.weight.stride())
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, margin: str, m1: float):
-    """The same checks as the C++ kernels, naming the bad argument."""
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D (N, D), got shape {tuple(x.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight must be (C, D) with D = x.size(1) = {x.shape[1]}, got shape {tuple(weight.shape)}")
-    if weight.shape[0] < 1:
-        raise ValueError("weight must have at least one class (row)")
-    if x.dtype not in DTYPES or weight.dtype != x.dtype:
-        raise TypeError(f"the Triton kernels take x and weight of one dtype among "
-                        f"{', '.join(map(str, DTYPES))}, got {x.dtype} and {weight.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != x.shape[0]:
-        raise ValueError(f"labels must be (N,) with N = x.size(0) = {x.shape[0]}, got shape {tuple(labels.shape)}")
-    if labels.dtype != torch.int64:
-        raise TypeError(f"labels must be int64, got {labels.dtype}")
-    if weight.device != x.device or labels.device != x.device:
-        raise ValueError(f"x, weight and labels must be on one device, got {x.device}, {weight.device}, {labels.device}")
+def _check(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *margin_args):
+    """The check layer's rules, then what only these kernels need: a dtype they compile
+    for, and a device they run on."""
+    checks.check_primitive(x, weight, labels, *margin_args)
+    if x.dtype not in DTYPES:
+        raise TypeError(f"the Triton kernels take x of one dtype among {', '.join(map(str, DTYPES))}, got {x.dtype}")
     if x.device.type == "cpu" and not INTERPRETED:
         raise RuntimeError("the Triton kernels run on CPU tensors only under the Triton interpreter: "
                            "set TRITON_INTERPRET=1 before margin_ops is first imported")
     if x.device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"the Triton kernels run on cuda tensors, got {x.device}")
-    if margin not in KINDS:
-        raise ValueError(f"margin must be one of {', '.join(map(repr, KINDS))}, got {margin!r}")
-    if margin == "sphereface" and not (m1 >= 1 and m1 == math.floor(m1)):
-        raise ValueError(f"m1 must be an integer >= 1 for margin='sphereface', got {m1}")
 
 
 def input_precision(dtype: torch.dtype, allow_tf32: bool | None) -> str:
@@ -80,10 +64,10 @@ def input_precision(dtype: torch.dtype, allow_tf32: bool | None) -> str:
 def prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad,
             allow_tf32=None) -> Problem:
     """Checks the arguments of margin_lse(_backward) and computes the per-row prologue (O(N·D))."""
-    _check(x, weight, labels, margin, m1)
+    _check(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     x_norm = x.to(acc).norm(dim=1)
-    inv_x_norm = x_norm.clamp_min(reference.NORM_EPS).reciprocal()
+    inv_x_norm = x_norm.clamp_min(spec.NORM_EPS).reciprocal()
     scale = x_norm if feature_scale else torch.full_like(x_norm, s)
     constexprs = dict(
         MARGIN=KINDS[margin],

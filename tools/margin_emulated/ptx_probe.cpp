@@ -1,10 +1,12 @@
 // One-warp kernels that run a single emulated ldmatrix or mma.sync on operands given per
-// lane, so that tests/test_cuda_emulated.py can check emulated_ptx.cuh against fragment
-// layouts written down independently (CUTLASS's CuTe traits), not against our kernels.
+// lane, so that tests/test_cuda_emulated.py can check the PTX the kernels call in the
+// emulated build (tools/cuda_emulator/emulated_ptx.cuh, through the names of
+// csrc/cuda/margin_lse_ptx.cuh) against fragment layouts written down independently
+// (CUTLASS's CuTe traits), not against our kernels.
 #include <torch/extension.h>  // before emulator.h, whose macros are for kernel code
 
 #include "emulator.h"
-#include "margin_lse_ptx.cuh"  // build_emulator.py stages emulated_ptx.cuh under this name
+#include "cuda/margin_lse_ptx.cuh"  // as staged by build_emulator.py: margin_lse_ptx.cuh here
 
 namespace {
 

@@ -1,5 +1,6 @@
-// Python entry points of the emulated CUDA kernels (tests/test_cuda_emulated.py): the part
-// of csrc/cuda/margin_lse_cuda.cpp that fills the launch parameters, for CPU tensors. Every
+// Python entry points of the emulated CUDA kernels (tests/test_cuda_emulated.py): what
+// csrc/cuda/margin_lse_cuda.cpp does for CUDA tensors, for CPU tensors, with the same
+// parameter filling (csrc/cuda/launch_params.h) and checks (csrc/margin_checks.h). Every
 // buffer the kernels write starts as NaN / 0xff bytes (as uninitialised device memory may)
 // and is followed by a canary region that must be intact after the launch; every input is
 // a copy between two NaN regions, at its original address offset modulo 256 (the kernels'
@@ -12,7 +13,8 @@
 #include <string>
 #include <tuple>
 
-#include "margin_lse_kernels.cuh"
+#include "cuda/launch_params.h"
+#include "margin_checks.h"
 #include "margin_params.h"
 
 namespace emu {
@@ -23,20 +25,10 @@ void set_schedule(Schedule schedule, uint64_t seed);
 
 namespace {
 
-using margin_ops::cuda::DType;
+namespace cuda = margin_ops::cuda;
 
 constexpr int64_t kCanaryBytes = 4096;
 constexpr unsigned char kCanary = 0xa5;
-
-DType kernel_dtype(const at::Tensor& x, bool tf32) {
-  switch (x.scalar_type()) {
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kFloat: return tf32 ? DType::kFloat32Tf32 : DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", x.scalar_type());
-  }
-}
 
 // A buffer of `bytes` poisoned bytes, 256-byte aligned, with a canary region after it.
 struct Guarded {
@@ -89,59 +81,48 @@ Guarded output(at::IntArrayRef sizes, at::ScalarType dtype) {
   return Guarded(elements(sizes) * int64_t(c10::elementSize(dtype)), 0xff);
 }
 
-void check_launch(cudaError_t err, const char* which) {
-  TORCH_CHECK(err == cudaSuccess, which, " failed in the emulator (cudaError ", int(err), "): ",
-              emu::last_error());
+// Checks the arguments as the glue does (but for the device) and fills the fields both
+// passes share from guarded copies of x, w, y, which it returns (the caller keeps them
+// alive until the launch ends).
+cuda::LaunchInputs fill_problem(cuda::ProblemParams& p, const at::Tensor& x, const at::Tensor& w,
+                                const at::Tensor& y, const std::string& margin, double s,
+                                double m1, double m2, double m3, double lamb, bool feature_scale,
+                                bool detach, bool tf32, int64_t num_sms) {
+  margin_ops::check_inputs(x, w, y);
+  const auto mp = margin_ops::make_params(margin, s, m1, m2, m3, lamb, feature_scale, detach);
+  return cuda::fill_problem(p, x, w, y, mp, tf32, int(num_sms), /*deterministic=*/false,
+                            guarded_input);
 }
 
-// The guarded copies of the inputs both passes read.
-struct Problem {
-  at::Tensor x, w, y;
-};
-
-// Fills the fields ForwardParams and BackwardParams share from guarded copies of x, w, y,
-// which it returns (the caller keeps them alive until the launch).
+// Runs the pass on a poisoned, canaried workspace; `what` names the pass in errors. Without
+// rows nothing is launched, as in the glue.
 template <class Params>
-Problem fill_problem(Params& p, const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
-                     const std::string& margin, double s, double m1, double m2, double m3,
-                     double lamb, bool feature_scale, bool detach, bool tf32, int64_t num_sms) {
-  Problem in{guarded_input(x), guarded_input(w), guarded_input(y)};
-  p.dtype = kernel_dtype(in.x, tf32);
-  p.n = in.x.size(0);
-  p.c = in.w.size(0);
-  p.d = in.x.size(1);
-  p.x = in.x.data_ptr();
-  p.weight = in.w.data_ptr();
-  p.labels = in.y.data_ptr<int64_t>();
-  p.margin = margin_ops::make_params(margin, s, m1, m2, m3, lamb, feature_scale, detach);
-  p.num_sms = int(num_sms);
-  p.deterministic = false;
-  return in;
-}
-
-at::ScalarType accumulation_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+void launch(Params& p, const char* what) {
+  if (p.n == 0) return;
+  const Guarded ws(int64_t(cuda::workspace_bytes(p)), 0xff);
+  p.workspace = ws.data;
+  const cudaError_t err = cuda::launch(p, nullptr);
+  TORCH_CHECK(err == cudaSuccess, what, " failed in the emulator (cudaError ", int(err), "): ",
+              emu::last_error());
+  ws.check((std::string(what) + " workspace").c_str());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const std::string& margin,
     double s, double m1, double m2, double m3, double lamb, bool feature_scale, bool detach,
     bool tf32, int64_t num_sms) {
+  cuda::ForwardParams p{};
+  const cuda::LaunchInputs inputs =  // alive until the launch ends
+      fill_problem(p, x, w, y, margin, s, m1, m2, m3, lamb, feature_scale, detach, tf32, num_sms);
   const int64_t n = x.size(0);
-  const auto acc = accumulation_type(x);
+  const auto acc = cuda::accumulation_type(x.scalar_type());
   const Guarded lse = output({n}, acc), target = output({n}, acc), max_cos = output({n}, acc),
                 pred = output({n}, at::kLong);
-  margin_ops::cuda::ForwardParams p{};
-  const Problem inputs =  // alive until the launch ends
-      fill_problem(p, x, w, y, margin, s, m1, m2, m3, lamb, feature_scale, detach, tf32, num_sms);
   p.lse = lse.data;
   p.target_logit = target.data;
   p.max_cos = max_cos.data;
   p.pred = reinterpret_cast<int64_t*>(pred.data);
-  const Guarded ws(int64_t(margin_ops::cuda::forward_workspace_bytes(p)), 0xff);
-  p.workspace = ws.data;
-  check_launch(margin_ops::cuda::launch_margin_lse_forward(p, nullptr), "forward");
-  ws.check("forward workspace");
+  launch(p, "forward");
   lse.check("lse");
   target.check("target_logit");
   max_cos.check("max_cos");
@@ -155,22 +136,24 @@ std::tuple<at::Tensor, at::Tensor> backward(
     const at::Tensor& w, const at::Tensor& y, const at::Tensor& lse, const std::string& margin,
     double s, double m1, double m2, double m3, double lamb, bool feature_scale, bool detach,
     bool tf32, int64_t num_sms) {
-  const auto acc = accumulation_type(x);
-  const auto g_lse = guarded_input(grad_lse.to(acc)), g_t = guarded_input(grad_target.to(acc)),
-             lse_c = guarded_input(lse.to(acc));
-  const Guarded gx = output(x.sizes(), x.scalar_type()), gw = output(w.sizes(), w.scalar_type());
-  margin_ops::cuda::BackwardParams p{};
-  const Problem inputs =  // alive until the launch ends
+  cuda::BackwardParams p{};
+  const cuda::LaunchInputs inputs =  // alive until the launch ends
       fill_problem(p, x, w, y, margin, s, m1, m2, m3, lamb, feature_scale, detach, tf32, num_sms);
+  const auto acc = cuda::accumulation_type(x.scalar_type());
+  auto per_row = [&](const at::Tensor& t, const char* name) {
+    margin_ops::check_per_row(t, name, x);
+    return guarded_input(t.to(acc));
+  };
+  const auto g_lse = per_row(grad_lse, "grad_lse"), g_t = per_row(grad_target, "grad_target_logit"),
+             lse_c = per_row(lse, "lse");
+  const Guarded gx = output(x.sizes(), x.scalar_type()), gw = output(w.sizes(), w.scalar_type());
   p.lse = lse_c.data_ptr();
   p.grad_lse = g_lse.data_ptr();
   p.grad_target_logit = g_t.data_ptr();
   p.grad_x = gx.data;
   p.grad_weight = gw.data;
-  const Guarded ws(int64_t(margin_ops::cuda::backward_workspace_bytes(p)), 0xff);
-  p.workspace = ws.data;
-  check_launch(margin_ops::cuda::launch_margin_lse_backward(p, nullptr), "backward");
-  ws.check("backward workspace");
+  if (p.n == 0) std::memset(gw.data, 0, size_t(gw.bytes));  // no rows: dW = 0, as the glue
+  launch(p, "backward");
   gx.check("grad_x");
   gw.check("grad_weight");
   return {gx.view(x.sizes(), x.scalar_type()), gw.view(w.sizes(), w.scalar_type())};

@@ -1,12 +1,14 @@
-// Host versions of the PTX wrappers of csrc/cuda/margin_lse_ptx.cuh, with the semantics of
-// the PTX ISA: build_emulator.py puts this file in that header's place. Warp-collective instructions
+// Host versions of common PTX instructions (cp.async, ldmatrix, mma.sync, ex2.approx,
+// cvt.rna.tf32), with the semantics of the PTX ISA, for kernels run by the emulator
+// (emulator.h). A project's own PTX wrappers header is swapped, in the staged sources
+// (build.py), for one that forwards its functions to these. Warp-collective instructions
 // (ldmatrix, mma.sync) gather the 32 lanes' operands through emu::warp_exchange and give
 // each lane its own fragment of the result, so the kernels' fragment indexing is exercised
 // exactly as on the GPU. The fragment maps below follow the PTX ISA's figures for these
-// shapes; tests/test_cuda_emulated.py (*_matches_cute_layouts, through ptx_probe.cpp)
-// checks them, independently of the kernels, against the (thread, value) -> element
-// layouts CUTLASS's CuTe declares for SM80_16x8x16_F32BF16BF16F32_TN (and F16),
-// SM80_16x8x8_F32TF32TF32F32_TN, SM75_U32x4_LDSM_N and SM75_U16x8_LDSM_T.
+// shapes; a test should check them, independently of any kernel, against the (thread,
+// value) -> element layouts CUTLASS's CuTe declares for SM80_16x8x16_F32BF16BF16F32_TN (and
+// F16), SM80_16x8x8_F32TF32TF32F32_TN, SM75_U32x4_LDSM_N and SM75_U16x8_LDSM_T (margin_ops
+// does: tests/test_cuda_emulated.py through tools/margin_emulated/ptx_probe.cpp).
 #pragma once
 
 #include <cmath>
@@ -16,9 +18,8 @@
 
 #include "emulator.h"
 
-namespace margin_ops {
-namespace cuda {
-namespace dev {
+namespace emu {
+namespace ptx {
 
 // ex2.approx.ftz.f32: 2^x with subnormal results flushed to zero (the approximation's
 // ~2^-22 relative error is not modelled: the result is exact).
@@ -34,7 +35,7 @@ inline void cp_async_wait() {
   emu::cp_async_wait(N);
 }
 
-namespace ptx_detail {
+namespace detail {
 
 inline uint16_t load_b16(const void* row, int element) {
   uint16_t v;
@@ -83,7 +84,7 @@ inline void mma_finish(const double (&a)[16][16], const double (&b)[16][8], int 
   }
 }
 
-}  // namespace ptx_detail
+}  // namespace detail
 
 // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8j..8j+7 address the rows of
 // matrix j; lane L receives, of matrix j, the pair (row L/4, columns 2(L%4), 2(L%4)+1), of
@@ -103,11 +104,11 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   for (int j = 0; j < 4; ++j) {
     const int row = lane / 4, col = 2 * (lane % 4);
     if constexpr (kTrans) {
-      r[j] = ptx_detail::pack(ptx_detail::load_b16(rows[8 * j + col], row),
-                              ptx_detail::load_b16(rows[8 * j + col + 1], row));
+      r[j] = detail::pack(detail::load_b16(rows[8 * j + col], row),
+                              detail::load_b16(rows[8 * j + col + 1], row));
     } else {
-      r[j] = ptx_detail::pack(ptx_detail::load_b16(rows[8 * j + row], col),
-                              ptx_detail::load_b16(rows[8 * j + row], col + 1));
+      r[j] = detail::pack(detail::load_b16(rows[8 * j + row], col),
+                              detail::load_b16(rows[8 * j + row], col + 1));
     }
   }
 }
@@ -120,13 +121,13 @@ inline void mma_16816(float& d0, float& d1, float& d2, float& d3, const uint32_t
                       const uint32_t (&b)[2]) {
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   static_assert(kBf16 || std::is_same_v<T, __half>, "mma_16816: bf16 or fp16");
-  ptx_detail::MmaOperands all[32];
-  ptx_detail::gather_operands(kBf16 ? emu::WarpOp::kMmaBf16 : emu::WarpOp::kMmaF16, a, b, all);
+  detail::MmaOperands all[32];
+  detail::gather_operands(kBf16 ? emu::WarpOp::kMmaBf16 : emu::WarpOp::kMmaF16, a, b, all);
   double am[16][16], bm[16][8];
   for (int l = 0; l < 32; ++l) {
     const int g = l >> 2, t = l & 3;
-    auto lo = [&](uint32_t w) { return ptx_detail::b16_to_float(uint16_t(w & 0xffffu), kBf16); };
-    auto hi = [&](uint32_t w) { return ptx_detail::b16_to_float(uint16_t(w >> 16), kBf16); };
+    auto lo = [&](uint32_t w) { return detail::b16_to_float(uint16_t(w & 0xffffu), kBf16); };
+    auto hi = [&](uint32_t w) { return detail::b16_to_float(uint16_t(w >> 16), kBf16); };
     const uint32_t* fa = all[l].a;
     am[g][2 * t] = lo(fa[0]), am[g][2 * t + 1] = hi(fa[0]);
     am[g + 8][2 * t] = lo(fa[1]), am[g + 8][2 * t + 1] = hi(fa[1]);
@@ -136,7 +137,7 @@ inline void mma_16816(float& d0, float& d1, float& d2, float& d3, const uint32_t
     bm[2 * t][g] = lo(fb[0]), bm[2 * t + 1][g] = hi(fb[0]);
     bm[2 * t + 8][g] = lo(fb[1]), bm[2 * t + 9][g] = hi(fb[1]);
   }
-  ptx_detail::mma_finish(am, bm, 16, emu::lane(), d0, d1, d2, d3);
+  detail::mma_finish(am, bm, 16, emu::lane(), d0, d1, d2, d3);
 }
 
 // mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: a0 A[g][t], a1 A[g+8][t], a2 A[g][t+4],
@@ -144,8 +145,8 @@ inline void mma_16816(float& d0, float& d1, float& d2, float& d3, const uint32_t
 // (sign, exponent, 10 mantissa bits) are used.
 inline void mma_1688_tf32(float& d0, float& d1, float& d2, float& d3, const uint32_t (&a)[4],
                           const uint32_t (&b)[2]) {
-  ptx_detail::MmaOperands all[32];
-  ptx_detail::gather_operands(emu::WarpOp::kMmaTf32, a, b, all);
+  detail::MmaOperands all[32];
+  detail::gather_operands(emu::WarpOp::kMmaTf32, a, b, all);
   auto value = [](uint32_t bits) {
     bits &= 0xffffe000u;
     float v;
@@ -162,7 +163,7 @@ inline void mma_1688_tf32(float& d0, float& d1, float& d2, float& d3, const uint
     bm[t][g] = value(all[l].b[0]);
     bm[t + 4][g] = value(all[l].b[1]);
   }
-  ptx_detail::mma_finish(am, bm, 8, emu::lane(), d0, d1, d2, d3);
+  detail::mma_finish(am, bm, 8, emu::lane(), d0, d1, d2, d3);
 }
 
 // cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero (NaN and inf kept).
@@ -173,6 +174,5 @@ inline uint32_t to_tf32(float v) {
   return (bits + 0x1000u) & 0xffffe000u;
 }
 
-}  // namespace dev
-}  // namespace cuda
-}  // namespace margin_ops
+}  // namespace ptx
+}  // namespace emu

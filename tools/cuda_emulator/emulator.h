@@ -1,6 +1,6 @@
-// A host emulator of the CUDA execution model, for running the source of csrc/cuda/*.cu on a
-// machine without a GPU (tests/test_cuda_emulated.py). Included first by every kernel
-// source the build rewrites (build_emulator.py), before the CUDA headers.
+// A host emulator of the CUDA execution model, for running the source of CUDA C++ kernels
+// (.cu files) on a machine without a GPU. Included first by every kernel source the build
+// rewrites (build.py), before the CUDA headers.
 //
 // What it models:
 //   * a launch runs its blocks one after another; each block's threads are cooperative
@@ -63,7 +63,7 @@ unsigned char* dynamic_smem();
 size_t dynamic_smem_bytes();
 
 // Fills a static __shared__ variable with 0xff bytes, the first time a thread of the running
-// block reaches its declaration (build_emulator.py adds the call after each declaration).
+// block reaches its declaration (build.py adds the call after each declaration).
 void poison_shared(void* variable, size_t bytes);
 
 // cp.async of 16 bytes by the calling thread, commit and wait_group.
@@ -90,7 +90,7 @@ void set_schedule(Schedule schedule, uint64_t seed);
 cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, const void* kernel_id,
                      const std::function<void()>& body);
 
-// kernel<<<grid, block, smem, stream>>>(args...), as build_emulator.py rewrites it.
+// kernel<<<grid, block, smem, stream>>>(args...), as build.py rewrites it.
 template <class... Params, class... Args>
 cudaError_t launch(dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t,
                    void (*kernel)(Params...), Args&&... args) {

@@ -1,8 +1,9 @@
-// Device building blocks shared by margin_lse_forward.cu and margin_lse_backward.cu: dtype
-// traits, tile configurations, the cp.async tile loader, the warp-level MMA (mma.sync for
-// 16-bit types and TF32, FFMA/DFMA otherwise), the pipelined CTA GEMM, reductions and the
-// prep kernel; the PTX itself is in margin_lse_ptx.cuh. See margin_lse_kernels.cuh for the
-// design. Only CUDA headers here.
+// The CTA tile GEMM of the margin_lse kernels and the cosine tile built on it: tile
+// configurations per element type, the cp.async global -> shared tile loads, the warp-level
+// MMA (mma.sync with ldmatrix for 16-bit types, mma.sync on TF32, FFMA/DFMA otherwise) in a
+// pipelined CTA GEMM, and the cosine tile of both passes (x·W products with the W norms
+// accumulated from the same shared-memory stages). See margin_lse_kernels.cuh for the design.
+// Only CUDA headers here.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -14,130 +15,17 @@
 #include <cstring>
 #include <type_traits>
 
-#include "margin_lse_kernels.cuh"
+#include "margin_lse_dtype.cuh"
+#include "margin_lse_layout.cuh"
+#include "margin_lse_norms.cuh"
 #include "margin_lse_ptx.cuh"
+#include "margin_lse_reduce.cuh"
 
 namespace margin_ops {
 namespace cuda {
-
 namespace dev {
 
-// float32 storage whose products go through the tensor cores as TF32 (kFloat32Tf32): a
-// distinct element type, so that every kernel gets a TF32 instantiation beside the
-// fp32-exact SIMT one. Same size and layout as float.
-struct Tf32 {
-  float v;
-};
-
-}  // namespace dev
-
-// Calls f(T{}) with the element type T of `dtype` (host side: picks the kernel
-// instantiation; the glue admits only these dtypes).
-template <class F>
-auto dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat32Tf32: return f(dev::Tf32{});
-    default: return f(double{});
-  }
-}
-namespace dev {
-
-constexpr int kThreads = 256;  // every kernel
-constexpr int kStages = 3;     // cp.async pipeline depth
-
-// ------------------------------------------------------------------------------------
-// dtype traits
-// ------------------------------------------------------------------------------------
-template <class T>
-struct Type;
-
-template <>
-struct Type<__nv_bfloat16> {
-  using Acc = float;
-  static constexpr bool kTensorCore = true;
-  static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
-
-template <>
-struct Type<__half> {
-  using Acc = float;
-  static constexpr bool kTensorCore = true;
-  static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
-};
-
-template <>
-struct Type<float> {
-  using Acc = float;
-  static constexpr bool kTensorCore = false;
-  static __device__ __forceinline__ float load(float v) { return v; }
-  static __device__ __forceinline__ float store(float v) { return v; }
-};
-
-template <>
-struct Type<Tf32> {
-  using Acc = float;
-  static constexpr bool kTensorCore = true;
-  static __device__ __forceinline__ float load(Tf32 v) { return v.v; }
-  static __device__ __forceinline__ Tf32 store(float v) { return Tf32{v}; }
-};
-
-template <>
-struct Type<double> {
-  using Acc = double;
-  static constexpr bool kTensorCore = false;
-  static __device__ __forceinline__ double load(double v) { return v; }
-  static __device__ __forceinline__ double store(double v) { return v; }
-};
-
-template <class T>
-using AccOf = typename Type<T>::Acc;
-
-__device__ __forceinline__ float neg_inf(float) { return __int_as_float(0xff800000); }
-__device__ __forceinline__ double neg_inf(double) {
-  return __longlong_as_double(static_cast<long long>(0xfff0000000000000ULL));
-}
-__device__ __forceinline__ float vmax(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double vmax(double a, double b) { return fmax(a, b); }
-__device__ __forceinline__ float vsqrt(float a) { return sqrtf(a); }
-__device__ __forceinline__ double vsqrt(double a) { return sqrt(a); }
-
-// 2^x. float: the MUFU approximation (rel. error ~2^-22, ex2(-inf) = 0); double: exact.
-__device__ __forceinline__ float fast_exp2(float x) { return ex2_approx(x); }
-__device__ __forceinline__ double fast_exp2(double x) { return exp2(x); }
-
-// Clamp to [-1, 1] that lets NaN through (as torch.clamp does).
-template <class A>
-__device__ __forceinline__ A clamp_unit(A v) {
-  return v < A(-1) ? A(-1) : (v > A(1) ? A(1) : v);
-}
-
-template <class A>
-struct Consts {
-  static constexpr A kLog2e = A(1.4426950408889634073599246810019);
-  static constexpr A kLn2 = A(0.69314718055994530941723212145818);
-  static constexpr A kNormEps = A(margin_ops::kNormEps);
-};
-
-// 1 / max(‖v‖, eps): the normalization factor of a row of x or W (F.normalize's floor).
-// One expression for every kernel, so that the forward's and the backward's cosines agree
-// to the bit.
-template <class A>
-__device__ __forceinline__ A inverse_norm(A nrm) {
-  return A(1) / vmax(nrm, Consts<A>::kNormEps);
-}
-
-// φ(c) and its slope, one out-of-line copy per Acc type: the target entry is rare (one per
-// row over all C classes), so the epilogues call it instead of inlining the margin's
-// transcendental code at every unrolled call site. `p` points to a shared-memory copy.
-template <class A>
-__device__ __noinline__ TargetMargin<A> eval_margin(A c, const MarginParams* p) {
-  return target_margin<A>(c, *p);
-}
+constexpr int kStages = 3;  // cp.async pipeline depth
 
 // ------------------------------------------------------------------------------------
 // Tile configurations (all 256 threads = 8 warps as kWarpsM x kWarpsN).
@@ -147,6 +35,20 @@ __device__ __noinline__ TargetMargin<A> eval_margin(A c, const MarginParams* p) 
 // ------------------------------------------------------------------------------------
 template <class T, bool kTC = Type<T>::kTensorCore>
 struct Cfg;
+
+// The calling thread's place in a CTA tile of config C: its lane, its warp's row and column
+// in the kWarpsM x kWarpsN grid of warps, and the first row and column of the warp's
+// WM x WN tile (so `const auto [lane, warp_m, warp_n, wm0, wn0] = warp_place<C>();`).
+struct WarpPlace {
+  int lane, warp_m, warp_n, wm0, wn0;
+};
+
+template <class C>
+__device__ __forceinline__ WarpPlace warp_place() {
+  const int warp = int(threadIdx.x) >> 5;
+  const int warp_m = warp / C::kWarpsN, warp_n = warp % C::kWarpsN;
+  return {int(threadIdx.x) & 31, warp_m, warp_n, warp_m * C::WM, warp_n * C::WN};
+}
 
 // bf16 / fp16: mma.sync.m16n8k16, TF32: mma.sync.m16n8k8; per warp 4 x 4 blocks of 16 x 8,
 // whose accumulator fragments have the same layout for both instructions. A k tile is 64
@@ -418,8 +320,7 @@ struct TileGemm {
   static __device__ __forceinline__ void run(Acc (&acc)[C::TR][C::TC], const Operand<T>& a,
                                              const Operand<T>& b, int64_t k_begin,
                                              int64_t k_end, T* smem, Extra& extra) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int wm0 = (warp / C::kWarpsN) * C::WM, wn0 = (warp % C::kWarpsN) * C::WN;
+    const auto [lane, warp_m, warp_n, wm0, wn0] = warp_place<C>();
 #pragma unroll
     for (int ri = 0; ri < C::TR; ++ri) {
 #pragma unroll
@@ -472,6 +373,8 @@ struct WeightNorm {
   using C = Cfg<T>;
   using Acc = AccOf<T>;
   static constexpr int kThreadsPerClass = kThreads / C::BN;
+  static constexpr int kClassLaneBits = kThreadsPerClass == 4 ? 2 : 1;  // consecutive lanes
+  static_assert(kThreadsPerClass == 1 << kClassLaneBits, "2 or 4 threads per class");
   static constexpr int kElemsPerThread = C::BK / kThreadsPerClass;
   static_assert(kElemsPerThread * sizeof(T) == 32, "two 16-byte smem reads per thread");
   static constexpr int kPitch = TileGemm<T, false, false>::kPitchB;
@@ -524,9 +427,7 @@ struct WeightNorm {
   // Reduces over the class's threads; writes ‖w‖ and 1 / max(‖w‖, eps) for tile column cls.
   // The caller must __syncthreads() before reading them.
   __device__ __forceinline__ void finish(Acc* s_norm, Acc* s_inv) {
-    Acc v = ss;
-#pragma unroll
-    for (int off = 1; off < kThreadsPerClass; off <<= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    const Acc v = lanes_sum<0, kClassLaneBits>(ss);
     if (threadIdx.x % kThreadsPerClass == 0) {
       const int cls = threadIdx.x / kThreadsPerClass;
       const Acc nrm = vsqrt(v);
@@ -538,149 +439,89 @@ struct WeightNorm {
 };
 
 // ------------------------------------------------------------------------------------
-// Deterministic block sum of K values over kThreads threads; every thread gets the result.
-// `scratch` holds kThreads / 32 * K values. Ends with a barrier (scratch reusable after).
-// ------------------------------------------------------------------------------------
-template <class A, int K>
-__device__ __forceinline__ void block_sum(A (&v)[K], A* scratch) {
-  constexpr int kWarps = kThreads / 32;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], off);
-  }
-  __syncthreads();  // scratch free
-  if (lane == 0) {
-#pragma unroll
-    for (int k = 0; k < K; ++k) scratch[k * kWarps + warp] = v[k];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    A s = scratch[k * kWarps];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) s += scratch[k * kWarps + w];
-    v[k] = s;
-  }
-  __syncthreads();
-}
-
-// ------------------------------------------------------------------------------------
-// Prep: one CTA per padded row i < n_pad.
-//   x_hat[i, :] = x_i / max(‖x_i‖, eps) in T for i < n, d < D; zero padding elsewhere
-//     (only when x_hat != nullptr: the backward's dW GEMM operand)
-//   x_norm[i] = ‖x_i‖, scale[i] = s (or ‖x_i‖ with feature_scale); 0 for padding rows
-//   no_target_zero[i] = 0 for rows without a target (when not nullptr: the forward's
-//     target_logit, the backward's target correction; the thread holding (i, y_i) writes
-//     the rows with one)
+// The cosine tile of both passes, from their inputs x (n, d) and W (c, d) as given
+// (K-contiguous, never normalized in memory).
 // ------------------------------------------------------------------------------------
 template <class T>
-struct PrepArgs {
-  const T* x;
-  int64_t n, c, d, n_pad, d_pad;
-  const int64_t* labels;
-  AccOf<T> s;
-  bool feature_scale;
-  T* x_hat;  // (n_pad, d_pad) or nullptr
-  AccOf<T>* x_norm;
-  AccOf<T>* scale;
-  AccOf<T>* no_target_zero;
+struct ProblemInputs {
+  const T* x;              // (n, d)
+  const T* weight;         // (c, d)
+  const int64_t* labels;   // (n,)
+  int64_t n, c, d;
+  bool x_vec, w_vec;       // 16-byte row copies allowed (rows_vec)
 };
 
-// PrepArgs of either pass (P: ForwardParams or BackwardParams).
-template <class T, class P>
-PrepArgs<T> make_prep_args(const P& p, int64_t n_pad, int64_t d_pad, T* x_hat, AccOf<T>* x_norm,
-                           AccOf<T>* scale, AccOf<T>* no_target_zero) {
-  PrepArgs<T> a;
-  a.x = static_cast<const T*>(p.x);
-  a.n = p.n;
-  a.c = p.c;
-  a.d = p.d;
-  a.n_pad = n_pad;
-  a.d_pad = d_pad;
-  a.labels = p.labels;
-  a.s = AccOf<T>(p.margin.s);
-  a.feature_scale = p.margin.feature_scale;
-  a.x_hat = x_hat;
-  a.x_norm = x_norm;
-  a.scale = scale;
-  a.no_target_zero = no_target_zero;
-  return a;
+// The inputs of either pass (host side).
+template <class T>
+ProblemInputs<T> problem_inputs(const ProblemParams& p) {
+  ProblemInputs<T> in;
+  in.x = static_cast<const T*>(p.x);
+  in.weight = static_cast<const T*>(p.weight);
+  in.labels = p.labels;
+  in.n = p.n;
+  in.c = p.c;
+  in.d = p.d;
+  in.x_vec = rows_vec(in.x, p.d);
+  in.w_vec = rows_vec(in.weight, p.d);
+  return in;
 }
 
-namespace {
+// One BM x BN cosine tile (rows from row0, classes from col0) and the factors of its
+// epilogue, which live in shared memory: a CTA declares `__shared__ CosineTile<T> tile;`
+// and gives the GEMM kSmemBytes of dynamic shared memory. The cosine of the thread's
+// accumulator entry (ri, ci) is acc * xinv[row] * inv[column], clamped to [-1, 1]: the
+// normalization happens here, in the epilogue, not on the operands.
 template <class T>
-__global__ void __launch_bounds__(kThreads) prep_kernel(const PrepArgs<T> args) {
+struct CosineTile {
+  using C = Cfg<T>;
   using Acc = AccOf<T>;
-  __shared__ Acc s_red[kThreads / 32];
-  const int64_t i = blockIdx.x;
-  T* out = args.x_hat == nullptr ? nullptr : args.x_hat + i * args.d_pad;
-  if (i >= args.n) {
-    if (out != nullptr) {
-      for (int64_t k = threadIdx.x; k < args.d_pad; k += kThreads) out[k] = Type<T>::store(Acc(0));
-    }
-    if (threadIdx.x == 0) {
-      args.x_norm[i] = Acc(0);
-      args.scale[i] = Acc(0);
-    }
-    return;
-  }
-  const T* row = args.x + i * args.d;
-  Acc ss[1] = {Acc(0)};
-  for (int64_t k = threadIdx.x; k < args.d; k += kThreads) {
-    const Acc v = Type<T>::load(row[k]);
-    ss[0] = fma(v, v, ss[0]);
-  }
-  block_sum(ss, s_red);
-  const Acc nrm = vsqrt(ss[0]);
-  const Acc inv = inverse_norm(nrm);
-  if (out != nullptr) {
-    for (int64_t k = threadIdx.x; k < args.d_pad; k += kThreads) {
-      out[k] = Type<T>::store(k < args.d ? Type<T>::load(row[k]) * inv : Acc(0));
-    }
-  }
-  if (threadIdx.x == 0) {
-    args.x_norm[i] = nrm;
-    args.scale[i] = args.feature_scale ? nrm : args.s;
-    if (args.no_target_zero != nullptr) {
-      const int64_t y = args.labels[i];
-      if (y < 0 || y >= args.c) args.no_target_zero[i] = Acc(0);
-    }
-  }
-}
-}  // namespace
+  using Gemm = TileGemm<T, false, false>;
+  static constexpr size_t kSmemBytes = Gemm::kSmemBytes;  // dynamic shared memory of `smem`
 
-// ------------------------------------------------------------------------------------
-// Host helpers
-// ------------------------------------------------------------------------------------
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-inline size_t align_bytes(size_t a) { return (a + 255) / 256 * 256; }
+  Acc inv[C::BN];       // 1 / max(‖w_c‖, eps), by tile column (products)
+  Acc xinv[C::BM];      // 1 / max(‖x_i‖, eps), by tile row (load_rows)
+  Acc scale[C::BM];     // s_i: prep's scale
+  int32_t label[C::BM];  // y_i when it is a class in [0, c), else -1
 
-// Bump allocator over the caller's workspace (nullptr base: only measures).
-struct Carve {
-  char* base;
-  size_t used = 0;
-  template <class U>
-  U* take(int64_t count) {
-    U* p = base == nullptr ? nullptr : reinterpret_cast<U*>(base + used);
-    used += align_bytes(size_t(count) * sizeof(U));
-    return p;
+  // The row factors of rows [row0, row0 + BM) (0, 0, -1 past n); visible after a barrier.
+  __device__ __forceinline__ void load_rows(const ProblemInputs<T>& in, int64_t row0,
+                                            const Acc* x_norm, const Acc* row_scale) {
+    for (int r = threadIdx.x; r < C::BM; r += kThreads) {
+      const int64_t gr = row0 + r;
+      Acc sc = Acc(0), xi = Acc(0);
+      int32_t y = -1;
+      if (gr < in.n) {
+        sc = row_scale[gr];
+        xi = inverse_norm(x_norm[gr]);
+        const int64_t lab = in.labels[gr];
+        if (lab >= 0 && lab < in.c) y = int32_t(lab);
+      }
+      scale[r] = sc;
+      xinv[r] = xi;
+      label[r] = y;
+    }
+  }
+
+  // acc = the products x_i · w_c of the tile at (row0, col0) (zero past n and c), and from
+  // the same W stages `inv` and, when `norm` is not nullptr, norm[column] = ‖w_c‖. Ends
+  // with a barrier.
+  __device__ __forceinline__ void products(Acc (&acc)[C::TR][C::TC], const ProblemInputs<T>& in,
+                                           int64_t row0, int64_t col0, T* smem, Acc* norm) {
+    const Operand<T> a{in.x, in.d, row0, in.n, in.d, in.x_vec};
+    const Operand<T> b{in.weight, in.d, col0, in.c, in.d, in.w_vec};
+    WeightNorm<T> wnorm;
+    Gemm::run(acc, a, b, 0, (in.d + C::BK - 1) / C::BK * C::BK, smem, wnorm);
+    wnorm.finish(norm, inv);
+    __syncthreads();
+  }
+
+  // The tile column of row r's target in the tile of classes from col0, or -1 when the
+  // target lies outside the tile (or the row has none).
+  __device__ __forceinline__ int target_column(int r, int64_t col0) const {
+    const int64_t diff = int64_t(label[r]) - col0;
+    return label[r] >= 0 && diff >= 0 && diff < C::BN ? int(diff) : -1;
   }
 };
-
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-// Rows of d elements starting at p can be copied in 16-byte chunks.
-template <class T>
-inline bool rows_vec(const T* p, int64_t d) {
-  return d % (16 / int64_t(sizeof(T))) == 0 && aligned16(p);
-}
-
-// Padded sizes shared by both passes.
-inline int64_t rows_padded(int64_t n) { return round_up(n, 128); }
-inline int64_t dims_padded(int64_t d) { return round_up(d, 128); }
 
 }  // namespace dev
 }  // namespace cuda
