@@ -1,5 +1,5 @@
 """margin_ops.reference (the oracle) against closed forms written independently here
-(DESIGN.md §1) and F.cross_entropy on explicitly built N x C logits, in float64."""
+(docs/design.md §1) and F.cross_entropy on explicitly built N x C logits, in float64."""
 
 import inspect
 import math
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import margin_ops
 from margin_ops import reference
-from margin_ops.reference import MarginSpec
+from margin_ops.spec import MarginSpec
 
 from conftest import assert_close, closed_form_logits, closed_form_phi, make_inputs, run_with_grads
 
@@ -103,7 +103,7 @@ def test_arcface_easy_margin_below_zero_is_plain_softmax():
     ("cosface", dict(m3=0.35)), ("combined", dict(m1=1.2, m2=0.3, m3=0.1)),
 ] + [("sphereface", dict(m1=float(m), lamb=lamb)) for m in (1, 2, 3, 4, 5) for lamb in (0.0, 1.5)])
 def test_target_margin_on_a_grid_of_angles(margin, params):
-    """φ(c) and its exact derivative on θ ∈ (0, π) against the closed forms of DESIGN.md."""
+    """φ(c) and its exact derivative on θ ∈ (0, π) against the closed forms of docs/design.md §1."""
     theta = torch.linspace(1e-3, math.pi - 1e-3, 2001, dtype=F64)
     c = torch.cos(theta).requires_grad_(True)
     spec = MarginSpec(margin, 1.0, **params)
