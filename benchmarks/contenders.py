@@ -89,7 +89,7 @@ MARGINS = {m.name: m for m in (
            "combined s=64, (m1, m2, m3) = (1, 0.3, 0.2)"),
     Margin("sphereface", "sphereface", {"m": 4, "lamb": 5.0},
            "SphereFace m=4, lambda=5, s = feature norm"),
-    # The margin-free problem the peers (Liger, CCE) solve: cross-entropy of s·cos.
+    # The margin-free problem the peers (torch-lce, Liger, CCE, quack) solve: cross-entropy of s·cos.
     Margin("softmax", "cosface", {"s": 64.0, "m": 0.0},
            "normalized softmax (plain CE of s·cos, s=64, no margin)"),
 )}
@@ -183,6 +183,37 @@ def cce_step(margin: Margin) -> Callable:
                                                                   F.normalize(weight, dim=1), labels))
 
 
+def torch_lce_step(margin: Margin, chunked: bool = False) -> Callable:
+    """torch's own ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13) on s·x̂ and
+    ŵ. It has no margin: on every margin it computes the margin-free cross-entropy of s·cos,
+    a lower bound of the margin losses' cost, checked against the reference on the
+    margin-free problem only.
+
+    ``chunked=False`` ("torch-lce"): the default call (``options=None``, its reference path:
+    F.linear then F.cross_entropy, N x C logits materialized). ``chunked=True``
+    ("torch-lce-chunked"): the memory-saving path users opt into,
+    ``options=LinearCrossEntropyOptions()`` with its own "auto" chunking (batch chunks sized
+    for LLM heads, N >> D: at face-recognition shapes, N ≈ D << C, it picks chunks of a
+    row or two and accumulates dW once per chunk)."""
+    options = torch.nn.LinearCrossEntropyOptions() if chunked else None
+    s = margin.kwargs.get("s", 64.0)
+    return fwd_bwd(lambda x, weight, labels: F.linear_cross_entropy(
+        s * F.normalize(x, dim=1), F.normalize(weight, dim=1), labels, options=options))
+
+
+def quack_step(margin: Margin) -> Callable:
+    """quack's cross-entropy kernel (Dao-AILab/quack, CuTe DSL, CUDA only) on materialized
+    logits s·x̂·ŵᵀ (N x C), the matmuls by torch (margin-free problem only)."""
+    from quack import cross_entropy
+
+    s = margin.kwargs["s"]
+
+    def loss(x, weight, labels):
+        losses = cross_entropy(s * F.normalize(x, dim=1) @ F.normalize(weight, dim=1).t(), labels)
+        return losses.mean() if losses.dim() else losses  # per-row losses in older versions
+    return fwd_bwd(loss)
+
+
 @dataclass(frozen=True)
 class Contender:
     """Something timed against the margin_ops backends."""
@@ -191,24 +222,46 @@ class Contender:
     kind: str  #: "margin_ops" (a backend of this package), "eager", "compile", "gemm3", "peer"
     build: Callable[[Margin], Callable]  #: margin -> step
     margins: tuple | None = None  #: the margins it can compute; None: all
+    #: It computes the margin-free loss whatever the margin (torch-lce*): its result is
+    #: comparable with the reference on the margin-free problem (MARGIN_FREE) only.
+    margin_free: bool = False
+    #: Its first call compiles (torch.compile, JIT kernels): run.py reports that warm-up.
+    compiles: bool = False
 
     def applies_to(self, margin: Margin) -> bool:
         return self.margins is None or margin.name in self.margins
 
+    @property
+    def label(self) -> str:
+        """The name shown in reports: margin_ops' own backends are marked "(ours)"."""
+        return f"{self.name} (ours)" if self.kind == "margin_ops" else self.name
+
 
 BACKENDS = tuple(name for name in margin_ops.backends.BACKENDS if name != "reference")
-PEERS = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}  # contender -> module
+#: The margin-free problem, the one margin-free contenders are checked on.
+MARGIN_FREE = "softmax"
+#: Peer contender -> (module it needs, its kernels run on CUDA only). torch-lce needs no
+#: module but torch.nn.functional.linear_cross_entropy (torch >= 2.13), torch-lce-chunked
+#: also torch.nn.LinearCrossEntropyOptions.
+PEERS = {"liger": ("liger_kernel", True), "cce": ("cut_cross_entropy", True), "quack": ("quack", True),
+         "torch-lce": (None, False), "torch-lce-chunked": (None, False)}
 
 
 def all_contenders() -> dict[str, Contender]:
-    """Every contender run.py knows, in report order: backends, eager, compile, gemm3, peers."""
-    contenders = [Contender(b, "margin_ops", lambda margin, b=b: margin_ops_step(b, margin)) for b in BACKENDS]
+    """Every contender run.py knows, in report order: backends, eager, compile, gemm3, peers
+    (torch-lce, torch-lce-chunked, then the margin-free-only liger, cce, quack)."""
+    contenders = [Contender(b, "margin_ops", lambda margin, b=b: margin_ops_step(b, margin), compiles=b == "triton")
+                  for b in BACKENDS]
     contenders += [
         Contender("eager", "eager", lambda margin: fwd_bwd(reference_loss(margin))),
-        Contender("compile", "compile", compiled_reference_step),
+        Contender("compile", "compile", compiled_reference_step, compiles=True),
         Contender("gemm3", "gemm3", lambda margin: gemm3_step),
-        Contender("liger", "peer", liger_step, ("softmax",)),
-        Contender("cce", "peer", cce_step, ("softmax",)),
+        Contender("torch-lce", "peer", torch_lce_step, margin_free=True),
+        Contender("torch-lce-chunked", "peer", lambda margin: torch_lce_step(margin, chunked=True),
+                  margin_free=True),
+        Contender("liger", "peer", liger_step, (MARGIN_FREE,), compiles=True),
+        Contender("cce", "peer", cce_step, (MARGIN_FREE,), compiles=True),
+        Contender("quack", "peer", quack_step, (MARGIN_FREE,), compiles=True),
     ]
     return {c.name: c for c in contenders}
 
@@ -228,9 +281,14 @@ def unavailable_reason(contender: Contender, device: str, requested: bool) -> st
         if contender.name == "triton" and device == "cpu" and not requested:
             return "the Triton interpreter (TRITON_INTERPRET=1) on the CPU is not timed unless asked for"
     if contender.kind == "peer":
-        if importlib.util.find_spec(PEERS[contender.name]) is None:
-            return f"{PEERS[contender.name]} is not installed"
-        if device != "cuda":
+        module, cuda_only = PEERS[contender.name]
+        if contender.name.startswith("torch-lce") and not hasattr(F, "linear_cross_entropy"):
+            return f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy (torch >= 2.13)"
+        if contender.name == "torch-lce-chunked" and not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+            return f"torch {torch.__version__} has no torch.nn.LinearCrossEntropyOptions (its chunked path)"
+        if module is not None and importlib.util.find_spec(module) is None:
+            return f"{module} is not installed"
+        if cuda_only and device != "cuda":
             return "its kernels run on CUDA only"
     return None
 

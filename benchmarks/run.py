@@ -11,15 +11,27 @@ Usage::
 Contenders, side by side in one run on every (shape, dtype, margin):
 
 * every margin_ops backend usable on the device (``margin_ops.available_backends()``:
-  "cpu", "cuda", "triton"; the Triton interpreter on a CPU only when asked for by name);
+  "cpu", "cuda", "triton"; the Triton interpreter on a CPU only when asked for by name),
+  marked "(ours)" in every report (the JSON rows: "kind": "margin_ops");
 * "eager": the plain-PyTorch reference (margin_ops.reference, N x C logits materialized);
 * "compile": the same function under ``torch.compile`` (default mode; the backward is
   compiled by AOTAutograd; compilation excluded from the timing, dynamo reset per graph);
 * "gemm3": the three bare matrix products (x @ W.T, then dx and dW, logits materialized,
   no softmax, no margin) — a reference point, not a loss;
-* "liger" (Liger-Kernel's fused linear cross-entropy) and "cce" (Apple's Cut
-  Cross-Entropy) when installed, on the margin-free problem only (``--margins softmax``:
-  cross-entropy of s·x̂·ŵ, which margin_ops computes as CosFace with m = 0).
+* "torch-lce" and "torch-lce-chunked": torch's own
+  ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13, CPU and GPU) on s·x̂ and ŵ,
+  called as is (``options=None``: logits materialized) and on its memory-saving chunked
+  path (``options=LinearCrossEntropyOptions()``, its "auto" chunking). They have no margin:
+  they run on every margin as a lower bound (the margin-free loss of the same size), and
+  are checked against the reference on the margin-free problem only — elsewhere their
+  check reads "no margin: not comparable";
+* "liger" (Liger-Kernel's fused linear cross-entropy), "cce" (Apple's Cut Cross-Entropy)
+  and "quack" (quack's cross-entropy kernel on materialized logits) when installed, on a
+  GPU, on the margin-free problem only (``--margins softmax``: cross-entropy of s·x̂·ŵ,
+  which margin_ops computes as CosFace with m = 0).
+
+A contender that cannot run here (not installed, CUDA only, too old a torch) is listed
+under "Not run" with the reason.
 
 Default shapes: with a GPU the named shapes of docs/design.md §2.4 in bfloat16; on a CPU
 "cpu-100k" (256 x 512 x 100,000, the CPU acceptance shape) and "cpu-20k" in float32.
@@ -36,13 +48,16 @@ All contenders get the same fresh random inputs and compute the same loss (same 
 s, m); each one's loss and gradients are checked once against the eager reference.
 
 Outputs, in ``--out`` (default bench-out/): results.md (the table), results.json (every
-number), results.png (time per contender per shape, log scale). Progress is printed one
-line per measurement.
+number), results.png (two panels side by side, log scale: time and extra memory per
+contender per shape). Progress is printed one line per measurement; long warm-ups
+(torch.compile, JIT-compiled kernels, the fresh memory-measuring process that compiles
+again) print what they are doing and how long it took to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -55,7 +70,7 @@ from pathlib import Path
 import torch
 
 import margin_ops
-from contenders import (CPU_SHAPES, DTYPES, GPU_SHAPES, MARGINS, Contender, Margin, Shape, StepResult,
+from contenders import (CPU_SHAPES, DTYPES, GPU_SHAPES, MARGIN_FREE, MARGINS, Contender, Margin, Shape, StepResult,
                         all_contenders, fwd_bwd, make_inputs, parse_dtype, parse_shape, reference_loss,
                         unavailable_reason)
 
@@ -105,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--margins", nargs="+", choices=tuple(MARGINS), metavar="MARGIN",
                         help=f"any of {', '.join(MARGINS)}; default: arcface, plus softmax when a "
-                             f"peer (liger, cce) is usable")
+                             f"margin-free-only peer (liger, cce, quack) is usable")
     parser.add_argument("--contenders", nargs="+", choices=tuple(contenders), metavar="NAME",
                         help=f"any of {', '.join(contenders)}; default: every one usable here "
                              f"(triton on a CPU only when named)")
@@ -152,8 +167,10 @@ def select_contenders(args) -> tuple[list[Contender], dict[str, str]]:
 
 
 def default_margins(contenders: list[Contender]) -> list[str]:
-    """arcface, plus the margin-free problem when a peer is there to be compared on it."""
-    return ["arcface"] + (["softmax"] if any(c.kind == "peer" for c in contenders) else [])
+    """arcface, plus the margin-free problem when a peer that computes only that one is
+    there to be compared on it (torch-lce* run on arcface too, so they add nothing)."""
+    return ["arcface"] + ([MARGIN_FREE] if any(c.kind == "peer" and not c.applies_to(MARGINS["arcface"])
+                                               for c in contenders) else [])
 
 
 def git_commit() -> str:
@@ -263,10 +280,17 @@ def relative_error(value: torch.Tensor, expected: torch.Tensor) -> float:
     return ((value - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
-def check(result: StepResult, expected: StepResult, dtype: str) -> dict:
-    """Loss and gradient agreement of a contender with the eager reference."""
+#: The check status of a margin-free contender (torch-lce*) on a margin loss.
+NOT_COMPARABLE = "no margin: not comparable"
+
+
+def check(result: StepResult, expected: StepResult, dtype: str, comparable: bool = True) -> dict:
+    """Loss and gradient agreement of a contender with the eager reference; "n/a" for no
+    loss (gemm3), NOT_COMPARABLE when the contender computes another loss (no margin)."""
     if result.loss is None:
         return {"status": "n/a"}
+    if not comparable:
+        return {"status": NOT_COMPARABLE, "loss": result.loss.item(), "reference_loss": expected.loss.item()}
     errors = {"loss": relative_error(result.loss, expected.loss), "dx": relative_error(result.dx, expected.dx),
               "dw": relative_error(result.dw, expected.dw)}
     ok = all(error <= TOLERANCE[dtype] for error in errors.values())
@@ -277,10 +301,14 @@ def check(result: StepResult, expected: StepResult, dtype: str) -> dict:
 def measure_contender(contender, margin, shape, dtype, inputs, expected, peak, args) -> dict:
     """Builds, checks, times and (unless --no-memory) measures the memory of one contender."""
     row = {"shape": shape.name, "dims": shape.dims, "n": shape.n, "d": shape.d, "c": shape.c,
-           "dtype": dtype, "margin": margin.name, "contender": contender.name, "kind": contender.kind}
-    step = contender.build(margin)
-    result, row["first_call_s"] = first_call(step, inputs, args.device)
-    row["check"] = check(result, expected, dtype)
+           "dtype": dtype, "margin": margin.name, "contender": contender.name, "kind": contender.kind,
+           "label": contender.label}
+    where = f"{shape.name} {dtype} {margin.name}"
+    with warmup_progress(contender, f"compiling {contender.name!r} on {where}"):
+        step = contender.build(margin)
+        result, row["first_call_s"] = first_call(step, inputs, args.device)
+    row["check"] = check(result, expected, dtype,
+                         comparable=not contender.margin_free or margin.name == MARGIN_FREE)
     del result
     seconds = median_time(step, inputs, args.device, args.warmup, args.repeats)
     row["time_ms"] = seconds * 1e3
@@ -288,18 +316,44 @@ def measure_contender(contender, margin, shape, dtype, inputs, expected, peak, a
     row["peak_fraction"] = row["tflops"] / peak["tflops"]
     if not args.no_memory:
         try:
-            extra = (gpu_extra_memory(step, inputs) if args.device == "cuda"
-                     else cpu_extra_memory(contender, margin, shape, dtype, args.seed))
+            if args.device == "cuda":
+                extra = gpu_extra_memory(step, inputs)
+            else:  # a fresh process: a compiling contender compiles again there
+                with warmup_progress(contender, f"measuring the memory of {contender.name!r} on {where} "
+                                                f"(fresh process, compiles again)"):
+                    extra = cpu_extra_memory(contender, margin, shape, dtype, args.seed)
             row["extra_mib"] = extra / MIB
         except Exception as error:  # keep the timing when only the memory measurement fails
             row["memory_error"] = f"{type(error).__name__}: {error}".splitlines()[0]
     return row
 
 
+@contextlib.contextmanager
+def warmup_progress(contender: Contender, what: str):
+    """For a contender whose first call compiles, "<what>…" to stderr before the block and
+    "done in N s" after it, so that a long warm-up is not a minute of silence."""
+    if not contender.compiles:
+        yield
+        return
+    print(f"{what}…", end="", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        print(f" failed after {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        raise
+    print(f" done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+
+def status_text(status: str) -> str:
+    """The check column of a row: "—" for no loss, bold for a mismatch."""
+    return "—" if status == "n/a" else f"**{status}**" if status == "MISMATCH" else status
+
+
 def progress(prefix: str, row: dict) -> None:
     """One flushed line for a finished measurement."""
     if "error" in row:
-        print(f"{prefix} {row['contender']:<8} FAILED: {row['error']}", flush=True)
+        print(f"{prefix} {row['label']:<17} FAILED: {row['error']}", flush=True)
         return
     memory = (f"  extra {row['extra_mib']:,.1f} MiB" if "extra_mib" in row
               else f"  memory measurement failed: {row['memory_error']}" if "memory_error" in row else "")
@@ -308,7 +362,7 @@ def progress(prefix: str, row: dict) -> None:
     if status == "MISMATCH":
         check_text += f" (loss {row['check']['loss']:.6g} vs reference {row['check']['reference_loss']:.6g}, " \
                       f"relative errors {fmt_errors(row['check']['relative_errors'])})"
-    print(f"{prefix} {row['contender']:<8} {row['time_ms']:10.3f} ms  {fmt_number(row['tflops']):>9} TFLOP/s  "
+    print(f"{prefix} {row['label']:<17} {row['time_ms']:10.3f} ms  {fmt_number(row['tflops']):>9} TFLOP/s  "
           f"{100 * row['peak_fraction']:5.1f}% of peak  first call {row['first_call_s']:.2f} s"
           f"{memory}{check_text}", flush=True)
 
@@ -338,7 +392,7 @@ def run_group(shape, dtype, margin, contenders, inputs, peak, args) -> list[dict
             row = measure_contender(contender, margin, shape, dtype, inputs, expected, peak, args)
         except Exception as error:  # one failing contender must not end the run
             row = {"shape": shape.name, "dims": shape.dims, "dtype": dtype, "margin": margin.name,
-                   "contender": contender.name, "kind": contender.kind,
+                   "contender": contender.name, "kind": contender.kind, "label": contender.label,
                    "error": f"{type(error).__name__}: {error}".splitlines()[0]}
         progress(prefix, row)
         rows.append(row)
@@ -357,10 +411,10 @@ def fmt_number(value: float, digits: int = 3) -> str:
 def markdown_table(rows: list[dict], backends: list[str]) -> str:
     """The results as one markdown table (a row per measurement)."""
     head = ["shape", "N×D×C", "dtype", "margin", "contender", "fwd+bwd ms", "TFLOP/s", "% of peak",
-            "extra MiB", *(f"{b} speed-up" for b in backends), "check"]
+            "extra MiB", *(f"{b} (ours) speed-up" for b in backends), "check"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["shape"], row["dims"], row["dtype"], row["margin"], row["contender"]]
+        cells = [row["shape"], row["dims"], row["dtype"], row["margin"], row.get("label", row["contender"])]
         if "error" in row:
             cells += [f"failed: {row['error']}"] + [""] * (len(head) - len(cells) - 1)
         else:
@@ -371,7 +425,7 @@ def markdown_table(rows: list[dict], backends: list[str]) -> str:
                       f"{row['extra_mib']:,.1f}" if "extra_mib" in row
                       else "failed" if "memory_error" in row else "—",
                       *(f"{fmt_number(speedup[b])}×" if b in speedup else "—" for b in backends),
-                      "—" if status == "n/a" else f"**{status}**" if status == "MISMATCH" else status]
+                      status_text(status)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -397,10 +451,14 @@ def markdown_report(meta: dict, rows: list[dict]) -> str:
         f"TF32 allowed unless highest).",
         f"- Extra memory: memory the loss computation needs beyond its inputs (x, W, labels) and the "
         f"gradients it returns (dx, dW). Method: {meta['memory_method'] or 'not measured (--no-memory)'}.",
+        "- Contenders: \"(ours)\" marks margin_ops' backends; the others are what users would pick "
+        "instead.",
         "- Speed-up of a backend: contender time / backend time (> 1: the backend is faster).",
         f"- Margins: {margins}. gemm3 computes no loss (three bare matmuls, logits materialized).",
         f"- Check: loss, dx and dW against the eager reference in the same dtype (relative error ≤ "
-        f"{', '.join(f'{d} {TOLERANCE[d]:g}' for d in meta['dtypes'])}).",
+        f"{', '.join(f'{d} {TOLERANCE[d]:g}' for d in meta['dtypes'])}); \"{NOT_COMPARABLE}\": "
+        f"torch-lce and torch-lce-chunked compute the margin-free loss (s·x̂·ŵ, no margin), a lower "
+        f"bound of a margin loss's cost, checked on the {MARGIN_FREE} rows only.",
     ]
     if meta["skipped"]:
         lines.append("- Not run: " + "; ".join(f"{name}: {why}" for name, why in meta["skipped"].items()) + ".")
@@ -408,14 +466,16 @@ def markdown_report(meta: dict, rows: list[dict]) -> str:
     warnings = [row for row in rows if row.get("check", {}).get("status") == "MISMATCH"]
     if warnings:
         lines += ["", "**Warnings — results that disagree with the reference:**", ""]
-        lines += [f"- {row['shape']} {row['dtype']} {row['margin']} {row['contender']}: loss "
+        lines += [f"- {row['shape']} {row['dtype']} {row['margin']} {row.get('label', row['contender'])}: loss "
                   f"{row['check']['loss']:.6g} vs reference {row['check']['reference_loss']:.6g}, relative "
                   f"errors {fmt_errors(row['check']['relative_errors'])}" for row in warnings]
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    """results.png: grouped bars of fwd+bwd time per contender for each (shape, dtype, margin)."""
+    """results.png: two panels side by side, log scale: fwd+bwd time and extra memory,
+    grouped bars per contender for each (shape, dtype, margin), margin_ops' backends
+    labelled "(ours)", each bar with its value (up to 40 bars a panel)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -423,20 +483,46 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     timed = [row for row in rows if "time_ms" in row]
     groups = list(dict.fromkeys((r["shape"], r["dtype"], r["margin"]) for r in timed))
     names = list(dict.fromkeys(r["contender"] for r in timed))
+    labels = {r["contender"]: r.get("label", r["contender"]) for r in timed}
+    colors = {name: f"C{k % 10}" for k, name in enumerate(names)}
     width = 0.8 / max(len(names), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) * max(len(names), 1) ** 0.5), 4.5))
-    for k, name in enumerate(names):
-        points = [(g, r["time_ms"]) for g, group in enumerate(groups) for r in timed
-                  if (r["shape"], r["dtype"], r["margin"]) == group and r["contender"] == name]
-        ax.bar([g + (k - (len(names) - 1) / 2) * width for g, _ in points], [t for _, t in points],
-               width, label=name)
-    ax.set_xticks(range(len(groups)), [f"{s}\n{d} {m}" for s, d, m in groups])
-    ax.set_yscale("log")
-    ax.set_ylabel("forward + backward time (ms, log scale)")
-    ax.set_title(title)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
-    ax.grid(axis="y", which="both", alpha=0.3)
-    fig.tight_layout()
+    #: Memory bars are drawn at least this high (MiB) on the log axis; the label says 0.
+    floor_mib = 1 / 1024
+    panels = (("time_ms", "forward + backward time (ms, log scale)", "ms"),
+              ("extra_mib", "extra memory beyond inputs and gradients (MiB, log scale)", "MiB"))
+    panel_width = min(max(5.5, 0.9 * len(groups) * max(len(names), 1) ** 0.8), 16.0)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * panel_width, 5.6))
+    for ax, (key, ylabel, unit) in zip(axes, panels):
+        drawn = []
+        for k, name in enumerate(names):
+            points = [(g, r[key]) for g, group in enumerate(groups) for r in timed
+                      if (r["shape"], r["dtype"], r["margin"]) == group and r["contender"] == name and key in r]
+            if not points:
+                continue
+            drawn += [max(v, floor_mib) for _, v in points]
+            bars = ax.bar([g + (k - (len(names) - 1) / 2) * width for g, _ in points],
+                          [max(v, floor_mib) for _, v in points], width, color=colors[name], label=labels[name])
+            if len(timed) <= 40:  # beyond, the values crowd out the bars: results.md has them
+                ax.bar_label(bars, [f"{fmt_number(v)} {unit}" if v > 0 else "0" for _, v in points],
+                             rotation=90, fontsize=7, padding=2)
+        ax.set_xticks(range(len(groups)), [f"{s}\n{d} {m}" for s, d, m in groups])
+        ax.set_ylabel(ylabel)
+        if drawn:
+            ax.set_yscale("log")
+            # bars rise from well below the smallest value; room above for the value labels
+            ax.set_ylim(min(drawn) / 5, max(drawn) * 12)
+        else:
+            ax.text(0.5, 0.5, "not measured (--no-memory)" if key == "extra_mib" else "nothing timed",
+                    transform=ax.transAxes, ha="center", va="center")
+        ax.grid(axis="y", which="both", alpha=0.3)
+    axes[0].set_title("time (lower is better)")
+    axes[1].set_title("extra memory (lower is better)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[name]) for name in names]
+    if names:
+        fig.legend(handles, [labels[name] for name in names], loc="lower center", ncol=min(len(names), 8),
+                   fontsize="small", frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -458,9 +544,9 @@ def main(argv=None) -> None:
             "memory_method": None if args.no_memory else MEMORY_METHOD[args.device]}
     print(f"margin_ops {meta['margin_ops']} benchmark on {args.device} ({meta['device_name']}), "
           f"torch {meta['torch']}, commit {meta['commit']}", flush=True)
-    print(f"contenders: {', '.join(meta['contenders'])}", flush=True)
+    print(f"contenders: {', '.join(c.label for c in contenders)}", flush=True)
     for name, why in skipped.items():
-        print(f"skipped {name}: {why}", flush=True)
+        print(f"not run: {name}: {why}", flush=True)
     meta["peaks"] = {}
     for dtype in args.dtypes:
         meta["peaks"][dtype] = measure_peak(dtype, args.device)
