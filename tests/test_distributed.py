@@ -468,9 +468,9 @@ def results(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CHECKS))
 @pytest.mark.parametrize("world", WORLD_SIZES)
-@pytest.mark.slow
 def test_distributed(results, world, name):
     failures = [f"rank {rank}:\n{r[name]}" for rank, r in enumerate(results(world)) if r[name]]
     assert not failures, "\n".join(failures)

@@ -18,9 +18,9 @@ def _op(name, backend):
     return lambda *a, **k: call_op(name, *a, backend=backend, **k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("config", OP_CONFIGS[::3], ids=config_id)
-@pytest.mark.slow
 def test_empty_batch(config, reduction, backend):
     name, kwargs = config
     x, w, y = make_inputs(0, 6, 9, F32, device=backend.device)
@@ -36,9 +36,9 @@ def test_empty_batch(config, reduction, backend):
     assert stats.lse.shape == (0,) and stats.pred.shape == (0,)
 
 
-@pytest.mark.parametrize("dtype", [F64, pytest.param(BF16, marks=slow)], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("config", OP_CONFIGS[::2], ids=config_id)
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", [F64, BF16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("config", OP_CONFIGS[::2], ids=config_id)
 def test_all_rows_ignored(config, dtype, backend):
     """A batch whose rows are all ignored: loss 0 under every reduction (not NaN), zero
     gradients."""
@@ -62,9 +62,9 @@ def _compare_by_rows(got, want, zero_x_rows, zero_w_rows, rtol, what):
         assert_close(grad_got[~mask], grad_want[~mask], rtol, f"{what} {label} (other rows)")
 
 
-@pytest.mark.parametrize("dtype", [F64, F32, pytest.param(BF16, marks=slow)], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("config", OP_CONFIGS[::3], ids=config_id)
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", [F64, F32, BF16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("config", OP_CONFIGS[::3], ids=config_id)
 def test_zero_norm_rows(config, dtype, backend):
     """x̂ = x / max(‖x‖, eps): a zero row has cosine 0 with every class and gradient dx̂ / eps
     (the true derivative of x / eps near 0); the same for rows of weight, including a row's
@@ -84,10 +84,10 @@ def test_zero_norm_rows(config, dtype, backend):
     assert torch.isfinite(margin_ops.with_stats(name, x, w, y, **kwargs).lse).all()
 
 
-@pytest.mark.parametrize("dtype", [F64, pytest.param(F32, marks=slow)], ids=DTYPE_IDS.get)
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [F64, F32], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("sign", [1, -1], ids=["cos+1", "cos-1"])
 @pytest.mark.parametrize("config", OP_CONFIGS[::2], ids=config_id)
-@pytest.mark.slow
 def test_cos_exactly_one(config, sign, dtype, backend):
     """x rows equal to (or minus) their class's weight row: |cos| = 1 exactly (or within a
     rounding of it). Loss and gradients finite for every margin, including exact ArcFace /
@@ -102,7 +102,7 @@ def test_cos_exactly_one(config, sign, dtype, backend):
     assert torch.isfinite(got.grad_x).all() and torch.isfinite(got.grad_weight).all()
 
 
-@pytest.mark.parametrize("dtype", [F64, F32, pytest.param(BF16, marks=slow)], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype", [F64, F32, BF16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("name,kwargs", [("arcface", dict(m=0.5)), ("arcface", dict(m=0.5, easy_margin=True)),
                                          ("combined", dict(m1=1.2, m2=0.3, m3=0.1)),
                                          ("sphereface", dict(m=4)), ("cosface", dict())])
@@ -139,9 +139,9 @@ def test_large_logits_do_not_overflow(backend):
         assert torch.isfinite(got.loss)
 
 
-@pytest.mark.parametrize("dtype", [F64, pytest.param(F32, marks=slow)], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("gamma", [0.1, 2.0])
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", [F64, F32], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("gamma", [0.1, 2.0])
 def test_focal_on_confident_rows(gamma, dtype, backend):
     """p → 1 (a row equal to its class's weight, s = 200): the focal factor (1 − p)^γ has an
     unbounded derivative for γ < 1 at p = 1; loss and gradients stay finite and match."""

@@ -17,10 +17,10 @@ CUSTOM_OPS = ("cpu", "cuda-emulated", "triton-interpreted", "cuda", "triton")
 FAST = ("reference", "cpu", "cuda", "triton")
 
 
+@pytest.mark.slow
 @pytest.mark.backends(*CUSTOM_OPS)
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("args", PRIMITIVE_ARGS[::2], ids=primitive_id)
-@pytest.mark.slow
 def test_opcheck_primitive(args, dtype, backend):
     """torch.library.opcheck of the backend's primitive pair (schema, fake kernel, autograd
     registration, aot dispatch) on small odd inputs with an ignored row."""
@@ -39,17 +39,17 @@ OPCHECK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,kwargs", OPCHECK_CASES)
 @pytest.mark.slow
+@pytest.mark.parametrize("name,kwargs", OPCHECK_CASES)
 def test_opcheck_losses(name, kwargs, backend):
     x, w, y = make_inputs(5, 6, 9, F32, ignore_rows=(1,), ignore_index=kwargs.get("ignore_index", -100),
                           device=backend.device)
     torch.library.opcheck(getattr(torch.ops.margin, name).default, (x, w, y), kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.backends(*FAST)
 @pytest.mark.parametrize("config", [c for c in OP_CONFIGS if c[1].get("margin_grad") != "detach"], ids=config_id)
-@pytest.mark.slow
 def test_gradcheck_op(config, backend):
     name, kwargs = config
     kwargs = dict(kwargs)

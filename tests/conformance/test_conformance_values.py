@@ -86,8 +86,8 @@ def test_primitive_matches_reference(args, dtype, backend):
     primitive_vs_reference(backend.lse_fn(), x, w, y, args, backend.tolerances[dtype])
 
 
-@pytest.mark.parametrize("config", OP_CONFIGS[::3], ids=config_id)
 @pytest.mark.slow
+@pytest.mark.parametrize("config", OP_CONFIGS[::3], ids=config_id)
 def test_float32_follows_matmul_precision(config, backend):
     """float32 on a GPU backend follows torch's float32 matmul precision: "high" is TF32
     (within TF32's tolerance, and not the bits of "highest"); the CPU backends, and the
@@ -106,8 +106,8 @@ def test_float32_follows_matmul_precision(config, backend):
         assert torch.equal(high.loss, exact.loss), "the matmul precision changed an exact backend's bits"
 
 
-@pytest.mark.parametrize("output", [0, 1], ids=["lse", "target_logit"])
 @pytest.mark.slow
+@pytest.mark.parametrize("output", [0, 1], ids=["lse", "target_logit"])
 def test_gradient_of_one_primitive_output(output, backend):
     """Backward with only one of lse / target_logit used (the other gradient is None)."""
     x, w, y = make_inputs(6, 8, 300, F64, ignore_rows=(4,), device=backend.device)
@@ -179,8 +179,8 @@ def test_pred_ties_pick_the_lowest_class(backend):
     assert out.pred.tolist() == [5, 5]
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=DTYPE_IDS.get)
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=DTYPE_IDS.get)
 def test_results_are_bitwise_repeatable(dtype, backend):
     """The same call twice gives the same bits (no atomics, fixed reduction orders)."""
     x, w, y = make_inputs(40, 20, 300, dtype, requires_grad=False, device=backend.device)
