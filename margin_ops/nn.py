@@ -36,7 +36,10 @@ class _MarginHead(nn.Module):
         raise NotImplementedError
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor, return_stats: bool = False):
-        out = margin_loss(features, self.weight, labels, self.spec(), self.reduction, self.ignore_index)
+        return self._loss(features, labels, self.spec(), return_stats)
+
+    def _loss(self, features, labels, spec: MarginSpec, return_stats: bool):
+        out = margin_loss(features, self.weight, labels, spec, self.reduction, self.ignore_index)
         return out if return_stats else out.loss
 
     def extra_repr(self) -> str:
@@ -121,9 +124,9 @@ class SphereFace(_MarginHead):
         # A training step runs with the next iteration's λ; the counter advances only once
         # the step has succeeded (a forward that raises leaves the schedule where it was).
         step_spec = registry.sphereface(self.m, self.lamb_at(int(self.iteration) + 1), self.s, self.gamma)
-        out = margin_loss(features, self.weight, labels, step_spec, self.reduction, self.ignore_index)
+        out = self._loss(features, labels, step_spec, return_stats)
         self.iteration += 1
-        return out if return_stats else out.loss
+        return out
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, m={self.m}, s={self.s}, gamma={self.gamma}, "

@@ -20,20 +20,18 @@ tests/test_distributed.py); each test asserts one check on every rank.
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
-import socket
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from margin_ops.compat import insightface
 from margin_ops.compat.insightface import CombinedMarginLoss, PartialFC_V2
+
+from spawned_checks import spawned_results
 
 D = 64  #: wide enough that random cosines stay small: no row's probability below arcface_torch's 1e-30 floor
 ROWS = 5          #: rows per rank (arcface_torch needs the same batch size on every rank)
@@ -290,38 +288,7 @@ CHECKS = {f"{name}-vs-arcface_torch": check_against_arcface_torch(name) for name
 CHECKS.update({"state_dict-layout": check_layout, "sampling": check_sampling, "fp16": check_fp16})
 
 
-def _worker(rank, world, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-    results = {}
-    for name, check in CHECKS.items():
-        try:
-            check(rank, world)
-            results[name] = ""
-        except Exception:  # noqa: BLE001  (reported by the test of that check)
-            results[name] = traceback.format_exc()
-    torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    cache = {}
-
-    def get(world):
-        if world not in cache:
-            out_dir = tmp_path_factory.mktemp(f"insightface_world{world}")
-            mp.spawn(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world)
-            cache[world] = [torch.load(out_dir / f"{rank}.pt") for rank in range(world)]
-        return cache[world]
-    return get
+results = spawned_results(__name__, PG_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("name", list(CHECKS))

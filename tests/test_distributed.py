@@ -12,24 +12,22 @@ the full problem (recomputed on every rank: it is small).
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import margin_ops
 from margin_ops import distributed
+
+from spawned_checks import spawned_results
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD_SIZES = (2, 4)
@@ -433,39 +431,7 @@ CHECKS.update({
 })
 
 
-def _worker(rank, world, port, out_dir):
-    torch.set_num_threads(1)  # 2-4 processes share the machine's cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-    results = {}
-    for name, check in CHECKS.items():
-        try:
-            check(rank, world)
-            results[name] = ""
-        except Exception:  # noqa: BLE001  (reported by the test of that check)
-            results[name] = traceback.format_exc()
-    torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    """{world size: [{check name: traceback or ""} per rank]}, spawned on first use."""
-    cache = {}
-
-    def get(world):
-        if world not in cache:
-            out_dir = tmp_path_factory.mktemp(f"world{world}")
-            mp.spawn(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world)
-            cache[world] = [torch.load(out_dir / f"{rank}.pt") for rank in range(world)]
-        return cache[world]
-    return get
+results = spawned_results(__name__, PG_TIMEOUT_S)
 
 
 @pytest.mark.slow
