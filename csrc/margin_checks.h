@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
 
 namespace margin_ops {
@@ -69,6 +70,50 @@ inline void check_per_row(const at::Tensor& t, const char* name, const at::Tenso
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name, " must be floating point, got ",
                    dtype_name(t.scalar_type()));
   check_same_device(t, name, x);
+}
+
+// The primitive's options, as margin_ops.checks.check_primitive checks them: subcenters K >= 1
+// dividing weight's rows; class_index (C,) int64 on weight's device, distinct, in
+// [0, rows / K) (values checked at once on CPU; on CUDA by an asynchronous device assertion,
+// so that no host synchronisation is added); hard_threshold / hard_t per-row, together.
+inline void check_options(const at::Tensor& x, const at::Tensor& weight, int64_t subcenters,
+                          const std::optional<at::Tensor>& class_index,
+                          const std::optional<at::Tensor>& hard_threshold,
+                          const std::optional<at::Tensor>& hard_t) {
+  TORCH_CHECK_VALUE(subcenters >= 1, "subcenters must be an integer >= 1, got ", subcenters);
+  TORCH_CHECK_VALUE(weight.size(0) % subcenters == 0,
+                    "weight must have num_classes·subcenters rows: ", weight.size(0),
+                    " rows is not a multiple of subcenters=", subcenters);
+  if (class_index.has_value()) {
+    const at::Tensor& index = *class_index;
+    TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) >= 1,
+                      "class_index must be a non-empty 1-D tensor (C,), got shape ", index.sizes());
+    TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, "class_index must be int64, got ",
+                     dtype_name(index.scalar_type()));
+    TORCH_CHECK_VALUE(index.device() == weight.device(), "class_index must be on weight's device ",
+                      weight.device(), ", got ", index.device());
+    const int64_t classes = weight.size(0) / subcenters;
+    const std::string range = "class_index must lie in [0, " + std::to_string(classes) +
+                              ") (the classes of weight)";
+    const std::string distinct =
+        "class_index must not repeat a class (each is read and written in place once)";
+    const auto out_of_range = (index < 0).logical_or_(index >= classes).any();
+    const auto ordered = std::get<0>(index.sort());
+    const auto repeated = ordered.slice(0, 1).eq(ordered.slice(0, 0, -1)).any();
+    if (index.is_cpu()) {
+      TORCH_CHECK_VALUE(!out_of_range.item<bool>(), range);
+      TORCH_CHECK_VALUE(!repeated.item<bool>(), distinct);
+    } else {
+      at::_assert_async(out_of_range.logical_not(), range);
+      at::_assert_async(repeated.logical_not(), distinct);
+    }
+  }
+  TORCH_CHECK_VALUE(hard_threshold.has_value() == hard_t.has_value(),
+                    "hard_threshold and hard_t must be given together (or neither)");
+  if (hard_threshold.has_value()) {
+    check_per_row(*hard_threshold, "hard_threshold", x);
+    check_per_row(*hard_t, "hard_t", x);
+  }
 }
 
 }  // namespace margin_ops

@@ -15,10 +15,11 @@ enum class MarginKind : int32_t {
   CosFace = 2,  // cosface: c − m3
   Combined = 3,  // combined: cos(m1·θ + m2) − m3
   SphereFace = 4,  // sphereface: ((−1)^k cos(m1·θ) − 2k + lamb·c) / (1 + lamb), k = ⌊m1·θ/π⌋
+  External = 5,  // external: none: the target is left out of lse, target_logit = s·c (the op applies a per-row margin)
 };
-constexpr int32_t kNumMarginKinds = 5;
+constexpr int32_t kNumMarginKinds = 6;
 
 // The primitive's `margin` argument of each kind, indexed by MarginKind.
-inline constexpr const char* kMarginNames[kNumMarginKinds] = {"arcface", "arcface_easy", "cosface", "combined", "sphereface"};
+inline constexpr const char* kMarginNames[kNumMarginKinds] = {"arcface", "arcface_easy", "cosface", "combined", "sphereface", "external"};
 
 }  // namespace margin_ops

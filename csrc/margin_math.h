@@ -77,6 +77,8 @@ MARGIN_HD TargetMargin<T> target_margin(T c, const MarginParams& p) {
       r.slope = T(p.m1) * sin(angle) / sin_floor;
       break;
     }
+    case MarginKind::External:  // the op applies its margin; the kernels leave c as is
+      break;
     case MarginKind::SphereFace: {
       const int m = p.sphere_m;
       T k = floor(T(m) * acos(c) / T(kPi));
@@ -103,6 +105,15 @@ MARGIN_HD TargetMargin<T> target_margin(T c, const MarginParams& p) {
   }
   if (p.detach_grad) r.slope = one;
   return r;
+}
+
+// A non-target cosine's logit factor (the logit is s_i times it) and its derivative:
+// CurricularFace's hard examples, c·(t + c) where c > threshold, else c. Rows without the
+// modulation pass threshold = 2 (above every cosine).
+template <typename T>
+MARGIN_HD TargetMargin<T> hard_example(T c, T threshold, T t) {
+  if (c > threshold) return {c * (t + c), t + T(2) * c};
+  return {c, T(1)};
 }
 
 }  // namespace margin_ops

@@ -81,23 +81,82 @@ def check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> N
         raise ValueError(f"{message}; got {labels[bad][0].item()}")
 
 
-def check_loss_inputs(x, weight, labels, reduction: str, ignore_index: int) -> None:
+def num_classes(weight: torch.Tensor, subcenters: int = 1, class_index=None):
+    """C: the classes the primitive sees (class_index's length, else weight's rows / K)."""
+    return class_index.shape[0] if class_index is not None else weight.shape[0] // subcenters
+
+
+def check_loss_inputs(x, weight, labels, reduction: str, ignore_index: int, subcenters: int = 1) -> None:
     """Everything a loss checks beyond its margin's parameters (those are the registry's)."""
     spec.check_choice("reduction", reduction, spec.REDUCTIONS)
     check_tensors(x, weight, labels)
-    check_labels(labels, weight.shape[0], ignore_index)
+    check_subcenters(weight, subcenters)
+    check_labels(labels, num_classes(weight, subcenters), ignore_index)
+
+
+def check_subcenters(weight: torch.Tensor, subcenters) -> None:
+    """K >= 1 sub-centers per class: weight has C·K rows."""
+    spec.check_integer("subcenters", subcenters, 1)
+    expect(weight.shape[0] % subcenters == 0, ValueError,
+           lambda: f"weight must have num_classes·subcenters rows: {weight.shape[0]} rows is not a multiple of "
+                   f"subcenters={subcenters}")
+
+
+def check_class_index(class_index, weight: torch.Tensor, subcenters: int) -> None:
+    """class_index (C,) int64 on weight's device: distinct classes of weight, in [0, rows / K).
+
+    The values are checked eagerly (a host sync on CUDA); while torch.compile traces or a
+    CUDA graph captures, as an asynchronous assertion in the graph.
+    """
+    if not isinstance(class_index, torch.Tensor):
+        raise TypeError(f"class_index must be a tensor or None, got {type(class_index).__name__}")
+    expect(class_index.dim() == 1 and class_index.shape[0] >= 1, ValueError,
+           lambda: f"class_index must be a non-empty 1-D tensor (C,), got {_shape(class_index)}")
+    expect(class_index.dtype == torch.int64, TypeError, lambda: f"class_index must be int64, got {class_index.dtype}")
+    expect(class_index.device == weight.device, ValueError,
+           lambda: f"class_index must be on weight's device {weight.device}, got {class_index.device}")
+    classes = weight.shape[0] // subcenters
+    out_of_range = (class_index < 0) | (class_index >= classes)
+    ordered = class_index.sort().values
+    repeated = ordered[1:] == ordered[:-1]
+    range_message = f"class_index must lie in [0, {classes}) (the classes of weight)"
+    distinct_message = "class_index must not repeat a class (each is read and written in place once)"
+    if is_traced(class_index) or (class_index.is_cuda and torch.cuda.is_current_stream_capturing()):
+        torch._assert_async(~out_of_range.any(), range_message)
+        torch._assert_async(~repeated.any(), distinct_message)
+        return
+    if out_of_range.any():
+        raise ValueError(f"{range_message}; got {class_index[out_of_range][0].item()}")
+    if repeated.any():
+        raise ValueError(f"{distinct_message}; got {ordered[1:][repeated][0].item()} twice")
+
+
+def check_hard_examples(hard_threshold, hard_t, x: torch.Tensor) -> None:
+    """CurricularFace's per-row threshold and t: both (N,) floating, or both None."""
+    expect((hard_threshold is None) == (hard_t is None), ValueError,
+           lambda: "hard_threshold and hard_t must be given together (or neither)")
+    if hard_threshold is not None:
+        check_per_row(hard_threshold, "hard_threshold", x)
+        check_per_row(hard_t, "hard_t", x)
 
 
 def check_primitive(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale,
-                    detach_margin_grad) -> None:
-    """The arguments of ``margin_lse``: the tensors, then the margin's rules. Labels outside
-    [0, C) are allowed here: such a row has no target."""
+                    detach_margin_grad, allow_tf32=None, subcenters=1, class_index=None,
+                    hard_threshold=None, hard_t=None) -> None:
+    """The arguments of ``margin_lse``: the tensors, the margin's rules, then the options.
+    Labels outside [0, C) are allowed here: such a row has no target."""
     check_tensors(x, weight, labels)
     spec.check_primitive_margin(margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad)
+    if allow_tf32 is not None and not isinstance(allow_tf32, bool):
+        raise ValueError(f"allow_tf32 must be a bool or None, got {allow_tf32!r}")
+    check_subcenters(weight, subcenters)
+    if class_index is not None:
+        check_class_index(class_index, weight, subcenters)
+    check_hard_examples(hard_threshold, hard_t, x)
 
 
 def check_per_row(t, name: str, x: torch.Tensor) -> None:
-    """A per-row (N,) floating tensor of the backward (grad_lse, grad_target_logit, lse)."""
+    """A per-row (N,) floating tensor (the backward's gradients and lse, hard_threshold, hard_t)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     expect(t.dim() == 1 and t.shape[0] == x.shape[0],
@@ -106,8 +165,10 @@ def check_per_row(t, name: str, x: torch.Tensor) -> None:
     expect(t.device == x.device, ValueError, lambda: f"{name} must be on x's device {x.device}, got {t.device}")
 
 
-def check_primitive_backward(grad_lse, grad_target_logit, x, weight, labels, lse, *margin_args) -> None:
+def check_primitive_backward(grad_lse, grad_target_logit, grad_nontarget_sum, x, weight, labels, lse,
+                             *primitive_args) -> None:
     """The arguments of ``margin_lse_backward``."""
-    check_primitive(x, weight, labels, *margin_args)
-    for name, t in (("grad_lse", grad_lse), ("grad_target_logit", grad_target_logit), ("lse", lse)):
+    check_primitive(x, weight, labels, *primitive_args)
+    for name, t in (("grad_lse", grad_lse), ("grad_target_logit", grad_target_logit),
+                    ("grad_nontarget_sum", grad_nontarget_sum), ("lse", lse)):
         check_per_row(t, name, x)

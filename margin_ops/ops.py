@@ -1,7 +1,11 @@
 """The Python half of ``torch.ops.margin`` (the schemas are in csrc/margin.cpp).
 
-* Public losses ``arcface``, ``cosface``, ``combined``, ``sphereface``: composite kernels
-  that check the arguments, run the fused primitive of the current backend and reduce.
+* Public losses ``arcface``, ``cosface``, ``combined``, ``sphereface``, ``adaptive``,
+  ``curricular``: composite kernels that check the arguments, run the fused primitive of
+  the current backend and reduce. ``adaptive`` applies its per-row margins to the target
+  logits the primitive returns (margin "external": O(N) work, differentiable in m_angle and
+  m_add); ``curricular`` computes each row's target cosine first (O(N·D)) for the
+  threshold of its hard examples.
 * Fused primitive ``margin_lse``: fake kernel, autograd (backward = ``margin_lse_backward``),
   and autocast (inputs cast to the autocast dtype, like ``F.linear``; statistics and
   losses stay float32).
@@ -62,17 +66,76 @@ class _Signature(NamedTuple):
 _SIGNATURES = {name: _Signature.of(name) for name in LOSSES}
 
 
-def margin_loss(x, weight, labels, spec: MarginSpec, reduction="mean", ignore_index=-100):
+def margin_loss(x, weight, labels, spec: MarginSpec, reduction="mean", ignore_index=-100,
+                hard_threshold=None, hard_t=None) -> MarginOutput:
     """Loss of ``spec`` through the current backend, with the per-row statistics.
 
     Returns a :class:`MarginOutput`: the loss (float32 for 16-bit inputs, else x's dtype)
     reduced as ``reduction`` says, and lse / pred (N,) from the same pass.
     """
-    checks.check_loss_inputs(x, weight, labels, reduction, ignore_index)
+    checks.check_loss_inputs(x, weight, labels, reduction, ignore_index, spec.subcenters)
     lse_fn = backends.margin_lse_for(x.device)
-    lse, target_logit, _, pred = lse_fn(x, weight, labels, *spec.primitive_args())
-    loss = reference.loss_from_lse(lse, target_logit, labels, spec.gamma, reduction, ignore_index)
+    lse, target_logit, _, pred, nontarget_sum = lse_fn(
+        x, weight, labels, *spec.primitive_args(), None, spec.subcenters, None, hard_threshold, hard_t)
+    loss = reference.loss_from_lse(lse, target_logit, labels, spec.gamma, reduction, ignore_index,
+                                   spec.label_smoothing, nontarget_sum, checks.num_classes(weight, spec.subcenters))
     return MarginOutput(loss, lse, pred)
+
+
+def _check_row_margin(t, name: str, x: torch.Tensor) -> None:
+    checks.check_per_row(t, name, x)
+    checks.expect(t.dtype != torch.float64 or x.dtype == torch.float64, TypeError,
+                  lambda: f"{name} must not be float64 when x is {x.dtype} (the losses are computed in float32)")
+
+
+def adaptive_loss(x, weight, labels, m_angle, m_add, spec: MarginSpec, angle_mode: str, reduction="mean",
+                  ignore_index=-100) -> MarginOutput:
+    """``adaptive``: the primitive without a margin, then the per-row target margin
+    (:func:`margin_ops.reference.adaptive_target`) folded into its log-sum-exp."""
+    checks.check_loss_inputs(x, weight, labels, reduction, ignore_index)
+    _check_row_margin(m_angle, "m_angle", x)
+    _check_row_margin(m_add, "m_add", x)
+    lse_fn = backends.margin_lse_for(x.device)
+    lse_others, scaled_cos, _, pred, nontarget_sum = lse_fn(x, weight, labels, *spec.primitive_args())
+    acc = lse_others.dtype
+    has_target = labels != ignore_index
+    phi = reference.adaptive_target(scaled_cos / spec.s, m_angle.to(acc), m_add.to(acc), angle_mode)
+    target_logit = torch.where(has_target, spec.s * phi, 0)
+    lse = torch.logaddexp(lse_others, torch.where(has_target, target_logit, -torch.inf))
+    loss = reference.loss_from_lse(lse, target_logit, labels, 0.0, reduction, ignore_index, spec.label_smoothing,
+                                   nontarget_sum, weight.shape[0])
+    return MarginOutput(loss, lse, pred)
+
+
+def curricular_loss(x, weight, labels, t, spec: MarginSpec, reduction="mean", ignore_index=-100) -> MarginOutput:
+    """``curricular``: each row's target cosine (one dot product per row), its threshold
+    cos(θ_iy + m), then the primitive with ArcFace's target and the hard-example modulation."""
+    checks.check_loss_inputs(x, weight, labels, reduction, ignore_index)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a tensor, got {type(t).__name__}")
+    checks.expect(t.numel() == 1 and t.dim() <= 1 and t.is_floating_point(), ValueError,
+                  lambda: f"t must be a 0-d floating tensor, got {t.dtype} of shape {list(t.shape)}")
+    checks.expect(t.device == x.device, ValueError, lambda: f"t must be on x's device {x.device}, got {t.device}")
+    acc = reference.accumulation_dtype(x.dtype)
+    has_target = labels != ignore_index
+    with torch.no_grad():
+        rows = weight.index_select(0, torch.where(has_target, labels, 0))
+        c_target = (reference.normalize_rows(x).to(acc) * reference.normalize_rows(rows).to(acc)).sum(1).clamp(-1, 1)
+        # 2 > every cosine: a row without a target has no hard examples
+        threshold = torch.where(has_target, reference.curricular_threshold(c_target, spec.m2), 2.0)
+        hard_t = t.detach().reshape(()).to(acc).expand(x.shape[0]).contiguous()
+    return margin_loss(x, weight, labels, spec, reduction, ignore_index, threshold, hard_t)
+
+
+def _run_loss(name: str, a: dict) -> MarginOutput:
+    """The loss op ``name`` on its bound arguments ``a``."""
+    spec = OP_SPECS[name](a)
+    if name == "adaptive":
+        return adaptive_loss(a["x"], a["weight"], a["labels"], a["m_angle"], a["m_add"], spec, a["angle_mode"],
+                             a["reduction"], a["ignore_index"])
+    if name == "curricular":
+        return curricular_loss(a["x"], a["weight"], a["labels"], a["t"], spec, a["reduction"], a["ignore_index"])
+    return margin_loss(a["x"], a["weight"], a["labels"], spec, a["reduction"], a["ignore_index"])
 
 
 _lib = torch.library.Library("margin", "FRAGMENT")
@@ -80,9 +143,7 @@ _lib = torch.library.Library("margin", "FRAGMENT")
 
 def _register_loss(name: str):
     def composite(*args):
-        a = _SIGNATURES[name].bind(args, {})
-        return margin_loss(a["x"], a["weight"], a["labels"], OP_SPECS[name](a), a["reduction"],
-                           a["ignore_index"]).loss
+        return _run_loss(name, _SIGNATURES[name].bind(args, {})).loss
 
     _lib.impl(name, composite, "CompositeImplicitAutograd")
 
@@ -96,8 +157,8 @@ _LOSS_NAMES = {key: name for name in LOSSES
 def with_stats(op, *args, **kwargs) -> MarginOutput:
     """Runs one of the losses and also returns its per-row lse and top-1 class.
 
-    ``op`` is ``torch.ops.margin.arcface`` (or ``cosface``, ``combined``, ``sphereface``),
-    or its name; the other arguments are the op's. Example::
+    ``op`` is ``torch.ops.margin.arcface`` (or ``cosface``, ``combined``, ``sphereface``,
+    ``adaptive``, ``curricular``), or its name; the other arguments are the op's. Example::
 
         loss, lse, pred = margin_ops.with_stats(torch.ops.margin.arcface, x, w, y, s=64.0)
         accuracy = (pred == y).float().mean()
@@ -105,9 +166,7 @@ def with_stats(op, *args, **kwargs) -> MarginOutput:
     name = _LOSS_NAMES.get(op) if isinstance(op, (str, torch._ops.OpOverloadPacket, torch._ops.OpOverload)) else None
     if name is None:
         raise ValueError(f"op must be one of {', '.join(LOSSES)} (or torch.ops.margin.<name>), got {op!r}")
-    a = _SIGNATURES[name].bind(args, kwargs)
-    return margin_loss(a["x"], a["weight"], a["labels"], OP_SPECS[name](a), a["reduction"],
-                       a["ignore_index"])
+    return _run_loss(name, _SIGNATURES[name].bind(args, kwargs))
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,16 +174,17 @@ def with_stats(op, *args, **kwargs) -> MarginOutput:
 # for the Triton twin of the op, which shares this schema.
 
 
-def _lse_fake(x, weight, labels, *margin_args):
-    checks.check_primitive(x, weight, labels, *margin_args[:8])
+def _lse_fake(x, weight, labels, *primitive_args):
+    checks.check_primitive(x, weight, labels, *primitive_args)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     n = x.shape[0]
     row = x.new_empty(n, dtype=acc)
-    return row, torch.empty_like(row), torch.empty_like(row), x.new_empty(n, dtype=torch.int64)
+    return row, torch.empty_like(row), torch.empty_like(row), x.new_empty(n, dtype=torch.int64), torch.empty_like(row)
 
 
-def _lse_backward_fake(grad_lse, grad_target_logit, x, weight, labels, lse, *margin_args):
-    checks.check_primitive_backward(grad_lse, grad_target_logit, x, weight, labels, lse, *margin_args[:8])
+def _lse_backward_fake(grad_lse, grad_target_logit, grad_nontarget_sum, x, weight, labels, lse, *primitive_args):
+    checks.check_primitive_backward(grad_lse, grad_target_logit, grad_nontarget_sum, x, weight, labels, lse,
+                                    *primitive_args)
     return torch.empty_like(x), torch.empty_like(weight)
 
 
@@ -168,19 +228,20 @@ def register_primitive(lib: torch.library.Library, forward_name: str, backward_n
     torch.library.register_fake(f"margin::{backward_name}", _lse_backward_fake, lib=lib)
 
     def setup_context(ctx, inputs, output):
-        x, weight, labels, *margin_args, allow_tf32 = inputs
-        ctx.save_for_backward(x, weight, labels, output[0])
+        x, weight, labels, *margin_args, allow_tf32, subcenters, class_index, hard_threshold, hard_t = inputs
+        ctx.save_for_backward(x, weight, labels, output[0], class_index, hard_threshold, hard_t)
         # The backward recomputes the cosines: with the forward's TF32 choice, not with
         # whatever the float32 matmul precision is when it runs.
-        ctx.margin_args = (*margin_args, backends.tf32_allowed() if allow_tf32 is None else allow_tf32)
+        ctx.margin_args = (*margin_args, backends.tf32_allowed() if allow_tf32 is None else allow_tf32, subcenters)
         ctx.mark_non_differentiable(output[2], output[3])
 
-    def backward_fn(ctx, grad_lse, grad_target_logit, _grad_max_cos, _grad_pred):
-        x, weight, labels, lse = ctx.saved_tensors
-        grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
-        grad_target_logit = torch.zeros_like(lse) if grad_target_logit is None else grad_target_logit
-        grad_x, grad_weight = backward(grad_lse, grad_target_logit, x, weight, labels, lse, *ctx.margin_args)
-        return (grad_x, grad_weight, None) + (None,) * len(ctx.margin_args)
+    def backward_fn(ctx, grad_lse, grad_target_logit, _grad_max_cos, _grad_pred, grad_nontarget_sum):
+        x, weight, labels, lse, class_index, hard_threshold, hard_t = ctx.saved_tensors
+        zero = torch.zeros_like(lse)
+        grads = [zero if g is None else g for g in (grad_lse, grad_target_logit, grad_nontarget_sum)]
+        grad_x, grad_weight = backward(*grads, x, weight, labels, lse, *ctx.margin_args, class_index,
+                                       hard_threshold, hard_t)
+        return (grad_x, grad_weight) + (None,) * (len(ctx.margin_args) + 4)
 
     torch.library.register_autograd(f"margin::{forward_name}", backward_fn, setup_context=setup_context, lib=lib)
     for device_type in ("cpu", "cuda"):

@@ -11,6 +11,9 @@ Shapes and dtypes used throughout:
   ArcFace/SphereFace code keeps the transpose, (D, C)).
 * ``labels``  (N,) int64: the target class of each row, or ``ignore_index``.
 
+With K sub-centers ``weight`` is (C·K, D): row c·K + k is sub-center k of class c
+(pytorch-metric-learning's order), and the cosine of class c is the largest of its K.
+
 Logits and losses are computed in the accumulation dtype: float64 for float64 inputs,
 float32 for everything else (bfloat16/float16 inputs are multiplied in their own dtype,
 as ``F.linear`` does, then upcast).
@@ -27,6 +30,9 @@ import torch
 
 from . import spec as margin_spec
 from .spec import NORM_EPS, SIN_THETA_EPS, MarginSpec
+
+#: AdaFace's clamp of θ̃ to [ε, π − ε] (angle_mode "clip").
+ADAPTIVE_CLIP = 1e-3
 
 
 class _FlooredAcos(torch.autograd.Function):
@@ -65,6 +71,8 @@ def target_margin(c: torch.Tensor, spec: MarginSpec) -> torch.Tensor:
         return torch.where(c > 0, torch.cos(theta + spec.m2), c)
     if spec.margin == "combined":
         return torch.cos(spec.m1 * theta + spec.m2) - spec.m3
+    if spec.margin == "external":  # the op applies its own per-row margin
+        return c
     if spec.margin == "sphereface":
         m = int(spec.m1)
         k = torch.floor(m * theta.detach() / math.pi).clamp(0, m - 1)  # piecewise constant
@@ -104,21 +112,50 @@ def cosine(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return dot + (dot.clamp(-1, 1) - dot).detach()
 
 
+def class_cosines(x, weight, subcenters=1, class_index=None):
+    """c (N, C) accumulation dtype: the cosine of each class, the largest of its sub-centers'.
+
+    Class j reads rows r_j·K .. r_j·K + K − 1 of ``weight`` (K = ``subcenters``), with
+    r_j = ``class_index[j]`` ((C,) int64) when given, else j. Its gradient goes to the
+    maximizing sub-center (the first of equal ones).
+    """
+    if class_index is not None:
+        rows = (class_index.unsqueeze(1) * subcenters + torch.arange(subcenters, device=weight.device)).flatten()
+        weight = weight.index_select(0, rows)
+    c = cosine(x, weight)
+    if subcenters > 1:
+        c = c.unflatten(1, (-1, subcenters)).max(dim=2).values
+    return c
+
+
+def hard_example_logits(c, hard_threshold, hard_t):
+    """CurricularFace's modulation of the non-target cosines c (N, C): c·(t_i + c) where
+    c > threshold_i (a comparison, not differentiated), else c. threshold, t: (N,)."""
+    return torch.where(c > hard_threshold.unsqueeze(1), c * (hard_t.unsqueeze(1) + c), c)
+
+
 def margin_lse(x, weight, labels, margin, s, m1=1.0, m2=0.0, m3=0.0, lamb=0.0,
-               feature_scale=False, detach_margin_grad=False):
+               feature_scale=False, detach_margin_grad=False, allow_tf32=None, subcenters=1,
+               class_index=None, hard_threshold=None, hard_t=None):
     """The fused primitive every backend implements, computed the plain way.
 
-    logit_ic = s_i·c_ic, except the target class where it is s_i·φ(c_iy); s_i = s, or
-    ‖x_i‖ when ``feature_scale``. Rows whose label is outside [0, C) have no target.
+    logit_ij = s_i·c_ij (c: :func:`class_cosines`), with CurricularFace's modulation
+    (:func:`hard_example_logits`) where ``hard_threshold`` / ``hard_t`` ((N,)) are given,
+    except the target class where it is s_i·φ(c_iy); s_i = s, or ‖x_i‖ when
+    ``feature_scale``. Rows whose label is outside [0, C) have no target. ``allow_tf32``
+    only concerns GPU kernels.
 
-    Returns ``(lse, target_logit, max_cos, pred)``, each (N,): the log-sum-exp of the
-    row's logits and its target logit (0 without a target), both in the accumulation
-    dtype and differentiable; the largest cosine of the row and its class (int64), the
-    margin-free top-1 prediction used for accuracy logging.
+    Returns ``(lse, target_logit, max_cos, pred, nontarget_sum)``, each (N,): the
+    log-sum-exp of the row's logits and its target logit (0 without a target), both in the
+    accumulation dtype and differentiable; the largest cosine of the row and its class
+    (int64), the margin-free top-1 prediction used for accuracy logging; the sum of the
+    non-target logits (differentiable). With margin "external" the target is left out of
+    the log-sum-exp and its logit is s_i·c_iy: the op applies the margin.
     """
     spec = MarginSpec(margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad)
-    c = cosine(x, weight)
-    has_target = (labels >= 0) & (labels < weight.shape[0])
+    c = class_cosines(x, weight, subcenters, class_index)
+    num_classes = c.shape[1]
+    has_target = (labels >= 0) & (labels < num_classes)
     column = torch.where(has_target, labels, 0).unsqueeze(1)
     c_target = c.gather(1, column)
     phi = target_margin(c_target, spec)
@@ -126,19 +163,56 @@ def margin_lse(x, weight, labels, margin, s, m1=1.0, m2=0.0, m3=0.0, lamb=0.0,
         phi = c_target + (phi - c_target).detach()
     phi = torch.where(has_target.unsqueeze(1), phi, c_target)
     scale = row_norms(x) if feature_scale else s
-    logits = c.scatter(1, column, phi) * scale
+    nontarget = c if hard_threshold is None else hard_example_logits(c, hard_threshold, hard_t)
+    is_target = has_target.unsqueeze(1) & (torch.arange(num_classes, device=c.device) == column)
+    logits = torch.where(is_target, phi, nontarget) * scale
     target_logit = torch.where(has_target, logits.gather(1, column).squeeze(1), 0)
+    nontarget_sum = torch.where(is_target, 0, logits).sum(dim=1)
+    in_lse = logits.masked_fill(is_target, -math.inf) if margin == "external" else logits
     max_cos, pred = c.detach().max(dim=1)
-    return logits.logsumexp(dim=1), target_logit, max_cos, pred
+    return in_lse.logsumexp(dim=1), target_logit, max_cos, pred, nontarget_sum
 
 
-def loss_from_lse(lse, target_logit, labels, gamma=0.0, reduction="mean", ignore_index=-100):
-    """Cross-entropy (focal when γ > 0) from the per-row log-sum-exp and target logit.
+def adaptive_target(c, m_angle, m_add, angle_mode):
+    """``adaptive``'s target margin: cos θ̃ − m_add with θ = acos(c) and, by ``angle_mode``,
 
-    lse, target_logit: (N,) float. loss_i = −(1 − p_i)^γ · log p_i with
-    log p_i = target_logit_i − lse_i; rows labelled ``ignore_index`` contribute 0.
-    ``mean`` divides by the number of rows not ignored, or by 1 when there are none
-    (so an all-ignored or empty batch gives a loss of 0, not NaN).
+    * ``"clip"`` (AdaFace): θ̃ = clamp(θ + m_angle, 1e-3, π − 1e-3);
+    * ``"arcface"`` (MagFace): cos θ̃ = cos(θ + m_angle) where c > cos(π − m_angle), else
+      c − m_angle·sin(m_angle) (InsightFace's fallback, per row);
+    * ``"plain"`` (ElasticFace): θ̃ = θ + m_angle.
+
+    c, m_angle, m_add: (N,) in the accumulation dtype; differentiable in all three.
+    """
+    theta = _FlooredAcos.apply(c)
+    if angle_mode == "clip":
+        cos_tilde = torch.cos((theta + m_angle).clamp(ADAPTIVE_CLIP, math.pi - ADAPTIVE_CLIP))
+    elif angle_mode == "arcface":
+        cos_tilde = torch.where(c > torch.cos(math.pi - m_angle), torch.cos(theta + m_angle),
+                                c - m_angle * torch.sin(m_angle))
+    elif angle_mode == "plain":
+        cos_tilde = torch.cos(theta + m_angle)
+    else:
+        raise ValueError(f"angle_mode must be one of {margin_spec.ANGLE_MODES}, got {angle_mode!r}")
+    return cos_tilde - m_add
+
+
+def curricular_threshold(c_target, m):
+    """CurricularFace's per-row threshold cos(θ_iy + m), without ArcFace's fallback: the
+    non-target cosines above it are hard examples. c_target (N,); not differentiated."""
+    c_target = c_target.detach()
+    return c_target * math.cos(m) - (1 - c_target * c_target).clamp_min(0).sqrt() * math.sin(m)
+
+
+def loss_from_lse(lse, target_logit, labels, gamma=0.0, reduction="mean", ignore_index=-100,
+                  label_smoothing=0.0, nontarget_sum=None, num_classes=None):
+    """Cross-entropy (focal when γ > 0, label-smoothed when ε > 0) from per-row statistics.
+
+    lse, target_logit, nontarget_sum: (N,) float. loss_i = −(1 − p_i)^γ · log p_i with
+    log p_i = target_logit_i − lse_i; with label smoothing ε, as ``F.cross_entropy``:
+    (1 − ε)·that + ε·(lse_i − mean_c z_ic), the mean logit being
+    (nontarget_sum_i + target_logit_i) / num_classes. Rows labelled ``ignore_index``
+    contribute 0. ``mean`` divides by the number of rows not ignored, or by 1 when there
+    are none (so an all-ignored or empty batch gives a loss of 0, not NaN).
     """
     margin_spec.check_choice("reduction", reduction, margin_spec.REDUCTIONS)
     valid = labels != ignore_index
@@ -148,6 +222,9 @@ def loss_from_lse(lse, target_logit, labels, gamma=0.0, reduction="mean", ignore
         # (1 − p)^γ with its base floored: finite gradient when p rounds to 1.
         one_minus_p = -torch.expm1(log_p)
         loss = one_minus_p.clamp_min(torch.finfo(log_p.dtype).tiny) ** gamma * loss
+    if label_smoothing:
+        mean_logit = (nontarget_sum + target_logit) / num_classes
+        loss = (1 - label_smoothing) * loss + label_smoothing * (lse - mean_logit)
     loss = torch.where(valid, loss, 0)
     if reduction == "none":
         return loss
@@ -159,34 +236,77 @@ def loss_from_lse(lse, target_logit, labels, gamma=0.0, reduction="mean", ignore
 def margin_loss(x, weight, labels, spec: MarginSpec, reduction="mean", ignore_index=-100,
                 lse_fn=margin_lse):
     """The loss of ``spec`` from a ``margin_lse`` implementation (the reference by default)."""
-    lse, target_logit, _, _ = lse_fn(x, weight, labels, *spec.primitive_args())
-    return loss_from_lse(lse, target_logit, labels, spec.gamma, reduction, ignore_index)
+    lse, target_logit, _, _, nontarget_sum = lse_fn(x, weight, labels, *spec.primitive_args(), None,
+                                                    spec.subcenters)
+    return loss_from_lse(lse, target_logit, labels, spec.gamma, reduction, ignore_index, spec.label_smoothing,
+                         nontarget_sum, weight.shape[0] // spec.subcenters)
 
 
 def arcface(x, weight, labels, s=64.0, m=0.5, easy_margin=False, margin_grad="exact",
-            reduction="mean", ignore_index=-100):
+            reduction="mean", ignore_index=-100, label_smoothing=0.0, subcenters=1):
     """ArcFace: φ(c) = cos(θ + m) (see :func:`target_margin`). Returns the reduced loss."""
-    return margin_loss(x, weight, labels, margin_spec.arcface(s, m, easy_margin, margin_grad),
-                       reduction, ignore_index)
+    spec = margin_spec.arcface(s, m, easy_margin, margin_grad, label_smoothing, subcenters)
+    return margin_loss(x, weight, labels, spec, reduction, ignore_index)
 
 
-def cosface(x, weight, labels, s=64.0, m=0.35, reduction="mean", ignore_index=-100):
+def cosface(x, weight, labels, s=64.0, m=0.35, reduction="mean", ignore_index=-100, label_smoothing=0.0,
+            subcenters=1):
     """CosFace: φ(c) = c − m."""
-    return margin_loss(x, weight, labels, margin_spec.cosface(s, m), reduction, ignore_index)
+    return margin_loss(x, weight, labels, margin_spec.cosface(s, m, label_smoothing, subcenters), reduction,
+                       ignore_index)
 
 
 def combined(x, weight, labels, s=64.0, m1=1.0, m2=0.5, m3=0.0, margin_grad="exact",
-             reduction="mean", ignore_index=-100):
+             reduction="mean", ignore_index=-100, label_smoothing=0.0, subcenters=1):
     """InsightFace's combined margin: φ(c) = cos(m1·θ + m2) − m3."""
-    return margin_loss(x, weight, labels, margin_spec.combined(s, m1, m2, m3, margin_grad),
-                       reduction, ignore_index)
+    spec = margin_spec.combined(s, m1, m2, m3, margin_grad, label_smoothing, subcenters)
+    return margin_loss(x, weight, labels, spec, reduction, ignore_index)
 
 
 def sphereface(x, weight, labels, m=4, lamb=0.0, s=None, gamma=0.0, reduction="mean",
-               ignore_index=-100):
+               ignore_index=-100, label_smoothing=0.0):
     """SphereFace (A-Softmax): φ = (ψ(θ) + λc) / (1 + λ), ψ = (−1)^k cos(mθ) − 2k.
 
     ``s=None`` scales each row by its feature norm ‖x_i‖, as the original SphereFace.
     """
-    return margin_loss(x, weight, labels, margin_spec.sphereface(m, lamb, s, gamma), reduction,
+    return margin_loss(x, weight, labels, margin_spec.sphereface(m, lamb, s, gamma, label_smoothing), reduction,
                        ignore_index)
+
+
+def _smoothed_loss(logits, labels, reduction, ignore_index, label_smoothing):
+    """The loss of the materialized logits (N, C) — ``F.cross_entropy``'s, except that an
+    all-ignored batch gives 0 (see :func:`loss_from_lse`)."""
+    has_target = labels != ignore_index
+    target_logit = torch.where(has_target, logits.gather(1, torch.where(has_target, labels, 0).unsqueeze(1)).squeeze(1), 0)
+    return loss_from_lse(logits.logsumexp(dim=1), target_logit, labels, 0.0, reduction, ignore_index,
+                         label_smoothing, logits.sum(dim=1) - target_logit, logits.shape[1])
+
+
+def adaptive(x, weight, labels, m_angle, m_add, s=64.0, angle_mode="clip", reduction="mean",
+             ignore_index=-100, label_smoothing=0.0):
+    """Per-row margins (AdaFace, MagFace, ElasticFace): the target logit is
+    s·(cos θ̃_i − m_add_i) (see :func:`adaptive_target`), every other logit s·c.
+    m_angle, m_add: (N,) floating, differentiable."""
+    margin_spec.adaptive(s, angle_mode, label_smoothing)
+    c = cosine(x, weight)
+    has_target = labels != ignore_index
+    column = torch.where(has_target, labels, 0).unsqueeze(1)
+    acc = c.dtype
+    phi = adaptive_target(c.gather(1, column).squeeze(1), m_angle.to(acc), m_add.to(acc), angle_mode)
+    logits = s * c.scatter(1, column, phi.unsqueeze(1))
+    return _smoothed_loss(logits, labels, reduction, ignore_index, label_smoothing)
+
+
+def curricular(x, weight, labels, t, s=64.0, m=0.5, reduction="mean", ignore_index=-100,
+               label_smoothing=0.0):
+    """CurricularFace: ArcFace's target (with its fallback); the non-target cosines above
+    cos(θ_iy + m) become c·(t + c). t: 0-d tensor, not differentiated."""
+    spec = margin_spec.curricular(s, m, label_smoothing)
+    c = cosine(x, weight)
+    has_target = labels != ignore_index
+    column = torch.where(has_target, labels, 0).unsqueeze(1)
+    c_target = c.gather(1, column)
+    threshold = torch.where(has_target, curricular_threshold(c_target.squeeze(1), m), 2.0)
+    hard_t = t.detach().to(c.dtype).expand(c.shape[0])
+    logits = s * hard_example_logits(c, threshold, hard_t).scatter(1, column, target_margin(c_target, spec))
+    return _smoothed_loss(logits, labels, reduction, ignore_index, label_smoothing)

@@ -46,12 +46,16 @@ REGISTRY = (
     Margin("cosface", "CosFace", "c − m3"),
     Margin("combined", "Combined", "cos(m1·θ + m2) − m3"),
     Margin("sphereface", "SphereFace", "((−1)^k cos(m1·θ) − 2k + lamb·c) / (1 + lamb), k = ⌊m1·θ/π⌋"),
+    Margin("external", "External", "none: the target is left out of lse, target_logit = s·c "
+           "(the op applies a per-row margin)"),
 )
 MARGINS = tuple(m.name for m in REGISTRY)
 #: Margin name -> the kernels' integer kind (C++ MarginKind, the Triton MARGIN constexpr).
 KINDS = {m.name: kind for kind, m in enumerate(REGISTRY)}
 REDUCTIONS = ("mean", "sum", "none")
 MARGIN_GRADS = ("exact", "detach")
+#: How ``adaptive`` turns θ_iy and m_angle_i into θ̃_i (see :func:`margin_ops.reference.adaptive_target`).
+ANGLE_MODES = ("clip", "arcface", "plain")
 
 
 class MarginSpec(NamedTuple):
@@ -72,10 +76,12 @@ class MarginSpec(NamedTuple):
     feature_scale: bool = False
     detach_margin_grad: bool = False
     gamma: float = 0.0
+    label_smoothing: float = 0.0
+    subcenters: int = 1
 
     def primitive_args(self) -> tuple:
-        """The margin arguments of ``margin_lse`` (everything but γ), in schema order."""
-        return tuple(self)[:-1]
+        """The margin arguments of ``margin_lse`` (margin … detach_margin_grad), in schema order."""
+        return tuple(self)[:8]
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,6 +118,13 @@ def check_integer(name: str, value, low: int) -> None:
     """An int (not a bool, not a float) >= low."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def check_label_smoothing(value) -> None:
+    """ε in [0, 1], as ``F.cross_entropy``'s label_smoothing."""
+    check_finite("label_smoothing", value)
+    if not 0 <= value <= 1:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {value!r}")
 
 
 def check_primitive_margin(margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad) -> None:
@@ -154,31 +167,41 @@ def detach_flag(margin_grad: str) -> bool:
     return margin_grad == "detach"
 
 
-def arcface(s: float, m: float, easy_margin: bool, margin_grad: str) -> MarginSpec:
+def _options(label_smoothing, subcenters=1) -> dict:
+    """The loss options every builder shares, checked."""
+    check_label_smoothing(label_smoothing)
+    check_integer("subcenters", subcenters, 1)
+    return {"label_smoothing": float(label_smoothing), "subcenters": subcenters}
+
+
+def arcface(s: float, m: float, easy_margin: bool, margin_grad: str, label_smoothing: float = 0.0,
+            subcenters: int = 1) -> MarginSpec:
     check_finite("s", s, positive=True)
     check_angle("m", m)
     if not isinstance(easy_margin, bool):
         raise ValueError(f"easy_margin must be a bool, got {easy_margin!r}")
     return MarginSpec("arcface_easy" if easy_margin else "arcface", float(s), m2=float(m),
-                      detach_margin_grad=detach_flag(margin_grad))
+                      detach_margin_grad=detach_flag(margin_grad), **_options(label_smoothing, subcenters))
 
 
-def cosface(s: float, m: float) -> MarginSpec:
+def cosface(s: float, m: float, label_smoothing: float = 0.0, subcenters: int = 1) -> MarginSpec:
     check_finite("s", s, positive=True)
     check_finite("m", m)
-    return MarginSpec("cosface", float(s), m3=float(m))
+    return MarginSpec("cosface", float(s), m3=float(m), **_options(label_smoothing, subcenters))
 
 
-def combined(s: float, m1: float, m2: float, m3: float, margin_grad: str) -> MarginSpec:
+def combined(s: float, m1: float, m2: float, m3: float, margin_grad: str, label_smoothing: float = 0.0,
+             subcenters: int = 1) -> MarginSpec:
     check_finite("s", s, positive=True)
     check_finite("m1", m1, positive=True)
     check_angle("m2", m2)
     check_finite("m3", m3)
     return MarginSpec("combined", float(s), float(m1), float(m2), float(m3),
-                      detach_margin_grad=detach_flag(margin_grad))
+                      detach_margin_grad=detach_flag(margin_grad), **_options(label_smoothing, subcenters))
 
 
-def sphereface(m: int, lamb: float, s: float | None, gamma: float, *, lamb_name: str = "lamb") -> MarginSpec:
+def sphereface(m: int, lamb: float, s: float | None, gamma: float, label_smoothing: float = 0.0, *,
+               lamb_name: str = "lamb") -> MarginSpec:
     """``lamb_name``: how the caller calls λ (the module derives it from lambda_min/max)."""
     check_integer("m", m, 1)
     check_finite(lamb_name, lamb, nonnegative=True)
@@ -186,15 +209,35 @@ def sphereface(m: int, lamb: float, s: float | None, gamma: float, *, lamb_name:
     if s is not None:
         check_finite("s", s, positive=True)
     return MarginSpec("sphereface", 1.0 if s is None else float(s), m1=float(m), lamb=float(lamb),
-                      feature_scale=s is None, gamma=float(gamma))
+                      feature_scale=s is None, gamma=float(gamma), **_options(label_smoothing))
+
+
+def adaptive(s: float, angle_mode: str, label_smoothing: float = 0.0) -> MarginSpec:
+    """The primitive's part of ``adaptive``: no margin in the kernel ("external"); the op
+    applies the per-row margins (m_angle, m_add) to the target as ``angle_mode`` says."""
+    check_finite("s", s, positive=True)
+    check_choice("angle_mode", angle_mode, ANGLE_MODES)
+    return MarginSpec("external", float(s), **_options(label_smoothing))
+
+
+def curricular(s: float, m: float, label_smoothing: float = 0.0) -> MarginSpec:
+    """The primitive's part of ``curricular``: ArcFace's target (with its fallback); the op
+    adds the hard-example modulation of the non-targets (hard_threshold, hard_t)."""
+    check_finite("s", s, positive=True)
+    check_angle("m", m)
+    return MarginSpec("arcface", float(s), m2=float(m), **_options(label_smoothing))
 
 
 #: Public loss op name -> builder of its MarginSpec from the op's bound arguments (a dict).
 OP_SPECS: dict[str, Callable[[dict], MarginSpec]] = {
-    "arcface": lambda a: arcface(a["s"], a["m"], a["easy_margin"], a["margin_grad"]),
-    "cosface": lambda a: cosface(a["s"], a["m"]),
-    "combined": lambda a: combined(a["s"], a["m1"], a["m2"], a["m3"], a["margin_grad"]),
-    "sphereface": lambda a: sphereface(a["m"], a["lamb"], a["s"], a["gamma"]),
+    "arcface": lambda a: arcface(a["s"], a["m"], a["easy_margin"], a["margin_grad"], a["label_smoothing"],
+                                 a["subcenters"]),
+    "cosface": lambda a: cosface(a["s"], a["m"], a["label_smoothing"], a["subcenters"]),
+    "combined": lambda a: combined(a["s"], a["m1"], a["m2"], a["m3"], a["margin_grad"], a["label_smoothing"],
+                                   a["subcenters"]),
+    "sphereface": lambda a: sphereface(a["m"], a["lamb"], a["s"], a["gamma"], a["label_smoothing"]),
+    "adaptive": lambda a: adaptive(a["s"], a["angle_mode"], a["label_smoothing"]),
+    "curricular": lambda a: curricular(a["s"], a["m"], a["label_smoothing"]),
 }
 LOSSES = tuple(OP_SPECS)
 

@@ -112,11 +112,16 @@ Problem prepare(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_lse_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_lse_cpu(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
     c10::string_view margin, double s, double m1, double m2, double m3, double lamb,
     bool feature_scale, bool detach_margin_grad,
-    std::optional<bool> /*allow_tf32: GPU only; the CPU products are exact*/) {
+    std::optional<bool> /*allow_tf32: GPU only; the CPU products are exact*/, int64_t subcenters,
+    const std::optional<at::Tensor>& class_index, const std::optional<at::Tensor>& hard_threshold,
+    const std::optional<at::Tensor>& hard_t) {
+  check_options(x, weight, subcenters, class_index, hard_threshold, hard_t);
+  TORCH_CHECK(subcenters == 1 && !class_index && !hard_threshold && margin != "external",
+              "TODO(v2): not yet in the CPU kernel");
   const Problem p =
       prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad);
   const int64_t n = p.n;
@@ -160,14 +165,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_lse_cpu(
   auto lse = global_max + (part_sum * (part_max - global_max).exp()).sum(0).log();
   auto [max_cos, best_block] = part_cos.max(0);  // first block on ties: the lowest class
   auto pred = part_pred.gather(0, best_block.unsqueeze(0)).squeeze(0);
-  return {lse, target_logit, max_cos, pred};
+  return {lse, target_logit, max_cos, pred, at::zeros_like(lse)};
 }
 
 std::tuple<at::Tensor, at::Tensor> margin_lse_backward_cpu(
-    const at::Tensor& grad_lse, const at::Tensor& grad_target_logit, const at::Tensor& x,
+    const at::Tensor& grad_lse, const at::Tensor& grad_target_logit,
+    const at::Tensor& grad_nontarget_sum, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
     c10::string_view margin, double s, double m1, double m2, double m3, double lamb,
-    bool feature_scale, bool detach_margin_grad, std::optional<bool> /*allow_tf32*/) {
+    bool feature_scale, bool detach_margin_grad, std::optional<bool> /*allow_tf32*/,
+    int64_t subcenters, const std::optional<at::Tensor>& class_index,
+    const std::optional<at::Tensor>& hard_threshold, const std::optional<at::Tensor>& hard_t) {
+  check_options(x, weight, subcenters, class_index, hard_threshold, hard_t);
+  TORCH_CHECK(subcenters == 1 && !class_index && !hard_threshold && margin != "external",
+              "TODO(v2): not yet in the CPU kernel");
   const Problem p =
       prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad);
   const int64_t n = p.n, dim = x.size(1);
