@@ -282,31 +282,42 @@ def _smoothed_loss(logits, labels, reduction, ignore_index, label_smoothing):
                          label_smoothing, logits.sum(dim=1) - target_logit, logits.shape[1])
 
 
-def adaptive(x, weight, labels, m_angle, m_add, s=64.0, angle_mode="clip", reduction="mean",
-             ignore_index=-100, label_smoothing=0.0):
-    """Per-row margins (AdaFace, MagFace, ElasticFace): the target logit is
-    s·(cos θ̃_i − m_add_i) (see :func:`adaptive_target`), every other logit s·c.
-    m_angle, m_add: (N,) floating, differentiable."""
-    margin_spec.adaptive(s, angle_mode, label_smoothing)
+def adaptive_logits(x, weight, labels, m_angle, m_add, s=64.0, angle_mode="clip", ignore_index=-100, **_):
+    """``adaptive``'s logits (N, C): s·c, with s·(cos θ̃_i − m_add_i) on the target
+    (:func:`adaptive_target`). m_angle, m_add: (N,) floating, differentiable."""
     c = cosine(x, weight)
     has_target = labels != ignore_index
     column = torch.where(has_target, labels, 0).unsqueeze(1)
-    acc = c.dtype
-    phi = adaptive_target(c.gather(1, column).squeeze(1), m_angle.to(acc), m_add.to(acc), angle_mode)
-    logits = s * c.scatter(1, column, phi.unsqueeze(1))
+    phi = adaptive_target(c.gather(1, column).squeeze(1), m_angle.to(c.dtype), m_add.to(c.dtype), angle_mode)
+    return s * torch.where(has_target.unsqueeze(1), c.scatter(1, column, phi.unsqueeze(1)), c)
+
+
+def adaptive(x, weight, labels, m_angle, m_add, s=64.0, angle_mode="clip", reduction="mean",
+             ignore_index=-100, label_smoothing=0.0):
+    """Per-row margins (AdaFace, MagFace, ElasticFace) of :func:`adaptive_logits`."""
+    margin_spec.adaptive(s, angle_mode, label_smoothing)
+    logits = adaptive_logits(x, weight, labels, m_angle, m_add, s, angle_mode, ignore_index)
     return _smoothed_loss(logits, labels, reduction, ignore_index, label_smoothing)
 
 
-def curricular(x, weight, labels, t, s=64.0, m=0.5, reduction="mean", ignore_index=-100,
-               label_smoothing=0.0):
-    """CurricularFace: ArcFace's target (with its fallback); the non-target cosines above
-    cos(θ_iy + m) become c·(t + c). t: 0-d tensor, not differentiated."""
-    spec = margin_spec.curricular(s, m, label_smoothing)
+def curricular_logits(x, weight, labels, t, s=64.0, m=0.5, ignore_index=-100, **_):
+    """CurricularFace's logits (N, C): ArcFace's target (with its fallback); the non-target
+    cosines above cos(θ_iy + m) become c·(t + c). t: 0-d tensor, not differentiated."""
+    spec = margin_spec.curricular(s, m)
     c = cosine(x, weight)
     has_target = labels != ignore_index
     column = torch.where(has_target, labels, 0).unsqueeze(1)
     c_target = c.gather(1, column)
     threshold = torch.where(has_target, curricular_threshold(c_target.squeeze(1), m), 2.0)
     hard_t = t.detach().to(c.dtype).expand(c.shape[0])
-    logits = s * hard_example_logits(c, threshold, hard_t).scatter(1, column, target_margin(c_target, spec))
+    nontarget = hard_example_logits(c, threshold, hard_t)
+    return s * torch.where(has_target.unsqueeze(1), nontarget.scatter(1, column, target_margin(c_target, spec)),
+                           nontarget)
+
+
+def curricular(x, weight, labels, t, s=64.0, m=0.5, reduction="mean", ignore_index=-100,
+               label_smoothing=0.0):
+    """CurricularFace, from :func:`curricular_logits`."""
+    margin_spec.curricular(s, m, label_smoothing)
+    logits = curricular_logits(x, weight, labels, t, s, m, ignore_index)
     return _smoothed_loss(logits, labels, reduction, ignore_index, label_smoothing)

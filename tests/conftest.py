@@ -331,35 +331,110 @@ def compare_to_reference(name: str, x, weight, labels, *, backend: str | Backend
     return got
 
 
-def primitive_vs_reference(lse_fn, x, w, y, args, tolerances, tf32=False):
+def primitive_vs_reference(lse_fn, x, w, y, args, tolerances, tf32=False, options=()):
     """A backend's primitive ``lse_fn`` (values, and gradients through its autograd formula
-    for random upstream gradients of lse and target_logit) against the float64 reference.
-    ``tolerances``: (values, gradients) rtol; ``tf32``: pred may be any class within the
-    values' tolerance of the largest cosine."""
+    for random upstream gradients of lse, target_logit and nontarget_sum) against the
+    float64 reference. ``args``: the 8 margin arguments; ``options``: the arguments after
+    them (allow_tf32, subcenters, class_index, hard_threshold, hard_t; see
+    :func:`primitive_options`). ``tolerances``: (values, gradients) rtol; ``tf32``: pred
+    may be any class within the values' tolerance of the largest cosine."""
     x, w = leaf_copy(x), leaf_copy(w)
-    lse, target, max_cos, pred = lse_fn(x, w, y, *args)
+    lse, target, max_cos, pred, nontarget_sum = lse_fn(x, w, y, *args, *options)
     x64, w64 = leaf_copy(x, torch.float64), leaf_copy(w, torch.float64)
-    want = reference.margin_lse(x64, w64, y, *args)
+    want = reference.margin_lse(x64, w64, y, *args, *options)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    assert lse.dtype == target.dtype == max_cos.dtype == acc and pred.dtype == torch.int64
+    assert lse.dtype == target.dtype == max_cos.dtype == nontarget_sum.dtype == acc and pred.dtype == torch.int64
     tol, grad_tol = tolerances
     scale = args[1] if not args[6] else x64.detach().norm(dim=1).max().item()
+    num_classes = reference.class_cosines(x64.detach()[:1], w64.detach(), *options[1:3]).shape[1]
     assert_close(lse, want[0], tol, "lse", atol=tol * max(1.0, scale))
     assert_close(target, want[1], tol, "target_logit", atol=tol * max(1.0, scale))
     assert_close(max_cos, want[2], tol, "max_cos", atol=tol)
+    # a sum of C logits, each known to the logits' tolerance (hard examples: up to 1 + t times larger)
+    hard_t = options[4] if len(options) > 4 and options[4] is not None else torch.zeros(1)
+    assert_close(nontarget_sum, want[4], tol, "nontarget_sum",
+                 atol=tol * max(1.0, scale) * num_classes * (1 + hard_t.abs().max().item()))
     if tf32:  # TF32 cosines may reorder near-ties: pred must be a class within tol of the max
-        cos = reference.cosine(x64.detach(), w64.detach())
+        cos = reference.class_cosines(x64.detach(), w64.detach(), *options[1:3])
         assert (cos.gather(1, pred[:, None]).squeeze(1) >= want[2] - 2 * tol).all(), (pred, want[3])
     else:
         assert torch.equal(pred, want[3]), (pred, want[3])
-    g_lse, g_target = (torch.randn(x.shape[0], dtype=acc, device=x.device) for _ in range(2))
-    grad_x, grad_w = torch.autograd.grad((lse * g_lse).sum() + (target * g_target).sum(), [x, w])
-    want_x, want_w = torch.autograd.grad((want[0] * g_lse.double()).sum() + (want[1] * g_target.double()).sum(),
-                                         [x64, w64])
-    assert grad_x.dtype == x.dtype and grad_w.dtype == w.dtype
-    assert_close(grad_x, want_x, grad_tol, "grad_x")
-    assert_close(grad_w, want_w, grad_tol, "grad_weight")
+    upstream = [torch.randn(x.shape[0], dtype=acc, device=x.device) for _ in range(3)]
+    subcenters = options[1] if len(options) > 1 else 1
+    if subcenters > 1 and x.dtype != torch.float64:
+        # Which of two sub-centers within the dtype's rounding of each other wins is
+        # rounding's choice, and the row's gradient goes to the winner: such rows' gradients
+        # are not compared (their values are).
+        rows = reference.cosine(x64.detach(), w64.detach() if options[2] is None else
+                                w64.detach().view(-1, subcenters, w.shape[1])[options[2]].flatten(0, 1))
+        top2 = rows.unflatten(1, (-1, subcenters)).topk(2, dim=2).values
+        near_tie = ((top2[..., 0] - top2[..., 1]) < 8 * tol).any(dim=1)
+        upstream = [torch.where(near_tie, 0, g) for g in upstream]
+    got_grads = torch.autograd.grad(sum((out * g).sum() for out, g in zip((lse, target, nontarget_sum), upstream)),
+                                    [x, w])
+    want_grads = torch.autograd.grad(sum((out * g.double()).sum() for out, g in zip(want[:2] + want[4:], upstream)),
+                                     [x64, w64])
+    assert got_grads[0].dtype == x.dtype and got_grads[1].dtype == w.dtype
+    assert_close(got_grads[0], want_grads[0], grad_tol, "grad_x")
+    assert_close(got_grads[1], want_grads[1], grad_tol, "grad_weight")
+    if len(options) > 2 and options[2] is not None:  # rows no class reads get no gradient, exactly
+        unread = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
+        subcenters = options[1]
+        unread.view(-1, subcenters)[options[2]] = False
+        assert (got_grads[1][unread] == 0).all(), "grad_weight is not zero in rows outside class_index"
 
+
+class PrimitiveOptions(NamedTuple):
+    """Inputs for the primitive's options (margin_lse after its margin arguments)."""
+
+    weight_rows: int   #: rows of weight: physical classes × subcenters
+    num_classes: int   #: C the primitive sees (labels lie in [0, C))
+    options: tuple     #: (allow_tf32, subcenters, class_index, hard_threshold, hard_t)
+
+
+def primitive_options(n: int, classes: int, *, subcenters=1, sampled=False, hard=False,
+                      device="cpu") -> PrimitiveOptions:
+    """``classes`` physical classes of ``subcenters`` rows each; ``sampled``: a shuffled
+    class_index of about 3/5 of them (not sorted, across every tile); ``hard``: per-row
+    thresholds in [−0.3, 0.3] (one row 2: no hard examples) and t in [0, 1.5]."""
+    class_index = None
+    num_classes = classes
+    if sampled:
+        num_classes = max(1, classes * 3 // 5)
+        class_index = torch.randperm(classes, device=device)[:num_classes]
+    hard_threshold = hard_t = None
+    if hard:
+        hard_threshold = torch.rand(n, device=device) * 0.6 - 0.3
+        hard_threshold[0] = 2.0
+        hard_t = torch.rand(n, device=device) * 1.5
+    return PrimitiveOptions(classes * subcenters, num_classes, (None, subcenters, class_index, hard_threshold, hard_t))
+
+
+#: The required tensor arguments of the ops that have them, when a test does not care.
+REQUIRED_DEFAULTS = {"adaptive": dict(m_angle=(0.2, 0.6), m_add=(0.0, 0.2)), "curricular": dict(t=0.2)}
+
+
+def op_arguments(name: str, kwargs: dict, n: int, device="cpu") -> dict:
+    """An op config's keyword arguments with its per-row tensors made for N = ``n`` rows:
+    adaptive's m_angle / m_add are given as (low, high) ranges (spread over the rows),
+    curricular's t as a number (a 0-d tensor). Missing ones get defaults."""
+    out = {**REQUIRED_DEFAULTS.get(name, {}), **kwargs}
+    for key in ("m_angle", "m_add"):
+        if isinstance(out.get(key), tuple):
+            out[key] = torch.linspace(*out[key], n, device=device)[torch.randperm(n, device=device)]
+    if name == "curricular" and not isinstance(out.get("t", 0.0), torch.Tensor):
+        out["t"] = torch.tensor(float(out.get("t", 0.0)), device=device)
+    return out
+
+
+def make_op_inputs(name: str, kwargs: dict, n=8, d=16, c=29, dtype=torch.float32, ignore_rows=(),
+                   ignore_index=IGNORE_INDEX, device="cpu") -> tuple[Inputs, dict]:
+    """:func:`make_inputs` for op config (name, kwargs): weight gets C·subcenters rows (labels
+    stay in [0, C)), and the config's per-row tensors are made (:func:`op_arguments`)."""
+    subcenters = kwargs.get("subcenters", 1)
+    x, w, y = make_inputs(n, d, c * subcenters, dtype, ignore_rows, ignore_index, device)
+    y = torch.where(y == ignore_index, y, y % c) if ignore_rows else y % c
+    return Inputs(x, w, y), op_arguments(name, kwargs, n, device)
 
 
 # ----------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def test_arcface_linear_branch_when_past_pi(m):
     x, w, y = _opposite_inputs()
     c = _target_cos(x, w, y)
     assert (c < math.cos(math.pi - m)).all(), "setup: every target cosine must be past the threshold"
-    lse, target_logit, _, _ = reference.margin_lse(x, w, y, "arcface", 3.0, m2=m)
+    lse, target_logit, _, _, _ = reference.margin_lse(x, w, y, "arcface", 3.0, m2=m)
     assert_close(target_logit, 3.0 * (c - m * math.sin(m)), RTOL, "φ = c − m·sin m")
     # the gradient of the linear branch: dφ/dc = 1, i.e. plain softmax logits shifted by a constant
     got = run_with_grads(reference.arcface, x, w, y, s=3.0, m=m, reduction="sum")
@@ -259,7 +259,7 @@ def test_detach_is_straight_through(name, kwargs):
 
 def test_margin_lse_statistics():
     x, w, y = make_inputs(7, 5, 8, F64, ignore_rows=(3,))
-    lse, target_logit, max_cos, pred = reference.margin_lse(x, w, y, "arcface", 16.0, m2=0.5)
+    lse, target_logit, max_cos, pred, _ = reference.margin_lse(x, w, y, "arcface", 16.0, m2=0.5)
     logits = closed_form_logits("arcface", x, w, y, s=16.0, m=0.5)
     assert_close(lse, logits.logsumexp(1), RTOL, "lse")
     has_target = y >= 0

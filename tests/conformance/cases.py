@@ -31,6 +31,20 @@ OP_CONFIGS = [
     ("sphereface", dict(m=3, lamb=0.5, s=20.0, gamma=2.0)),
     ("sphereface", dict(m=4, lamb=5.0, s=None, gamma=1.0)),
     ("sphereface", dict(m=5, lamb=0.0, s=8.0, gamma=0.5)),
+    # v2 options: label smoothing on every loss, sub-centers on the ArcFace family
+    ("arcface", dict(s=64.0, m=0.5, label_smoothing=0.1)),
+    ("arcface", dict(s=32.0, m=0.5, subcenters=3)),
+    ("cosface", dict(s=30.0, m=0.35, subcenters=2, label_smoothing=0.2)),
+    ("combined", dict(s=32.0, m1=0.95, m2=0.3, m3=0.1, subcenters=2, margin_grad="detach")),
+    ("sphereface", dict(m=3, lamb=0.5, s=20.0, gamma=2.0, label_smoothing=0.1)),
+    # per-row margins, as (low, high) ranges spread over the rows (conftest.op_arguments):
+    # AdaFace's ranges (m = 0.4), MagFace's (l_m, u_m), ElasticFace-arc and -cos around m
+    ("adaptive", dict(angle_mode="clip", m_angle=(-0.4, 0.4), m_add=(0.0, 0.8))),
+    ("adaptive", dict(s=32.0, angle_mode="arcface", m_angle=(0.45, 0.8), m_add=(0.0, 0.0), label_smoothing=0.1)),
+    ("adaptive", dict(s=16.0, angle_mode="plain", m_angle=(0.3, 0.7), m_add=(0.0, 0.0))),
+    ("adaptive", dict(angle_mode="plain", m_angle=(0.0, 0.0), m_add=(0.2, 0.5))),
+    ("curricular", dict(t=0.3)),
+    ("curricular", dict(s=32.0, m=0.5, t=2.0, label_smoothing=0.1)),  # t large
 ]
 
 #: Arguments of the primitive margin_lse after (x, weight, labels): (margin, s, m1, m2, m3,
@@ -44,7 +58,14 @@ PRIMITIVE_ARGS = [
     ("sphereface", 1.0, 4.0, 0.0, 0.0, 5.0, True, False),
     ("sphereface", 16.0, 3.0, 0.0, 0.0, 0.0, False, False),
     ("sphereface", 1.0, 1.0, 0.0, 0.0, 0.0, True, False),
+    ("external", 32.0, 1.0, 0.0, 0.0, 0.0, False, False),
+    ("external", 1.0, 1.0, 0.0, 0.0, 0.0, True, False),
 ]
+
+#: The primitive's options (conftest.primitive_options): sub-centers, a sampled class_index
+#: (PartialFC), CurricularFace's hard examples, and all together.
+PRIMITIVE_OPTIONS = [dict(subcenters=3), dict(sampled=True), dict(subcenters=2, sampled=True), dict(hard=True),
+                     dict(subcenters=2, sampled=True, hard=True)]
 
 #: One exact-gradient configuration per op, and ArcFace's detached gradient: the configs
 #: the odd-shape scenarios run.
@@ -65,6 +86,10 @@ BOUNDARY_TARGETS = [0, 31, 32, 63, 64, 65, 127, 128, 255, 256, 511, 512, 513, 10
 def config_id(config) -> str:
     name, kwargs = config
     return name + ("-" + "-".join(f"{k}={v}" for k, v in kwargs.items()) if kwargs else "")
+
+
+def options_id(options: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in options.items())
 
 
 def primitive_id(args) -> str:

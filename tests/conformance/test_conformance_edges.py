@@ -8,7 +8,8 @@ import margin_ops
 from margin_ops import reference
 
 from conformance.cases import DTYPE_IDS, OP_CONFIGS, PRIMITIVE_ARGS, config_id
-from conftest import assert_close, call_op, compare_to_reference, make_inputs, reference_result, run_with_grads
+from conftest import (assert_close, call_op, compare_to_reference, make_inputs, make_op_inputs, reference_result,
+                      run_with_grads)
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 slow = pytest.mark.slow
@@ -23,7 +24,7 @@ def _op(name, backend):
 @pytest.mark.parametrize("config", OP_CONFIGS[::3], ids=config_id)
 def test_empty_batch(config, reduction, backend):
     name, kwargs = config
-    x, w, y = make_inputs(0, 6, 9, F32, device=backend.device)
+    (x, w, y), kwargs = make_op_inputs(name, kwargs, 0, 6, 9, F32, device=backend.device)
     got = run_with_grads(_op(name, backend), x, w, y, reduction=reduction, **kwargs)
     want = reference_result(name, x, w, y, reduction=reduction, **kwargs)
     if reduction == "none":
@@ -31,7 +32,7 @@ def test_empty_batch(config, reduction, backend):
     else:
         assert got.loss.shape == () and got.loss.item() == 0 and want.loss.item() == 0
     assert got.grad_x.shape == (0, 6)
-    assert got.grad_weight.shape == (9, 6) and (got.grad_weight == 0).all()
+    assert got.grad_weight.shape == w.shape and (got.grad_weight == 0).all()
     stats = margin_ops.with_stats(name, x, w, y, **kwargs)
     assert stats.lse.shape == (0,) and stats.pred.shape == (0,)
 
@@ -43,7 +44,7 @@ def test_all_rows_ignored(config, dtype, backend):
     """A batch whose rows are all ignored: loss 0 under every reduction (not NaN), zero
     gradients."""
     name, kwargs = config
-    x, w, y = make_inputs(5, 6, 9, dtype, ignore_rows=range(5), device=backend.device)
+    (x, w, y), kwargs = make_op_inputs(name, kwargs, 5, 6, 9, dtype, ignore_rows=range(5), device=backend.device)
     for reduction in ("mean", "sum", "none"):
         got = run_with_grads(_op(name, backend), x, w, y, reduction=reduction, **kwargs)
         assert (got.loss == 0).all(), f"{reduction}: {got.loss}"
@@ -70,7 +71,8 @@ def test_zero_norm_rows(config, dtype, backend):
     (the true derivative of x / eps near 0); the same for rows of weight, including a row's
     target class. float16 is left out: 1/eps = 1e12 overflows it whatever computes it."""
     name, kwargs = config
-    x, w, y = make_inputs(6, 8, 10, dtype, requires_grad=False, device=backend.device)
+    (x, w, y), kwargs = make_op_inputs(name, kwargs, 6, 8, 10, dtype, device=backend.device)
+    x, w = x.detach(), w.detach()
     x[1] = 0
     w[3] = 0
     w[7] = 0
@@ -95,9 +97,10 @@ def test_cos_exactly_one(config, sign, dtype, backend):
     implementation lands on, so the comparison is loose there (compare_to_reference's
     ``cancellation``)."""
     name, kwargs = config
-    x, w, y = make_inputs(6, 8, 10, dtype, requires_grad=False, device=backend.device)
+    (x, w, y), kwargs = make_op_inputs(name, kwargs, 6, 8, 10, dtype, device=backend.device)
+    x, w = x.detach(), w.detach()
     rows = [0, 2, 3, 5]
-    x[rows] = sign * w[y[rows]]
+    x[rows] = sign * w[y[rows] * kwargs.get("subcenters", 1)]
     got = compare_to_reference(name, x, w, y, backend=backend, reduction="sum", cancellation=True, **kwargs)
     assert torch.isfinite(got.grad_x).all() and torch.isfinite(got.grad_weight).all()
 
@@ -119,6 +122,41 @@ def test_every_row_parallel_to_its_class(name, kwargs, dtype, backend):
         assert torch.isfinite(got.grad_x).all() and torch.isfinite(got.grad_weight).all()
         if dtype != BF16:
             compare_to_reference(name, x, w, y, backend=backend, cancellation=True, **kwargs)
+
+
+@pytest.mark.parametrize("angle_mode", ["clip", "arcface", "plain"])
+def test_adaptive_margins_past_the_ends(angle_mode, backend):
+    """m_angle from −3 to 3: θ + m_angle below 0 and past π for some rows (θ̃ wraps for
+    "plain", is clamped for "clip", turns linear for "arcface"); |cos| = 1 rows included.
+    Finite everywhere and equal to the reference."""
+    (x, w, y), _ = make_op_inputs("adaptive", {}, 8, 8, 10, F64, device=backend.device)
+    x = x.detach()
+    x[:2] = w.detach()[y[:2]] * torch.tensor([[1.0], [-1.0]], dtype=F64)
+    m_angle = torch.linspace(-3.0, 3.0, 8, dtype=F64, device=backend.device)
+    got = compare_to_reference("adaptive", x, w, y, backend=backend, cancellation=True, s=8.0, angle_mode=angle_mode,
+                               m_angle=m_angle, m_add=0.1 * m_angle.flip(0))
+    assert torch.isfinite(got.grad_x).all() and torch.isfinite(got.grad_weight).all()
+
+
+@pytest.mark.parametrize("name,kwargs", [("arcface", dict(m=0.5)), ("cosface", dict()), ("combined", dict(m3=0.1))])
+def test_one_subcenter_and_no_smoothing_are_the_defaults(name, kwargs, backend):
+    """subcenters=1 and label_smoothing=0 give the bits of the call without them."""
+    x, w, y = make_inputs(6, 8, 30, F32, ignore_rows=(1,), device=backend.device)
+    plain = run_with_grads(_op(name, backend), x, w, y, **kwargs)
+    explicit = run_with_grads(_op(name, backend), x, w, y, subcenters=1, label_smoothing=0.0, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(plain, explicit))
+
+
+def test_label_smoothing_is_cross_entropys(backend):
+    """label_smoothing has F.cross_entropy's meaning on the margin logits, ignored rows
+    included (mean over the rows not ignored): CosFace's logits built by hand."""
+    x, w, y = make_inputs(7, 8, 30, F64, ignore_rows=(2, 5), device=backend.device)
+    c = torch.nn.functional.normalize(x.detach()) @ torch.nn.functional.normalize(w.detach()).t()
+    logits = 30.0 * (c - 0.35 * torch.nn.functional.one_hot(y.clamp(min=0), 30).to(F64) * (y >= 0)[:, None])
+    for reduction in ("mean", "sum", "none"):
+        got = call_op("cosface", x, w, y, backend=backend, s=30.0, label_smoothing=0.3, reduction=reduction)
+        want = torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.3, reduction=reduction)
+        assert_close(got, want, 1e-10, reduction)
 
 
 @pytest.mark.slow

@@ -15,8 +15,26 @@ LOSSES = margin_ops.ops.LOSSES
 PRIMITIVE = PRIMITIVE_ARGS[0]
 
 
-def _op(name):
-    return getattr(torch.ops.margin, name)
+class _Op:
+    """torch.ops.margin.<name> with its required per-row / 0-d tensors filled in (zero
+    margins for adaptive, t = 0 for curricular), sized from x."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def extra(self, x):
+        n = x.shape[0] if x.dim() >= 1 else 0
+        if self.name == "adaptive":
+            return (torch.zeros(n, device=x.device), torch.zeros(n, device=x.device))
+        if self.name == "curricular":
+            return (torch.tensor(0.0, device=x.device),)
+        return ()
+
+    def __call__(self, x, w, y, **kwargs):
+        return getattr(torch.ops.margin, self.name)(x, w, y, *self.extra(x), **kwargs)
+
+
+_op = _Op
 
 
 @pytest.fixture
@@ -87,7 +105,34 @@ SCALAR_CASES = [
     ("sphereface", dict(lamb=math.nan), r"lamb must be a finite number"),
     ("sphereface", dict(gamma=-0.5), r"gamma must be >= 0"),
     ("sphereface", dict(gamma=math.inf), r"gamma must be a finite number"),
+    ("arcface", dict(label_smoothing=-0.1), r"label_smoothing must lie in \[0, 1\], got -0.1"),
+    ("sphereface", dict(label_smoothing=1.5), r"label_smoothing must lie in \[0, 1\]"),
+    ("adaptive", dict(label_smoothing=math.nan), r"label_smoothing must be a finite number"),
+    ("arcface", dict(subcenters=0), r"subcenters must be an integer >= 1, got 0"),
+    ("cosface", dict(subcenters=2), r"weight must have num_classes·subcenters rows: 9 rows is not a multiple of "
+                                    r"subcenters=2"),
+    ("adaptive", dict(s=0.0), r"s must be > 0"),
+    ("adaptive", dict(angle_mode="arc"), r"angle_mode must be one of 'clip', 'arcface', 'plain', got 'arc'"),
+    ("curricular", dict(m=-0.1), r"m must lie in \[0, π\)"),
+    ("curricular", dict(s=math.inf), r"s must be a finite number"),
 ]
+
+
+def test_per_row_margins_and_t(inputs):
+    """adaptive's m_angle / m_add are (N,) floating tensors on x's device; curricular's t a
+    0-d floating tensor."""
+    x, w, y = inputs
+    zeros = torch.zeros(4)
+    with pytest.raises(ValueError, match=r"m_angle must be \(N,\) with N = x.shape\[0\] = 4"):
+        torch.ops.margin.adaptive(x, w, y, zeros[:3], zeros)
+    with pytest.raises(TypeError, match=r"m_add must be floating point"):
+        torch.ops.margin.adaptive(x, w, y, zeros, zeros.long())
+    with pytest.raises(TypeError, match=r"m_angle must not be float64 when x is torch.float32"):
+        torch.ops.margin.adaptive(x, w, y, zeros.double(), zeros)
+    with pytest.raises(ValueError, match=r"t must be a 0-d floating tensor"):
+        torch.ops.margin.curricular(x, w, y, zeros)
+    with pytest.raises(ValueError, match=r"t must be a 0-d floating tensor"):
+        torch.ops.margin.curricular(x, w, y, torch.tensor(1))
 
 
 @pytest.mark.parametrize("name,kwargs,message", SCALAR_CASES)
@@ -96,7 +141,7 @@ def test_bad_scalars(name, kwargs, message, inputs):
     with pytest.raises(ValueError, match=message):
         _op(name)(x, w, y, **kwargs)
     with pytest.raises(ValueError, match=message):
-        margin_ops.with_stats(name, x, w, y, **kwargs)
+        margin_ops.with_stats(name, x, w, y, *_op(name).extra(x), **kwargs)
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -160,6 +205,40 @@ def test_primitive_checks_its_tensors(inputs, backend):
             lse_fn(*args, *PRIMITIVE)
 
 
+def test_primitive_checks_its_options(inputs, backend):
+    """subcenters, class_index (PartialFC: distinct, in range, int64, on weight's device) and
+    the hard-example tensors, checked by every backend's primitive."""
+    x, w, y = (t.detach() for t in inputs)
+    lse_fn = backend.lse_fn()
+    index = torch.tensor([4, 0, 7], device=x.device)
+    y3 = y % 3
+    hard = torch.zeros(4, device=x.device)
+    cases = [
+        (ValueError, r"subcenters must be an integer >= 1, got 0", (x, w, y, *PRIMITIVE, None, 0)),
+        (ValueError, r"9 rows is not a multiple of subcenters=2", (x, w, y, *PRIMITIVE, None, 2)),
+        (ValueError, r"class_index must lie in \[0, 9\) \(the classes of weight\); got 9",
+         (x, w, y3, *PRIMITIVE, None, 1, torch.tensor([1, 9, 2], device=x.device))),
+        (ValueError, r"class_index must lie in \[0, 3\)", (x, w, y3, *PRIMITIVE, None, 3, index)),
+        (ValueError, r"class_index must lie in \[0, 9\)",
+         (x, w, y3, *PRIMITIVE, None, 1, torch.tensor([-1, 0, 2], device=x.device))),
+        (ValueError, r"class_index must not repeat a class .*; got 4 twice",
+         (x, w, y3, *PRIMITIVE, None, 1, torch.tensor([4, 0, 4], device=x.device))),
+        (TypeError, r"class_index must be int64, got torch.int32", (x, w, y3, *PRIMITIVE, None, 1, index.int())),
+        (ValueError, r"class_index must be a non-empty 1-D tensor \(C,\)",
+         (x, w, y3, *PRIMITIVE, None, 1, index[:0])),
+        (ValueError, r"class_index must be a non-empty 1-D tensor", (x, w, y3, *PRIMITIVE, None, 1, index[None])),
+        (ValueError, r"hard_threshold and hard_t must be given together",
+         (x, w, y, *PRIMITIVE, None, 1, None, hard, None)),
+        (ValueError, r"hard_t must be \(N,\) with N = x.shape\[0\] = 4",
+         (x, w, y, *PRIMITIVE, None, 1, None, hard, hard[:2])),
+        (TypeError, r"hard_threshold must be floating point",
+         (x, w, y, *PRIMITIVE, None, 1, None, hard.long(), hard)),
+    ]
+    for error, message, args in cases:
+        with pytest.raises(error, match=message):
+            lse_fn(*args)
+
+
 @pytest.mark.backends("cpu", "cuda-emulated", "triton-interpreted", "cuda", "triton")
 def test_primitive_backward_checks_its_per_row_tensors(inputs, backend):
     x, w, y = (t.detach() for t in inputs)
@@ -167,6 +246,10 @@ def test_primitive_backward_checks_its_per_row_tensors(inputs, backend):
     lse = forward(x, w, y, *PRIMITIVE)[0]
     g = torch.randn(4, device=x.device)
     with pytest.raises(ValueError, match=r"grad_lse must be \(N,\) with N = x.shape\[0\] = 4"):
-        backward(g[:3], g, x, w, y, lse, *PRIMITIVE)
+        backward(g[:3], g, g, x, w, y, lse, *PRIMITIVE)
+    with pytest.raises(ValueError, match=r"grad_nontarget_sum must be \(N,\)"):
+        backward(g, g, g[:1], x, w, y, lse, *PRIMITIVE)
     with pytest.raises(ValueError, match=r"lse must be \(N,\)"):
-        backward(g, g, x, w, y, lse[:1], *PRIMITIVE)
+        backward(g, g, g, x, w, y, lse[:1], *PRIMITIVE)
+    with pytest.raises(ValueError, match=r"class_index must not repeat a class"):
+        backward(g, g, g, x, w, y % 2, lse, *PRIMITIVE, None, 1, torch.tensor([3, 3], device=x.device))

@@ -7,9 +7,9 @@ import torch
 import margin_ops
 from margin_ops import reference
 
-from conformance.cases import DTYPE_IDS, OP_CONFIGS, PRIMITIVE_ARGS, config_id, primitive_id
+from conformance.cases import DTYPE_IDS, OP_CONFIGS, PRIMITIVE_ARGS, PRIMITIVE_OPTIONS, config_id, primitive_id
 from conftest import (REFERENCE_FNS, assert_close, closed_form_logits, compare_to_reference, leaf_copy,
-                      make_inputs, run_with_grads)
+                      make_inputs, make_op_inputs, primitive_options, run_with_grads)
 
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 CUSTOM_OPS = ("cpu", "cuda-emulated", "triton-interpreted", "cuda", "triton")
@@ -20,15 +20,21 @@ FAST = ("reference", "cpu", "cuda", "triton")
 @pytest.mark.slow
 @pytest.mark.backends(*CUSTOM_OPS)
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("args", PRIMITIVE_ARGS[::2], ids=primitive_id)
-def test_opcheck_primitive(args, dtype, backend):
+@pytest.mark.parametrize("args,options", [(args, {}) for args in PRIMITIVE_ARGS[::2]]
+                         + [(PRIMITIVE_ARGS[0], PRIMITIVE_OPTIONS[-1])], ids=lambda v: primitive_id(v) if
+                         isinstance(v, tuple) else "-".join(v) or "plain")
+def test_opcheck_primitive(args, options, dtype, backend):
     """torch.library.opcheck of the backend's primitive pair (schema, fake kernel, autograd
-    registration, aot dispatch) on small odd inputs with an ignored row."""
+    registration, aot dispatch) on small odd inputs with an ignored row, and with every
+    option at once."""
     forward, backward = backend.primitive
-    x, w, y = make_inputs(5, 6, 9, dtype, ignore_rows=(1,), device=backend.device)
+    made = primitive_options(5, 9, device=backend.device, **options)
+    x, w, y = make_inputs(5, 6, made.weight_rows, dtype, ignore_rows=(1,), device=backend.device)
+    y = torch.where(y < 0, y, y % made.num_classes)
+    args = args + made.options
     torch.library.opcheck(forward, (x, w, y) + args)
     lse = forward(x, w, y, *args)[0].detach()
-    grads = (torch.randn(5, dtype=lse.dtype, device=x.device), torch.randn(5, dtype=lse.dtype, device=x.device))
+    grads = tuple(torch.randn(5, dtype=lse.dtype, device=x.device) for _ in range(3))
     torch.library.opcheck(backward, grads + (x.detach(), w.detach(), y, lse) + args)
 
 
@@ -36,14 +42,17 @@ OPCHECK_CASES = [
     ("arcface", dict(s=30.0, m=0.5)), ("arcface", dict(easy_margin=True, margin_grad="detach")),
     ("cosface", dict(reduction="none")), ("combined", dict(m1=0.9, m2=0.3, m3=0.1, reduction="sum")),
     ("sphereface", dict(m=3, lamb=2.0, gamma=1.0)), ("sphereface", dict(s=10.0, ignore_index=-1)),
+    ("arcface", dict(subcenters=3, label_smoothing=0.1)),
+    ("adaptive", dict(angle_mode="arcface", m_angle=(0.45, 0.8), m_add=(0.0, 0.1), label_smoothing=0.2)),
+    ("curricular", dict(t=0.4, reduction="none")),
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,kwargs", OPCHECK_CASES)
 def test_opcheck_losses(name, kwargs, backend):
-    x, w, y = make_inputs(5, 6, 9, F32, ignore_rows=(1,), ignore_index=kwargs.get("ignore_index", -100),
-                          device=backend.device)
+    (x, w, y), kwargs = make_op_inputs(name, kwargs, 5, 6, 9, F32, ignore_rows=(1,),
+                                       ignore_index=kwargs.get("ignore_index", -100), device=backend.device)
     torch.library.opcheck(getattr(torch.ops.margin, name).default, (x, w, y), kwargs)
 
 
@@ -53,11 +62,15 @@ def test_opcheck_losses(name, kwargs, backend):
 def test_gradcheck_op(config, backend):
     name, kwargs = config
     kwargs = dict(kwargs)
-    if kwargs.get("s") is not None:
-        kwargs["s"] = min(kwargs["s"], 4.0)  # well-conditioned for finite differences
-    x, w, y = make_inputs(4, 5, 7, F64, ignore_rows=(1,), device=backend.device)
+    kwargs["s"] = min(kwargs.get("s", 64.0) or 64.0, 4.0)  # well-conditioned for finite differences
+    (x, w, y), kwargs = make_op_inputs(name, kwargs, 4, 5, 7, F64, ignore_rows=(1,), device=backend.device)
     op = getattr(torch.ops.margin, name)
-    assert torch.autograd.gradcheck(lambda a, b: op(a, b, y, reduction="none", **kwargs), (x, w))
+    if name == "adaptive":  # the per-row margins are differentiable too (MagFace's depends on ‖x‖)
+        rows = {k: kwargs.pop(k).double().requires_grad_() for k in ("m_angle", "m_add")}
+        assert torch.autograd.gradcheck(lambda a, b, m_angle, m_add: op(a, b, y, m_angle, m_add, reduction="none",
+                                                                        **kwargs), (x, w, *rows.values()))
+    else:
+        assert torch.autograd.gradcheck(lambda a, b: op(a, b, y, reduction="none", **kwargs), (x, w))
 
 
 @pytest.mark.backends(*FAST)
@@ -74,8 +87,8 @@ def test_gradcheck_primitive(args, backend):
     y[3] = 7
 
     def fn(a, b):
-        lse, target_logit, _, _ = backend.lse_fn()(a, b, y, *args)
-        return lse, target_logit
+        lse, target_logit, _, _, nontarget_sum = backend.lse_fn()(a, b, y, *args)
+        return lse, target_logit, nontarget_sum
 
     assert torch.autograd.gradcheck(fn, (x, w))
 
@@ -196,3 +209,48 @@ def test_with_stats(name, kwargs, backend):
     assert out.lse.shape == (7,) and out.lse.dtype == F32
     cos = torch.nn.functional.normalize(x64) @ torch.nn.functional.normalize(w64).t()
     assert out.pred.dtype == torch.int64 and torch.equal(out.pred, cos.argmax(1))
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_v2_ops(backend):
+    """adaptive (gradients to its per-row margins too), curricular and the sub-center,
+    label-smoothed ArcFace in one fullgraph-compiled head, with with_stats."""
+    torch._dynamo.reset()
+    n, d, c = 6, 16, 37
+    m_angle = torch.linspace(0.45, 0.8, n, device=backend.device, requires_grad=True)
+    t = torch.tensor(0.3, device=backend.device)
+
+    def head(x, w, y):
+        out = margin_ops.with_stats("adaptive", x, w, y, m_angle, 0.1 * m_angle, angle_mode="arcface")
+        return (out.loss + torch.ops.margin.curricular(x, w, y, t, s=32.0, label_smoothing=0.1)
+                + torch.ops.margin.arcface(x, w.repeat(2, 1), y, subcenters=2, label_smoothing=0.2)
+                + 0 * out.pred.sum())
+
+    compiled = torch.compile(head, fullgraph=True)
+    x, w, y = make_inputs(n, d, c, F32, device=backend.device)
+    got = run_with_grads(compiled, x, w, y)
+    want = run_with_grads(head, x, w, y)
+    for a, b, what in zip(got, want, ("loss", "grad_x", "grad_w")):
+        assert_close(a, b, 1e-5, what)
+    got_m = torch.autograd.grad(compiled(x, w, y), [m_angle])[0]
+    want_m = torch.autograd.grad(head(x, w, y), [m_angle])[0]
+    assert_close(got_m, want_m, 1e-5, "grad m_angle")
+
+
+@pytest.mark.parametrize("name,kwargs", [("adaptive", dict(m_angle=(-0.3, 0.4), m_add=(0.0, 0.6))),
+                                         ("curricular", dict(t=0.5)),
+                                         ("arcface", dict(subcenters=3, label_smoothing=0.1))])
+def test_with_stats_v2(name, kwargs, backend):
+    """with_stats of the v2 ops: the op's loss, lse of the explicitly built logits (the
+    reference's), and pred a class id in [0, C) (sub-centers: the class of the best one)."""
+    (x, w, y), kwargs = make_op_inputs(name, kwargs, 7, 11, 23, F32, ignore_rows=(2,), device=backend.device)
+    out = margin_ops.with_stats(name, x, w, y, reduction="none", **kwargs)
+    assert torch.equal(out.loss, getattr(torch.ops.margin, name)(x, w, y, reduction="none", **kwargs))
+    cos = reference.class_cosines(x.detach().double(), w.detach().double(), kwargs.get("subcenters", 1))
+    assert out.pred.dtype == torch.int64 and torch.equal(out.pred, cos.argmax(1))
+    x64, w64 = x.detach().double(), w.detach().double()
+    if name == "arcface":
+        want = reference.margin_lse(x64, w64, y, "arcface", 64.0, 1.0, 0.5, 0.0, 0.0, False, False, None, 3)[0]
+    else:
+        want = getattr(reference, f"{name}_logits")(x64, w64, y, **kwargs).logsumexp(dim=1)
+    assert_close(out.lse[y != -100], want[y != -100], 1e-5, "lse")

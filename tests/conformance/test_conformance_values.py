@@ -10,9 +10,9 @@ import margin_ops
 from margin_ops import reference
 
 from conformance.cases import (BOUNDARY_TARGETS, DTYPE_IDS, DTYPES, ODD_SHAPES, OP_CONFIGS, PRIMITIVE_ARGS,
-                               SHAPE_CONFIGS, config_id, primitive_id)
-from conftest import (assert_close, closed_form_phi, compare_to_reference, leaf_copy, make_inputs,
-                      matmul_precision, place_targets, primitive_vs_reference)
+                               PRIMITIVE_OPTIONS, SHAPE_CONFIGS, config_id, options_id, primitive_id)
+from conftest import (assert_close, closed_form_phi, compare_to_reference, leaf_copy, make_inputs, make_op_inputs,
+                      matmul_precision, place_targets, primitive_options, primitive_vs_reference)
 
 from backends_under_test import TF32
 
@@ -32,7 +32,7 @@ def _quick_unless(condition: bool):
 @pytest.mark.parametrize("config", OP_CONFIGS, ids=config_id)
 def test_op_matches_reference(config, dtype, reduction, backend):
     name, kwargs = config
-    x, w, y = make_inputs(8, 16, 29, dtype, ignore_rows=(3,), device=backend.device)
+    (x, w, y), kwargs = make_op_inputs(name, kwargs, 8, 16, 29, dtype, ignore_rows=(3,), device=backend.device)
     compare_to_reference(name, x, w, y, backend=backend, reduction=reduction, **kwargs)
 
 
@@ -43,9 +43,11 @@ def test_op_matches_reference(config, dtype, reduction, backend):
 def test_ignore_index(name, ignore_index, dtype, backend):
     """Custom ignore_index values: negative, inside [0, C) (the row keeps its target in the
     primitive but contributes nothing), and beyond C."""
-    x, w, y = make_inputs(9, 10, 12, dtype, ignore_rows=(0, 5), ignore_index=ignore_index, device=backend.device)
+    (x, w, y), kwargs = make_op_inputs(name, {}, 9, 10, 12, dtype, ignore_rows=(0, 5), ignore_index=ignore_index,
+                                       device=backend.device)
     for reduction in ("mean", "sum", "none"):
-        got = compare_to_reference(name, x, w, y, backend=backend, ignore_index=ignore_index, reduction=reduction)
+        got = compare_to_reference(name, x, w, y, backend=backend, ignore_index=ignore_index, reduction=reduction,
+                                   **kwargs)
         if reduction == "none":
             assert (got.loss[y == ignore_index] == 0).all()
 
@@ -86,6 +88,24 @@ def test_primitive_matches_reference(args, dtype, backend):
     primitive_vs_reference(backend.lse_fn(), x, w, y, args, backend.tolerances[dtype])
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(d, marks=_quick_unless(d == F64), id=DTYPE_IDS[d]) for d in (F64, BF16)])
+@pytest.mark.parametrize("options", PRIMITIVE_OPTIONS, ids=options_id)
+@pytest.mark.parametrize("args", [PRIMITIVE_ARGS[i] for i in (0, 3, 5, 8)], ids=primitive_id)
+def test_primitive_options_match_reference(args, options, dtype, backend):
+    """Sub-centers (K passes over strided rows, the gradient to the winner), a shuffled
+    class_index (rows read and written in place; the others' gradient exactly 0) and the
+    hard-example modulation, alone and together, for ArcFace, CosFace, SphereFace's feature
+    scale and the external margin. 300 physical classes: several tiles of every backend."""
+    made = primitive_options(7, 300, device=backend.device, **options)
+    x, w, y = make_inputs(7, 40, made.weight_rows, dtype, requires_grad=False, device=backend.device)
+    y = y % made.num_classes
+    y[1], y[4] = -100, made.num_classes + 10
+    # the reference's 16-bit products round x̂ and ŵ first (as F.linear): like TF32, its pred
+    # may be any class within the tolerance of the largest cosine
+    primitive_vs_reference(backend.lse_fn(), x, w, y, args, backend.tolerances[dtype], options=made.options,
+                           tf32=backend.name == "reference" and dtype != F64)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", OP_CONFIGS[::3], ids=config_id)
 def test_float32_follows_matmul_precision(config, backend):
@@ -93,7 +113,7 @@ def test_float32_follows_matmul_precision(config, backend):
     (within TF32's tolerance, and not the bits of "highest"); the CPU backends, and the
     Triton interpreter (exact products), give the bits of "highest"."""
     name, kwargs = config
-    x, w, y = make_inputs(8, 48, 200, F32, device=backend.device)
+    (x, w, y), kwargs = make_op_inputs(name, kwargs, 8, 48, 200, F32, device=backend.device)
     exact = compare_to_reference(name, x, w, y, backend=backend, **kwargs)
     with matmul_precision("high"):
         high = compare_to_reference(name, x, w, y, backend=backend, rtol=TF32[1], **kwargs)
@@ -107,9 +127,10 @@ def test_float32_follows_matmul_precision(config, backend):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("output", [0, 1], ids=["lse", "target_logit"])
+@pytest.mark.parametrize("output", [0, 1, 4], ids=["lse", "target_logit", "nontarget_sum"])
 def test_gradient_of_one_primitive_output(output, backend):
-    """Backward with only one of lse / target_logit used (the other gradient is None)."""
+    """Backward with only one of lse / target_logit / nontarget_sum used (the others'
+    gradients are None)."""
     x, w, y = make_inputs(6, 8, 300, F64, ignore_rows=(4,), device=backend.device)
     args = ("sphereface", 1.0, 3.0, 0.0, 0.0, 2.0, True, False)
     got = torch.autograd.grad(backend.lse_fn()(x, w, y, *args)[output].sum(), [x, w])
@@ -188,7 +209,7 @@ def test_results_are_bitwise_repeatable(dtype, backend):
     runs = []
     for _ in range(2):
         xl, wl = leaf_copy(x), leaf_copy(w)
-        lse, target, max_cos, pred = backend.lse_fn()(xl, wl, y, *args)
-        grads = torch.autograd.grad(lse.sum() + 0.5 * target.sum(), [xl, wl])
-        runs.append((lse, target, max_cos, pred, *grads))
+        lse, target, max_cos, pred, nontarget_sum = backend.lse_fn()(xl, wl, y, *args)
+        grads = torch.autograd.grad(lse.sum() + 0.5 * target.sum() + 0.25 * nontarget_sum.sum(), [xl, wl])
+        runs.append((lse, target, max_cos, pred, nontarget_sum, *grads))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
