@@ -80,6 +80,23 @@ class Margin:
     op: str  #: name in torch.ops.margin and in margin_ops.reference
     kwargs: dict = field(hash=False)
     description: str = ""
+    #: weight rows per class: the problem's weight is (C·subcenters, D) (run.py scales C)
+    subcenters: int = 1
+    #: x -> the op's per-row tensor arguments (computed inside the timed step, as a head does)
+    row_args: Callable | None = field(default=None, hash=False)
+
+    def arguments(self, x: torch.Tensor) -> dict:
+        """The keyword arguments of one call on features x (N, D)."""
+        kwargs = {**self.kwargs, "subcenters": self.subcenters} if self.subcenters > 1 else dict(self.kwargs)
+        return {**kwargs, **self.row_args(x)} if self.row_args else kwargs
+
+
+def adaface_margins(x: torch.Tensor, m: float = 0.4, h: float = 0.333) -> dict:
+    """AdaFace's per-row margins at its initial batch statistics (mean 20, std 100): the
+    head's work per step (the norms, the scaler), without its running-statistics update."""
+    norms = torch.linalg.vector_norm(x.detach(), dim=1, dtype=torch.float32).clamp(0.001, 100)
+    scaler = (h * (norms - 20.0) / (100.0 + 1e-3)).clamp(-1, 1)
+    return {"m_angle": -m * scaler, "m_add": m + m * scaler}
 
 
 MARGINS = {m.name: m for m in (
@@ -89,6 +106,10 @@ MARGINS = {m.name: m for m in (
            "combined s=64, (m1, m2, m3) = (1, 0.3, 0.2)"),
     Margin("sphereface", "sphereface", {"m": 4, "lamb": 5.0},
            "SphereFace m=4, lambda=5, s = feature norm"),
+    Margin("adaface", "adaptive", {"s": 64.0, "angle_mode": "clip"},
+           "AdaFace m=0.4, h=0.333 (per-row margins from the feature norms)", row_args=adaface_margins),
+    Margin("subcenter-arcface", "arcface", {"s": 64.0, "m": 0.5},
+           "sub-center ArcFace K=3 (C·3 weight rows), s=64, m=0.5", subcenters=3),
     # The margin-free problem the peers (torch-lce, Liger, CCE, quack) solve: cross-entropy of s·cos.
     Margin("softmax", "cosface", {"s": 64.0, "m": 0.0},
            "normalized softmax (plain CE of s·cos, s=64, no margin)"),
@@ -136,13 +157,13 @@ def fwd_bwd(loss_fn: Callable) -> Callable:
 def reference_loss(margin: Margin) -> Callable:
     """The plain-PyTorch loss of margin_ops.reference (materializes the N x C logits)."""
     fn = getattr(reference, margin.op)
-    return lambda x, weight, labels: fn(x, weight, labels, **margin.kwargs)
+    return lambda x, weight, labels: fn(x, weight, labels, **margin.arguments(x))
 
 
 def margin_ops_step(backend: str, margin: Margin) -> Callable:
     """The fused op's step, forward and backward both run with ``backend`` selected."""
     op = getattr(torch.ops.margin, margin.op)
-    step = fwd_bwd(lambda x, weight, labels: op(x, weight, labels, **margin.kwargs))
+    step = fwd_bwd(lambda x, weight, labels: op(x, weight, labels, **margin.arguments(x)))
 
     def run(x, weight, labels) -> StepResult:
         with margin_ops.backend(backend):

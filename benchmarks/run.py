@@ -30,6 +30,11 @@ Contenders, side by side in one run on every (shape, dtype, margin):
   GPU, on the margin-free problem only (``--margins softmax``: cross-entropy of s·x̂·ŵ,
   which margin_ops computes as CosFace with m = 0).
 
+Margins (``--margins``): arcface, cosface, combined, sphereface, adaface (per-row margins
+from the feature norms, through ``adaptive``), subcenter-arcface (K = 3: the shape's C is
+multiplied by 3, so its rows report C·3 weight rows and that much work), and softmax (the
+margin-free problem).
+
 A contender that cannot run here (not installed, CUDA only, too old a torch) is listed
 under "Not run" with the reason.
 
@@ -58,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import platform
@@ -556,10 +562,15 @@ def main(argv=None) -> None:
     rows = []
     for shape in args.shapes:
         for dtype in args.dtypes:
-            inputs = make_inputs(shape, dtype, args.device, args.seed)
-            for name in margin_names:
-                rows += run_group(shape, dtype, MARGINS[name], contenders, inputs, meta["peaks"][dtype], args)
-            del inputs
+            for subcenters in sorted({MARGINS[name].subcenters for name in margin_names}):
+                # K sub-centers: C·K weight rows, and C·K classes' worth of work
+                problem = shape if subcenters == 1 else dataclasses.replace(shape, c=shape.c * subcenters)
+                inputs = make_inputs(problem, dtype, args.device, args.seed)
+                for name in margin_names:
+                    if MARGINS[name].subcenters == subcenters:
+                        rows += run_group(problem, dtype, MARGINS[name], contenders, inputs,
+                                          meta["peaks"][dtype], args)
+                del inputs
 
     meta["elapsed_s"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
