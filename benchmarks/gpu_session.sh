@@ -10,9 +10,10 @@
 #             tests/test_cuda.py (both GPU backends), then the whole suite as a regression check
 #   sanitize  compute-sanitizer memcheck and racecheck on a small forward + backward of
 #             every margin in bf16 and fp32 through the CUDA backend
-#   bench     python benchmarks/run.py on the named shapes (bf16), then fp32 under "high", then
-#             AdaFace and sub-center ArcFace (K = 3) on ms1mv2 and 1m
+#   bench     python benchmarks/run.py on the named shapes (bf16), then fp32 under "high"
 #             on ms1mv2 and webface42m-8gpu
+#   bench-v2  the margin family v2 rows: AdaFace and sub-center ArcFace (K = 3) on ms1mv2
+#             and 1m, bf16, against torch.compile and eager
 #   dist      benchmarks/distributed_overhead.py at world size 1 (NCCL)
 #
 # Outputs, in $OUT (the device tool's folder that comes back) or else gpu-out/, written as
@@ -81,14 +82,14 @@ for stage in "${stages[@]}"; do
     bench)
       run_stage bench "$PY" benchmarks/run.py --out "$LOGS/bench" || status=1
       run_stage bench "$PY" benchmarks/run.py --shapes ms1mv2 webface42m-8gpu --dtypes fp32 \
-        --fp32-precision high --out "$LOGS/bench-fp32" || status=1
-      # the margin family v2 on two shapes: per-row margins (AdaFace) and K = 3 sub-centers
-      run_stage bench "$PY" benchmarks/run.py --shapes ms1mv2 1m --margins adaface subcenter-arcface \
+        --fp32-precision high --out "$LOGS/bench-fp32" || status=1 ;;
+    bench-v2)
+      run_stage bench-v2 "$PY" benchmarks/run.py --shapes ms1mv2 1m --margins adaface subcenter-arcface \
         --contenders cuda triton eager compile --out "$LOGS/bench-v2" || status=1 ;;
     dist)
       run_stage dist "$PY" benchmarks/distributed_overhead.py || status=1 ;;
     *)
-      echo "unknown stage $stage (build, test, sanitize, bench, dist)" >&2
+      echo "unknown stage $stage (build, test, sanitize, bench, bench-v2, dist)" >&2
       exit 2 ;;
   esac
 done
