@@ -18,9 +18,9 @@
 #
 # Outputs, in $OUT (the device tool's folder that comes back) or else gpu-out/, written as
 # the stages run so that a call cut off at its time limit still reports: <stage>.log,
-# bench/results.{md,json,png} (bf16) and bench-fp32/results.{md,json,png}. The device tool
-# brings back 8 files a call: run `build test sanitize` in one call and `build bench` in
-# another.
+# bench/results.{md,json,png} (bf16), bench-fp32/results.{md,json,png} and
+# bench-v2/results.{md,json,png}. The device tool brings back 8 files a call: run
+# `build test sanitize` in one call, `build bench` in another, `build bench-v2` in a third.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOGS=${OUT:-gpu-out}
