@@ -51,10 +51,19 @@ class Backend(NamedTuple):
     missing: Callable[[], str | None]
 
 
+#: The CUDA kernels' oldest GPU: they use cp.async and bf16 mma.sync (sm_80).
+MIN_CUDA_CAPABILITY = (8, 0)
+
+
 def _native_missing(device_type: str) -> Callable[[], str | None]:
     def missing():
         if not torch._C._dispatch_has_kernel_for_dispatch_key("margin::margin_lse", device_type.upper()):
             return f"this install has no {device_type.upper()} kernels (see README: building for GPU)"
+        if device_type == "cuda" and torch.cuda.is_available() \
+                and torch.cuda.get_device_capability() < MIN_CUDA_CAPABILITY:
+            major, minor = torch.cuda.get_device_capability()
+            return (f"the CUDA kernels need compute capability >= {'.'.join(map(str, MIN_CUDA_CAPABILITY))}; "
+                    f"this GPU is {major}.{minor}")
         return None
     return missing
 
@@ -115,8 +124,22 @@ def default_backend(device_type: str) -> str:
 
 # torch.compile evaluates this once while tracing and bakes the answer into the graph.
 @torch.compiler.assume_constant_result
-def current_backend(device_type: str) -> str:
-    """The backend the ops will use for tensors of ``device_type`` ('cpu', 'cuda')."""
+def current_backend(device_type: str | torch.device | None = None) -> str:
+    """The backend the ops will use for tensors of ``device_type``: ``"cpu"`` or ``"cuda"``
+    (a ``torch.device`` or ``"cuda:1"`` works too; only the type matters).
+
+    Without an argument: the device a script's tensors usually live on, ``"cuda"`` when
+    ``torch.cuda.is_available()``, else ``"cpu"``. So ``margin_ops.current_backend()`` says
+    ``"cuda"`` (or ``"triton"``) on a GPU machine and ``"cpu"`` elsewhere; pass the device
+    type to ask about the other one (CPU tensors on a GPU machine use ``"cpu"``).
+
+    Follows ``with margin_ops.backend(name):`` and ``MARGIN_OPS_BACKEND``; raises
+    ``RuntimeError`` when the chosen backend, or every candidate, cannot run there.
+    """
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    elif isinstance(device_type, torch.device) or ":" in device_type:
+        device_type = torch.device(device_type).type
     name = _selected.get() or os.environ.get(ENV_VAR) or None
     if name is None:
         return default_backend(device_type)

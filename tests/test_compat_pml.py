@@ -4,7 +4,9 @@ Each drop-in loss is compared with PML's class of the same name in float64 on th
 (loaded through ``state_dict``): the loss and both gradients (embeddings, ``W``) agree
 within 1e-10, on the ``cpu`` backend and on ``reference``. Separate tests pin down where
 the two differ (documented in margin_ops.compat.pml): ArcFace's gradient where sin θ_y <
-1e-4, and labels equal to -100.
+1e-4, labels equal to -100, and SubCenterArcFaceLoss.get_outliers on classes absent from
+the batch. The classes are built with keyword arguments: PML's SubCenterArcFaceLoss
+takes num_classes and embedding_size by keyword only.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from conftest import assert_close
 pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning")
 
 RTOL = 1e-10
-NAMES = ("ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss")
+NAMES = ("ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss", "SubCenterArcFaceLoss")
 
 #: (class, margin, scale) cases: PML's defaults first, then others, margins as PML takes
 #: them (ArcFace: degrees; CosFace: a cosine; SphereFace: the integer multiplier).
@@ -39,6 +41,7 @@ CASES = [
     ("CosFaceLoss", 0.35, 64), ("CosFaceLoss", 0.0, 1), ("CosFaceLoss", 0.5, 30), ("CosFaceLoss", -0.1, 10),
     ("SphereFaceLoss", 4, 1), ("SphereFaceLoss", 1, 1), ("SphereFaceLoss", 2, 3.5),
     ("SphereFaceLoss", 3, 0.5), ("SphereFaceLoss", 5, 1), ("SphereFaceLoss", 4.7, 2),
+    ("SubCenterArcFaceLoss", 28.6, 64), ("SubCenterArcFaceLoss", 10.0, 16), ("SubCenterArcFaceLoss", 120.0, 8),
 ]
 
 
@@ -48,8 +51,8 @@ def case_id(case):
 
 def make_pair(name, num_classes, embedding_size, **kwargs):
     """PML's loss and ours, float64, ours holding PML's W (loaded through state_dict)."""
-    theirs = getattr(pml_losses, name)(num_classes, embedding_size, **kwargs).double()
-    ours = getattr(compat, name)(num_classes, embedding_size, **kwargs).double()
+    theirs = getattr(pml_losses, name)(num_classes=num_classes, embedding_size=embedding_size, **kwargs).double()
+    ours = getattr(compat, name)(num_classes=num_classes, embedding_size=embedding_size, **kwargs).double()
     ours.load_state_dict(theirs.state_dict())
     return theirs, ours
 
@@ -140,13 +143,13 @@ def test_indices_tuple_weights_rows_as_pml(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_state_dict_round_trips(name):
-    theirs = getattr(pml_losses, name)(23, 6).double()
-    ours = getattr(compat, name)(23, 6).double()
+    theirs = getattr(pml_losses, name)(num_classes=23, embedding_size=6).double()
+    ours = getattr(compat, name)(num_classes=23, embedding_size=6).double()
     assert set(theirs.state_dict()) == set(ours.state_dict()) == {"W"}
-    assert ours.W.shape == theirs.W.shape == (6, 23)
+    assert ours.W.shape == theirs.W.shape == (6, 23 * getattr(theirs, "sub_centers", 1))
     ours.load_state_dict(theirs.state_dict())          # PML -> ours
     assert torch.equal(ours.W, theirs.W)
-    fresh = getattr(pml_losses, name)(23, 6).double()
+    fresh = getattr(pml_losses, name)(num_classes=23, embedding_size=6).double()
     fresh.load_state_dict(ours.state_dict())           # ours -> PML
     assert torch.equal(fresh.W, ours.W)
     x, labels = torch.randn(9, 6, dtype=torch.float64), torch.randint(0, 23, (9,))
@@ -166,17 +169,18 @@ def test_constructor_matches_pml(name):
 
     assert defaults(ours_cls) == defaults(theirs_cls)
     torch.manual_seed(5)
-    theirs = theirs_cls(13, 4)
+    theirs = theirs_cls(num_classes=13, embedding_size=4)
     torch.manual_seed(5)
-    ours = ours_cls(13, 4)
+    ours = ours_cls(num_classes=13, embedding_size=4)
     assert torch.equal(ours.W, theirs.W) and ours.W.dtype == theirs.W.dtype == torch.float32
     assert ours.margin == theirs.margin  # ArcFace: radians, bit for bit; SphereFace: int(margin)
     assert ours.scale == theirs.scale and ours.num_classes == theirs.num_classes
+    assert getattr(ours, "sub_centers", None) == getattr(theirs, "sub_centers", None)
     init = lambda w: torch.nn.init.uniform_(w, -0.5, 0.5)  # noqa: E731
     torch.manual_seed(6)
-    theirs = theirs_cls(13, 4, weight_init_func=init)
+    theirs = theirs_cls(num_classes=13, embedding_size=4, weight_init_func=init)
     torch.manual_seed(6)
-    ours = ours_cls(13, 4, weight_init_func=init)
+    ours = ours_cls(num_classes=13, embedding_size=4, weight_init_func=init)
     assert torch.equal(ours.W, theirs.W)
 
 
@@ -250,8 +254,8 @@ def test_cosface_margin_and_scale_are_keyword_only_as_in_pml():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_weight_follows_embeddings_dtype_as_in_pml(name):
-    theirs = getattr(pml_losses, name)(9, 4)
-    ours = getattr(compat, name)(9, 4)
+    theirs = getattr(pml_losses, name)(num_classes=9, embedding_size=4)
+    ours = getattr(compat, name)(num_classes=9, embedding_size=4)
     ours.load_state_dict(theirs.state_dict())
     x, labels = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 9, (5,))
     param = ours.W
@@ -319,3 +323,80 @@ def test_label_minus_100(name):
     assert_close(loss, kept * keep.sum() / n, RTOL, "loss")
     assert_close(gx[keep], kept_gx * keep.sum() / n, RTOL, "grad")
     assert (gx[~keep] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------
+# SubCenterArcFaceLoss beyond the shared cases above.
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "reference"])
+@pytest.mark.parametrize("sub_centers", [1, 2, 5])
+def test_subcenter_matches_pml_for_any_sub_centers(sub_centers, backend_name):
+    for _ in range(2):
+        n, d, c, x, labels = random_problem()
+        theirs, ours = make_pair("SubCenterArcFaceLoss", c, d, sub_centers=sub_centers, margin=20.0, scale=16)
+        assert ours.W.shape == (d, c * sub_centers) and ours.num_classes == c
+        assert_same(theirs, ours, x, labels, backend=backend_name)
+
+
+def test_subcenter_gradient_reaches_only_the_winning_sub_centers():
+    theirs, ours = make_pair("SubCenterArcFaceLoss", 6, 5, sub_centers=4)
+    x, labels = torch.randn(10, 5, dtype=torch.float64), torch.randint(0, 6, (10,))
+    _, _, grad_w = assert_same(theirs, ours, x, labels)[0]
+    cosine = torch.nn.functional.normalize(x) @ torch.nn.functional.normalize(ours.W.detach(), dim=0)
+    winners = cosine.view(10, 6, 4).argmax(dim=2) + 4 * torch.arange(6)  # (N, C) column of each class's winner
+    losing = torch.ones(24, dtype=torch.bool)
+    losing[winners.flatten()] = False
+    assert losing.any() and (grad_w[:, losing] == 0).all()
+
+
+@pytest.mark.parametrize("threshold", [75, 40, 20, 0])
+def test_subcenter_get_outliers_matches_pml(threshold):
+    """Same outliers, in PML's order (class, then row); same dominant sub-center for every
+    class of the batch (PML leaves the other columns uninitialized: here they are 0)."""
+    n, d, c, k = 40, 4, 7, 3
+    theirs, ours = make_pair("SubCenterArcFaceLoss", c, d, sub_centers=k)
+    x = torch.randn(n, d, dtype=torch.float64)
+    labels = torch.randint(0, c - 1, (n,))  # class c - 1 absent
+    labels[[3, 11]] = -100  # skipped, as PML's loop over the classes skips them
+    got = ours.get_outliers(x, labels, threshold=threshold)
+    want = theirs.get_outliers(x, labels, threshold=threshold)
+    assert isinstance(got, tuple) and len(got) == 2
+    assert got[0].tolist() == want[0].tolist() and got[0].dtype == torch.int64
+    present = torch.unique(labels[labels >= 0])
+    assert torch.equal(got[1][:, present], want[1][:, present])
+    assert (got[1][:, c - 1] == 0).all()
+    # return_dominant_centers=False: PML still returns the pair (operator precedence)
+    got_flag = ours.get_outliers(x, labels, threshold=threshold, return_dominant_centers=False)
+    want_flag = theirs.get_outliers(x, labels, threshold=threshold, return_dominant_centers=False)
+    assert isinstance(want_flag, tuple) and isinstance(got_flag, tuple)
+    assert got_flag[0].tolist() == want_flag[0].tolist()
+    if threshold == 0:  # every row sits below cos 0° = 1: all labelled rows, by class
+        keep = torch.nonzero(labels >= 0).squeeze(1)
+        assert got[0].tolist() == keep[torch.sort(labels[keep], stable=True).indices].tolist()
+
+
+def test_subcenter_get_outliers_checks_labels_as_pml():
+    ours = compat.SubCenterArcFaceLoss(num_classes=5, embedding_size=4)
+    x = torch.randn(6, 4)
+    with pytest.raises(ValueError, match="Number of embeddings"):
+        ours.get_outliers(x, torch.zeros(5, dtype=torch.int64))
+    outliers, centers = ours.get_outliers(x[:0], torch.zeros(0, dtype=torch.int64))
+    assert outliers.shape == (0,) and outliers.dtype == torch.int64 and (centers == 0).all()
+
+
+def test_subcenter_constructor_arguments():
+    """margin, scale and sub_centers are keyword-only (PML ignores them silently when passed by
+    position, and needs num_classes / embedding_size by keyword); sub_centers >= 1."""
+    with pytest.raises(KeyError):
+        pml_losses.SubCenterArcFaceLoss(10, 4)
+    ours = compat.SubCenterArcFaceLoss(10, 4)  # positional class counts are accepted here
+    assert ours.W.shape == (4, 30)
+    with pytest.raises(TypeError):
+        compat.SubCenterArcFaceLoss(10, 4, 20.0)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="sub_centers must be an integer >= 1"):
+            compat.SubCenterArcFaceLoss(num_classes=10, embedding_size=4, sub_centers=bad)
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1"):
+        compat.SubCenterArcFaceLoss(num_classes=0, embedding_size=4)
+    assert "sub_centers=3" in repr(ours) and "num_classes=10" in repr(ours)

@@ -1,8 +1,9 @@
 """Drop-in replacements for pytorch-metric-learning 2.x's large-margin losses.
 
-``ArcFaceLoss``, ``CosFaceLoss`` and ``SphereFaceLoss`` here take the constructor arguments
-of ``pytorch_metric_learning.losses`` (2.x) of the same name, own the same parameter ``W``
-of shape (embedding_size, num_classes) — so ``state_dict``\\ s load both ways — and
+``ArcFaceLoss``, ``CosFaceLoss``, ``SphereFaceLoss`` and ``SubCenterArcFaceLoss`` here take
+the constructor arguments of ``pytorch_metric_learning.losses`` (2.x) of the same name, own
+the same parameter ``W`` of shape (embedding_size, num_classes) — (embedding_size,
+num_classes·sub_centers) for sub-centers — so ``state_dict``\\ s load both ways — and
 ``forward(embeddings, labels)`` returns the loss PML returns, with the same gradients with
 respect to ``embeddings`` and ``W``, computed by margin_ops' fused op (the N x C logits are
 never materialized). pytorch-metric-learning itself is not needed to use them.
@@ -25,6 +26,20 @@ The mapping onto ``torch.ops.margin`` (x = embeddings, c = cos θ of a row and a
   cosines of scale·x_i are those of x_i, so the loss is
   ``torch.ops.margin.sphereface(scale * x, W.t(), labels, m=int(margin), lamb=0, s=None)``
   (the gradient of the product carries the factor scale to x, as PML's does).
+* ``SubCenterArcFaceLoss(num_classes, embedding_size, margin=28.6, scale=64, sub_centers=3)``
+  (``margin``, ``scale`` and ``sub_centers`` keyword-only: PML silently ignores them when
+  passed by position). PML's ``W`` has num_classes·K columns, K = sub_centers, column
+  c·K + k being sub-center k of class c; the cosine of class c is the largest of its K
+  (the gradient goes to that sub-center), then ArcFace as above. That is margin_ops'
+  sub-center layout of ``weight = W.t()``, so the loss is ``torch.ops.margin.arcface(x,
+  W.t(), labels, s=scale, m=radians(margin), subcenters=K)``; the N × C·K cosines are never
+  materialized. ``get_outliers(embeddings, labels, threshold=75,
+  return_dominant_centers=True)`` computes what PML's does without its per-class loop
+  (one dot product per row and sub-center of its class), with two differences: the columns
+  of ``dominant_centers`` of classes absent from ``labels`` are 0 here (PML leaves them
+  uninitialized memory), and ``outliers`` is int64 also when empty (PML: float32). As PML
+  (whose ``return a if not flag else a, b`` parses as ``(a), b``), it always returns the pair
+  ``(outliers, dominant_centers)``, whatever ``return_dominant_centers`` says.
 
 The reduction is PML's default ``MeanReducer``: the mean over all N rows (rows selected by
 ``indices_tuple`` are weighted as PML's ``convert_to_weights`` weights them).
@@ -32,8 +47,8 @@ The reduction is PML's default ``MeanReducer``: the mean over all N rows (rows s
 Where the results differ from PML (see tests/test_compat_pml.py, which checks both the
 agreement and these differences):
 
-* ArcFace gradients where the target angle is tiny: margin_ops floors sin θ at
-  ``margin_ops.spec.SIN_THETA_EPS`` (1e-4) in dθ/dc = −1/sin θ, PML does not. So for
+* ArcFace (and sub-center ArcFace) gradients where the target angle is tiny: margin_ops
+  floors sin θ at ``margin_ops.spec.SIN_THETA_EPS`` (1e-4) in dθ/dc = −1/sin θ, PML does not. So for
   sin θ_y < 1e-4 (c_y > 1 − 5e-9) the loss is the same but margin_ops' gradient of that
   row's target term is smaller by the factor sin θ_y / 1e-4 (PML's is exact there, and
   NaN at c_y = 1 exactly, where margin_ops' stays finite). CosFace and SphereFace have no
@@ -60,9 +75,8 @@ PML) are accepted. ``distance`` may only be None or PML's default ``CosineSimila
 ``weight_regularizer`` and ``embedding_regularizer`` must be None. Anything else raises a
 ValueError naming the option. ``forward``'s ``ref_emb`` is refused as PML refuses it.
 
-Not provided yet: ``SubCenterArcFaceLoss`` (it needs sub-center support in the kernels),
-PML's ``LargeMarginSoftmaxLoss`` (its logits are also scaled by the weight norms), and the
-statistics PML records with ``collect_stats=True`` (``avg_angle``).
+Not provided yet: PML's ``LargeMarginSoftmaxLoss`` (its logits are also scaled by the weight
+norms), and the statistics PML records with ``collect_stats=True`` (``avg_angle``).
 """
 
 from __future__ import annotations
@@ -74,7 +88,7 @@ from torch import nn
 
 from .. import spec as registry
 
-__all__ = ["ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss"]
+__all__ = ["ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss", "SubCenterArcFaceLoss"]
 
 #: The label PML's CrossEntropyLoss(reduction="none") ignores (its default ignore_index).
 _CE_IGNORE_INDEX = -100
@@ -103,6 +117,16 @@ def _check_options(distance, reducer, collect_stats, weight_regularizer, embeddi
         raise ValueError(f"weight_regularizer={weight_regularizer!r} is not supported (only None)")
     if embedding_regularizer is not None:
         raise ValueError(f"embedding_regularizer={embedding_regularizer!r} is not supported (only None)")
+
+
+def _check_labels(embeddings, labels) -> None:
+    """PML's checks of ``labels`` against ``embeddings`` (c_f.check_shapes, labels_required)."""
+    if labels is not None and embeddings.shape[0] != labels.shape[0]:
+        raise ValueError("Number of embeddings must equal number of labels")
+    if labels is not None and labels.ndim != 1:
+        raise ValueError("labels must be a 1D tensor of shape (batch_size,)")
+    if labels is None:
+        raise ValueError("labels are required for this loss function")
 
 
 def _miner_weights(indices_tuple, labels, dtype) -> torch.Tensor | None:
@@ -158,12 +182,7 @@ class _PMLMarginLoss(nn.Module):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """The loss PML returns: mean over the batch of the per-row cross-entropy."""
-        if labels is not None and embeddings.shape[0] != labels.shape[0]:
-            raise ValueError("Number of embeddings must equal number of labels")
-        if labels is not None and labels.ndim != 1:
-            raise ValueError("labels must be a 1D tensor of shape (batch_size,)")
-        if labels is None:
-            raise ValueError("labels are required for this loss function")
+        _check_labels(embeddings, labels)
         if ref_emb is not None and (ref_emb is not embeddings or ref_labels is not labels):
             raise ValueError("ref_emb is not supported for this loss function")
         labels = labels.to(embeddings.device)
@@ -178,14 +197,17 @@ class _PMLMarginLoss(nn.Module):
     def _logit_scale(self, embeddings):
         return self.scale
 
+    def _cosine(self, embeddings):
+        """The cosines of the embeddings and the columns of W, (N, columns of W) (materialized)."""
+        return nn.functional.normalize(embeddings, dim=1) @ nn.functional.normalize(self.W.t(), dim=1).t()
+
     def get_logits(self, embeddings):
         """PML's ``get_logits``: the scaled cosines, (N, num_classes), no margin (materialized)."""
-        cosine = nn.functional.normalize(embeddings, dim=1) @ nn.functional.normalize(self.W.t(), dim=1).t()
-        return cosine * self._logit_scale(embeddings)
+        return self._cosine(embeddings) * self._logit_scale(embeddings)
 
     def extra_repr(self) -> str:
-        embedding_size, num_classes = self.W.shape
-        return f"num_classes={num_classes}, embedding_size={embedding_size}, margin={self.margin}, scale={self.scale}"
+        return (f"num_classes={self.num_classes}, embedding_size={self.W.shape[0]}, margin={self.margin}, "
+                f"scale={self.scale}")
 
 
 class ArcFaceLoss(_PMLMarginLoss):
@@ -193,6 +215,8 @@ class ArcFaceLoss(_PMLMarginLoss):
 
     ``self.margin`` holds the margin in radians, as PML's does after construction.
     """
+
+    _subcenters = 1  #: weight rows per class (SubCenterArcFaceLoss: sub_centers)
 
     def __init__(self, num_classes, embedding_size, margin=28.6, scale=64, **kwargs):
         super().__init__(num_classes, embedding_size, margin, scale, **kwargs)
@@ -207,7 +231,7 @@ class ArcFaceLoss(_PMLMarginLoss):
     def _loss(self, x, weight, labels, reduction):
         return torch.ops.margin.arcface(x, weight, labels, s=float(self.scale), m=self.margin,
                                         easy_margin=False, margin_grad="exact", reduction=reduction,
-                                        ignore_index=_CE_IGNORE_INDEX)
+                                        ignore_index=_CE_IGNORE_INDEX, subcenters=self._subcenters)
 
 
 class CosFaceLoss(_PMLMarginLoss):
@@ -247,3 +271,66 @@ class SphereFaceLoss(_PMLMarginLoss):
 
     def _logit_scale(self, embeddings):
         return torch.norm(embeddings, p=2, dim=1).unsqueeze(1) * self.scale
+
+
+class SubCenterArcFaceLoss(ArcFaceLoss):
+    """PML's ``SubCenterArcFaceLoss``: ArcFace on the largest cosine of each class's
+    ``sub_centers`` columns of W (embedding_size, num_classes·sub_centers).
+
+    ``num_classes`` is the number of classes (not of columns), as PML stores it.
+    """
+
+    def __init__(self, num_classes, embedding_size, *, margin=28.6, scale=64, sub_centers=3, **kwargs):
+        for name, value in (("num_classes", num_classes), ("sub_centers", sub_centers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        # As PML: an ArcFaceLoss over num_classes·sub_centers columns (W drawn by its init).
+        super().__init__(num_classes * sub_centers, embedding_size, margin, scale, **kwargs)
+        self.num_classes = num_classes
+        self._subcenters = sub_centers
+
+    @property
+    def sub_centers(self) -> int:
+        return self._subcenters
+
+    def _cosine(self, embeddings):
+        return super()._cosine(embeddings).view(-1, self.num_classes, self.sub_centers).max(dim=2).values
+
+    def get_outliers(self, embeddings, labels, threshold=75, return_dominant_centers=True):
+        """PML's ``get_outliers``: the rows of each class far from its dominant sub-center.
+
+        Per class c present in ``labels`` (labels outside [0, num_classes) are skipped, as
+        PML's loop over the classes skips them): each row's nearest sub-center of its class,
+        the dominant one being the most frequent (lowest index on ties); a row is an
+        outlier when its cosine to the dominant sub-center is below cos(``threshold``
+        degrees). Returns ``(outliers, dominant_centers)``: outliers (M,) int64, the row
+        indices ordered by class then row, as PML; dominant_centers (embedding_size,
+        num_classes) in the embeddings' dtype, column c the dominant sub-center of class c
+        (0 for classes absent from ``labels``). ``return_dominant_centers`` is accepted and,
+        as in PML, does not change the result.
+        """
+        del return_dominant_centers  # PML returns the pair either way (see the module docstring)
+        _check_labels(embeddings, labels)
+        self._cast_weight(embeddings)
+        labels = labels.to(embeddings.device)
+        k, num_classes = self.sub_centers, self.num_classes
+        cos_threshold = math.cos(math.radians(threshold))  # math.radians: bit for bit PML's np.radians
+        with torch.no_grad():
+            rows = torch.nonzero((labels >= 0) & (labels < num_classes)).squeeze(1)
+            own = labels[rows]
+            columns = own.unsqueeze(1) * k + torch.arange(k, device=labels.device)  # (M, K) its class's sub-centers
+            centers = nn.functional.normalize(self.W.t()[columns.flatten()], dim=1).view(len(rows), k, self.W.shape[0])
+            cosines = torch.einsum("md,mkd->mk", nn.functional.normalize(embeddings[rows], dim=1), centers)
+            counts = torch.bincount(own * k + cosines.argmax(dim=1), minlength=num_classes * k)
+            dominant = counts.view(num_classes, k).argmax(dim=1)  # (C,) the first most frequent
+            outlier = cosines.gather(1, dominant[own].unsqueeze(1)).squeeze(1) < cos_threshold
+            by_class = torch.sort(own[outlier], stable=True).indices
+            outliers = rows[outlier][by_class]
+            dominant_centers = torch.zeros(self.W.shape[0], num_classes, dtype=embeddings.dtype,
+                                           device=embeddings.device)
+            present = torch.unique(own)
+            dominant_centers[:, present] = self.W[:, present * k + dominant[present]].to(embeddings.dtype)
+        return outliers, dominant_centers
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sub_centers={self.sub_centers}"
