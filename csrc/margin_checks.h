@@ -97,15 +97,17 @@ inline void check_options(const at::Tensor& x, const at::Tensor& weight, int64_t
                               ") (the classes of weight)";
     const std::string distinct =
         "class_index must not repeat a class (each is read and written in place once)";
-    const auto out_of_range = (index < 0).logical_or_(index >= classes).any();
+    const auto out_of_range = (index < 0).logical_or_(index >= classes);
     const auto ordered = std::get<0>(index.sort());
-    const auto repeated = ordered.slice(0, 1).eq(ordered.slice(0, 0, -1)).any();
-    if (index.is_cpu()) {
-      TORCH_CHECK_VALUE(!out_of_range.item<bool>(), range);
-      TORCH_CHECK_VALUE(!repeated.item<bool>(), distinct);
+    const auto repeated = ordered.slice(0, 1).eq(ordered.slice(0, 0, -1));
+    if (index.is_cpu()) {  // name the first offending value, as the Python check does
+      TORCH_CHECK_VALUE(!out_of_range.any().item<bool>(), range, "; got ",
+                        index.masked_select(out_of_range)[0].item<int64_t>());
+      TORCH_CHECK_VALUE(!repeated.any().item<bool>(), distinct, "; got ",
+                        ordered.slice(0, 1).masked_select(repeated)[0].item<int64_t>(), " twice");
     } else {
-      at::_assert_async(out_of_range.logical_not(), range);
-      at::_assert_async(repeated.logical_not(), distinct);
+      at::_assert_async(out_of_range.any().logical_not(), range);
+      at::_assert_async(repeated.any().logical_not(), distinct);
     }
   }
   TORCH_CHECK_VALUE(hard_threshold.has_value() == hard_t.has_value(),

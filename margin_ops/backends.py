@@ -43,7 +43,8 @@ def tf32_allowed() -> bool:
 
 
 class Backend(NamedTuple):
-    #: margin_lse implementation: (x, weight, labels, *margin args) -> (lse, target_logit, max_cos, pred)
+    #: margin_lse implementation: (x, weight, labels, *margin args, allow_tf32, subcenters, class_index,
+    #: hard_threshold, hard_t) -> (lse, target_logit, max_cos, pred, nontarget_sum)
     margin_lse: Callable
     #: device types it runs on, given the current environment
     devices: Callable[[], tuple]

@@ -19,27 +19,29 @@ The global batch is the rows of every rank in rank order: X (N, D), Y (N,), N = 
 What one call does, on every rank:
 
 1. The size and argument exchange: one all-gather of a small int64 row per rank (4 sizes,
-   an error code and 12 argument values: 17 int64, 136 bytes per rank; on the CPU, or on
+   an error code and 13 argument values: 18 int64, 144 bytes per rank; on the CPU, or on
    x's GPU for NCCL). It carries (N_q, C_q, D, dtype) — the sizes must be on the host to
    gather uneven batches, so this is the one host synchronization of a step — and the
    argument check, which so costs no collective of its own. Before it, each rank checks its
    own arguments without communicating; the row then holds an error code (which argument
    this rank rejected, 0 if none) and the value of every argument the ranks must pass alike
-   (kind, reduction, ignore_index and every margin argument). After it, every rank sees
-   every rank's status and raises the same way: the rank whose argument was invalid raises
-   its own error (prefixed with its rank); the others raise a ValueError naming that rank
-   and argument; arguments valid on every rank but different between ranks (e.g. ``s``)
-   raise on every rank, naming the argument and each rank's value. No rank is left waiting
-   in a collective until the process-group timeout.
+   (kind, reduction, ignore_index and every margin argument, label_smoothing included).
+   After it, every rank sees every rank's status and raises the same way: the rank whose
+   argument was invalid raises its own error (prefixed with its rank); the others raise a
+   ValueError naming that rank and argument; arguments valid on every rank but different
+   between ranks (e.g. ``s``) raise on every rank, naming the argument and each rank's
+   value. No rank is left waiting in a collective until the process-group timeout.
 2. All-gather of x and labels (padded to max N_q) into X and Y.
 3. The fused primitive on this rank's shard for the whole global batch, with labels
    Y − o_r (rows of other shards have no target here): per-row partials
-   lse_r, target_logit_r (N,), each in the accumulation dtype (float64 for float64 inputs,
-   else float32).
+   lse_r, target_logit_r, nontarget_sum_r (N,), each in the accumulation dtype (float64
+   for float64 inputs, else float32).
 4. All-reduce MAX of lse_r (a stabilizer, no gradient), all-reduce SUM of
-   [exp(lse_r − max), target_logit_r]: lse = max + log Σ_q exp(lse_q − max) and
-   target_logit = Σ_q target_logit_q, the single-process statistics of the global batch.
-5. :func:`margin_ops.reference.loss_from_lse` on the global batch.
+   [exp(lse_r − max), target_logit_r, nontarget_sum_r]: lse = max + log Σ_q exp(lse_q − max),
+   target_logit = Σ_q target_logit_q and nontarget_sum = Σ_q nontarget_sum_q, the
+   single-process statistics of the global batch.
+5. :func:`margin_ops.reference.loss_from_lse` on the global batch (label smoothing's mean
+   logit is (nontarget_sum + target_logit) / C).
 
 Gradients. Every rank computes the same loss from the same lse and target logit, so the
 upstream gradient of the loss is the same on every rank and is the gradient of ONE copy of
@@ -101,15 +103,19 @@ from .spec import MarginSpec
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-#: Arguments of the public ops that are not margin parameters.
-_BATCH_ARGS = ("x", "weight", "labels", "reduction", "ignore_index")
+#: The losses that are sharded: one primitive call each (adaptive and curricular also take
+#: per-row tensors, which the argument exchange does not carry).
+_KINDS = ("arcface", "cosface", "combined", "sphereface")
+#: Arguments of the public ops that are not margin arguments here. subcenters is not
+#: supported: sub-centers would change the shard's layout (C_r·K rows).
+_BATCH_ARGS = ("x", "weight", "labels", "reduction", "ignore_index", "subcenters")
 #: Floating dtypes, numbered for the argument check of the size exchange.
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 #: The arguments every rank must pass alike, in the order of their values in the exchanged row:
 #: kind, reduction, ignore_index, then every margin argument of every kind (0 where ``kind``
 #: has no such argument).
 _SHARED_ARGS = ("kind", "reduction", "ignore_index", "s", "m", "m1", "m2", "m3", "easy_margin", "margin_grad",
-                "lamb", "gamma")
+                "lamb", "gamma", "label_smoothing")
 #: What a rank's error code names: code = 1 + index, 0 when its arguments are valid.
 #: ``**margin_kwargs``: a margin argument no kind has, or an error naming none of these.
 _CHECKED_ARGS = _SHARED_ARGS + ("x", "weight", "labels", "**margin_kwargs")
@@ -122,8 +128,8 @@ def _margin_arguments(kind: str, margin_kwargs: dict) -> tuple[MarginSpec, dict]
     """MarginSpec of ``torch.ops.margin.<kind>`` and its margin arguments (name -> value) with
     these margin arguments, the op's defaults for the others (arcface: s, m, easy_margin,
     margin_grad; cosface: s, m; combined: s, m1, m2, m3, margin_grad; sphereface: m, lamb, s,
-    gamma)."""
-    registry.check_choice("kind", kind, registry.LOSSES)
+    gamma; each also label_smoothing)."""
+    registry.check_choice("kind", kind, _KINDS)
     signature = ops._SIGNATURES[kind]
     allowed = [name for name in signature.names if name not in _BATCH_ARGS]
     unknown = sorted(set(margin_kwargs) - set(allowed))
@@ -149,7 +155,7 @@ def _float_code(value: float) -> int:
 def _encode(name: str, value) -> int:
     """int64 code of a valid value of shared argument ``name`` (see :func:`_decode`)."""
     if name == "kind":
-        return registry.LOSSES.index(value)
+        return _KINDS.index(value)
     if name == "reduction":
         return registry.REDUCTIONS.index(value)
     if name == "margin_grad":
@@ -161,7 +167,7 @@ def _encode(name: str, value) -> int:
 
 def _decode(name: str, code: int):
     if name == "kind":
-        return registry.LOSSES[code]
+        return _KINDS[code]
     if name == "reduction":
         return registry.REDUCTIONS[code]
     if name == "margin_grad":
@@ -410,30 +416,44 @@ def _gather_batch(who: str, arguments: _Arguments, x, weight, labels, group,
     return _Batch(_GatherRows.apply(x, layout), labels, layout), spec
 
 
-def _sharded_loss(batch: _Batch, weight, shard_labels, class_ids, spec: MarginSpec, reduction: str,
+def _sharded_loss(batch: _Batch, weight, shard_labels, class_index, spec: MarginSpec, reduction: str,
                   ignore_index: int, return_stats: bool):
-    """Steps 3-5 on this rank's classes ``weight`` (K, D) for the global batch.
+    """Steps 3-5 on this rank's classes for the global batch.
 
-    shard_labels (N,) int64: each row's target row of ``weight``, outside [0, K) when the
-    target is elsewhere or the row is ignored. class_ids (K,) int64: global class id of each
-    row of ``weight``, or None for rows o_r, o_r + 1, ….
+    weight (C_r, D): this rank's shard. class_index (K,) int64: the rows of ``weight`` this
+    step uses, ascending (PartialFC's sample), or None for all C_r rows; the primitive reads
+    them in place and writes their gradients in place (``weight``'s gradient is zero on the
+    other rows). shard_labels (N,) int64: each row's target among the K (C_r) classes used,
+    outside [0, K) when the target is elsewhere or the row is ignored.
     """
     layout = batch.layout
+    rows = class_index
+    if class_index is not None and torch.is_autocast_enabled(batch.x.device.type):
+        # The primitive's autocast rule casts the weight it is given whole (C_r·D 16-bit
+        # values): cast a copy of the K rows used instead. Same labels: the copy keeps their order.
+        weight, rows = weight.index_select(0, class_index), None
     lse_fn = backends.margin_lse_for(batch.x.device)
-    lse_r, target_r, max_cos_r, pred_r = lse_fn(batch.x, weight, shard_labels, *spec.primitive_args())
+    lse_r, target_r, max_cos_r, pred_r, nontarget_r = lse_fn(batch.x, weight, shard_labels, *spec.primitive_args(),
+                                                             None, 1, rows, None, None)
     # The max over shards only keeps exp() in range: d lse / d max = 0, so it carries no gradient.
     peaks = torch.stack([lse_r.detach(), max_cos_r])
     dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=layout.group)
-    sums = _SumOverShards.apply(torch.stack([torch.exp(lse_r - peaks[0]), target_r]), layout.group)
+    sums = _SumOverShards.apply(torch.stack([torch.exp(lse_r - peaks[0]), target_r, nontarget_r]), layout.group)
     lse = peaks[0] + sums[0].log()
-    loss = reference.loss_from_lse(lse, sums[1], batch.labels, spec.gamma, reduction, ignore_index)
+    num_classes = sum(layout.classes)
+    if class_index is not None and spec.label_smoothing:
+        # The sampled sub-problem's classes: every rank's K (K may differ between ranks).
+        num_classes = torch.tensor(class_index.shape[0], dtype=lse.dtype, device=lse.device)
+        dist.all_reduce(num_classes, group=layout.group)
+    loss = reference.loss_from_lse(lse, sums[1], batch.labels, spec.gamma, reduction, ignore_index,
+                                   spec.label_smoothing, sums[2], num_classes)
     if reduction == "none":
         loss = _LocalRows.apply(loss, layout)
     if not return_stats:
         return loss
     # Top-1 class over all shards: the smallest global id among the shards holding the
     # largest cosine (the single-process op's tie-break).
-    pred = pred_r + layout.class_offset if class_ids is None else class_ids[pred_r]
+    pred = (pred_r if class_index is None else class_index[pred_r]) + layout.class_offset
     pred = torch.where(max_cos_r == peaks[1], pred, sum(layout.classes))
     dist.all_reduce(pred, op=dist.ReduceOp.MIN, group=layout.group)
     start = layout.row_start
@@ -450,7 +470,7 @@ def margin_loss(x: torch.Tensor, weight_shard: torch.Tensor, labels: torch.Tenso
 
     Arguments are checked on every call, at no extra collective: each rank checks its own
     before communicating, and the size exchange (step 1 of the module docstring: one
-    all-gather of 17 int64 per rank, which the call needs anyway) tells every rank every
+    all-gather of 18 int64 per rank, which the call needs anyway) tells every rank every
     rank's verdict and values. So an invalid argument on one rank, or an argument that
     differs between ranks (e.g. ``s``), raises on every rank at once, naming the argument and
     the ranks (a ValueError; the rank whose argument is invalid raises its own error).
@@ -464,7 +484,8 @@ def margin_loss(x: torch.Tensor, weight_shard: torch.Tensor, labels: torch.Tenso
         kind: ``"arcface"``, ``"cosface"``, ``"combined"`` or ``"sphereface"``.
         margin_kwargs: the margin arguments of ``torch.ops.margin.<kind>`` (arcface: s, m,
             easy_margin, margin_grad; cosface: s, m; combined: s, m1, m2, m3, margin_grad;
-            sphereface: m, lamb, s, gamma), with that op's defaults.
+            sphereface: m, lamb, s, gamma; each also label_smoothing, over the Σ C_q classes),
+            with that op's defaults. ``subcenters`` is not supported.
 
     Returns:
         The loss (float32 for 16-bit inputs, else x's dtype): for ``"mean"`` and ``"sum"`` the
@@ -495,9 +516,13 @@ class PartialFC(nn.Module):
     of the global batch) and fills up to ``num_sample`` = ceil(sample_rate · C_r) classes with
     negatives drawn uniformly without replacement; if the global batch has more positives in
     the shard than that, all positives are kept and no negative. The loss is then the margin
-    loss of the sub-problem made of every rank's sampled classes (see :meth:`sample`), run by
-    the fused op on ``weight[index]`` (a copy of the sampled rows); ``weight.grad`` is zero on
-    the rows not sampled. The draw uses torch's default generator of the weight's device
+    loss of the sub-problem made of every rank's sampled classes (see :meth:`sample`; label
+    smoothing averages over them, at one more all-reduce of one value), run by the fused op
+    on the sampled rows of ``weight`` in place (its ``class_index``): nothing is copied, the
+    kernels read those rows and write their gradients into the full-shape ``weight.grad``,
+    which is zero on the rows not sampled (as a copy's gradient scattered back would be).
+    Under autocast the sampled rows are copied and cast instead, because autocast would
+    cast the whole shard. The draw uses torch's default generator of the weight's device
     (reproducible under ``torch.manual_seed``); each rank draws for its shard independently.
     No host sync beyond the size exchange, except when the global batch has more rows than
     ``num_sample``: then counting the positives needs one.
@@ -580,12 +605,10 @@ class PartialFC(nn.Module):
         # self.spec() is called before the exchange: an error there raises on every rank too.
         batch, spec = _gather_batch("PartialFC", arguments, features, self.weight, labels, self.group, self.spec)
         shard_labels = batch.labels - batch.layout.class_offset
-        weight, class_ids = self.weight, None
+        index = None
         if self.training and self.num_sample < self.weight.shape[0]:
             index, shard_labels = self.sample(shard_labels, batch.labels != self.ignore_index)
-            # A copy of the sampled rows: the kernel cannot take row indices (yet).
-            weight, class_ids = self.weight.index_select(0, index), index + batch.layout.class_offset
-        return _sharded_loss(batch, weight, shard_labels, class_ids, spec, self.reduction,
+        return _sharded_loss(batch, self.weight, shard_labels, index, spec, self.reduction,
                              self.ignore_index, return_stats)
 
     def extra_repr(self) -> str:

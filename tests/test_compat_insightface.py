@@ -266,22 +266,29 @@ def check_sampling(rank, world):
 
 
 def check_fp16(rank, world):
-    """fp16=True: computed under float16 autocast — close to, and not bitwise, float32."""
+    """fp16=True: computed under float16 autocast — close to, and not bitwise, float32; also
+    with sampling (the same draw for both), where the sampled rows are copied and cast."""
     x, w, labels = problem(world, seed=3)
     config = CONFIGS["arcface"]
-    losses = []
-    for fp16 in (False, True):
-        head = PartialFC_V2(CombinedMarginLoss(*config), D, CLASSES, fp16=fp16)
-        start, num_local = shard_of(rank, world)
-        with torch.no_grad():
-            head.weight.copy_(w[start:start + num_local])
-        x_r = x[rank * ROWS:(rank + 1) * ROWS].float().requires_grad_()
-        loss = head(x_r, labels[rank * ROWS:(rank + 1) * ROWS])
-        loss.backward()
-        assert loss.dtype == torch.float32 and x_r.grad.dtype == head.weight.grad.dtype == torch.float32
-        losses.append(loss.detach())
-    assert not torch.equal(losses[0], losses[1]), "fp16=True computed in float32"
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-2, atol=1e-2)
+    for sample_rate in (1.0, 0.5):
+        losses, weight_grads = [], []
+        for fp16 in (False, True):
+            head = PartialFC_V2(CombinedMarginLoss(*config), D, CLASSES, sample_rate, fp16=fp16)
+            start, num_local = shard_of(rank, world)
+            with torch.no_grad():
+                head.weight.copy_(w[start:start + num_local])
+            x_r = x[rank * ROWS:(rank + 1) * ROWS].float().requires_grad_()
+            torch.manual_seed(200 + rank)
+            loss = head(x_r, labels[rank * ROWS:(rank + 1) * ROWS])
+            loss.backward()
+            assert loss.dtype == torch.float32 and x_r.grad.dtype == head.weight.grad.dtype == torch.float32
+            assert head.weight.grad.shape == (num_local, D)
+            losses.append(loss.detach())
+            weight_grads.append(head.weight.grad)
+        assert not torch.equal(losses[0], losses[1]), "fp16=True computed in float32"
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-2, atol=1e-2)
+        sampled = [grad.abs().sum(1) > 0 for grad in weight_grads]
+        assert torch.equal(*sampled), f"fp16 sampled other rows, or wrote gradients to others: {sampled}"
 
 
 CHECKS = {f"{name}-vs-arcface_torch": check_against_arcface_torch(name) for name in [*CONFIGS, *PAST_PI]}

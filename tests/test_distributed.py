@@ -23,6 +23,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import margin_ops
 from margin_ops import distributed
@@ -196,6 +198,18 @@ def check_partial_fc_layout(rank, world):
     close(loss, torch.ops.margin.combined(x, w, labels, **MARGINS["combined"]), torch.float64, "loss")
 
 
+def subproblem(indices, labels, num_classes):
+    """The sub-problem of a sampled step: every rank's sampled classes (global ids, ``indices``
+    in rank order), concatenated (K_total,), and the global batch's labels (N,) renumbered to
+    positions in it (IGNORE kept)."""
+    sampled = torch.cat(indices)
+    position = torch.full((num_classes,), -1, dtype=torch.int64)
+    position[sampled] = torch.arange(sampled.numel())
+    sub_labels = torch.where(labels == IGNORE, IGNORE, position[labels.clamp_min(0)])
+    assert not (sub_labels == -1).any(), "a positive class was not sampled"
+    return sampled, sub_labels
+
+
 def sampled_subproblem(head, x, w, labels, sizes, rows, rank, seed):
     """Runs one sampled step of `head` and the same sub-problem on one process.
 
@@ -212,13 +226,7 @@ def sampled_subproblem(head, x, w, labels, sizes, rows, rank, seed):
     loss = head(x_r, labels[mine])
     (1.7 * loss).backward()
     indices = gather_objects(index + offset)
-
-    # The sub-problem: every rank's sampled classes, in rank order; labels renumbered.
-    sampled = torch.cat(indices)
-    position = torch.full((w.shape[0],), -1, dtype=torch.int64)
-    position[sampled] = torch.arange(sampled.numel())
-    sub_labels = torch.where(labels == IGNORE, IGNORE, position[labels.clamp_min(0)])
-    assert not (sub_labels == -1).any(), "a positive class was not sampled"
+    sampled, sub_labels = subproblem(indices, labels, w.shape[0])
     ref_loss, ref_dx, ref_dw = single_process("arcface", x, w[sampled], sub_labels, "mean", None,
                                               **MARGINS["arcface"])
     my_rows = span([i.numel() for i in indices], rank)
@@ -257,6 +265,63 @@ def check_sampling(rank, world):
     assert torch.equal(again[0], index) and torch.equal(again[2], loss), "not reproducible under manual_seed"
     assert gather_objects(not torch.equal(other[0], index)) != [False] * world, "seed did not change the draw"
     close(eval_loss, expected_eval, torch.float64, "eval loss")
+
+
+class WeightReads(TorchDispatchMode):
+    """Records the name of every op (below autograd) that gets a tensor sharing ``weight``'s storage."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.storage = weight.untyped_storage().data_ptr()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == self.storage
+               for t in pytree.tree_leaves((args, kwargs))):
+            self.ops.append(func.name())
+        return func(*args, **kwargs)
+
+
+def copy_path_step(head, x_r, labels, rows, rank, seed):
+    """PartialFC's sampled step as it was before ``class_index``: the sampled rows copied with
+    ``index_select`` (autograd scatters their gradient back into a full-shape zero tensor), the
+    copy being this rank's consecutive shard of the sub-problem. Returns the sampled rows and
+    (loss, x grad, weight grad)."""
+    torch.manual_seed(seed + rank)  # the draw of head's forward
+    index, _ = head.sample(labels - head.class_start, labels != IGNORE)
+    _, sub_labels = subproblem(gather_objects(index + head.class_start), labels, head.num_classes)
+    weight = head.weight.detach().clone().requires_grad_()
+    x_r = x_r.detach().clone().requires_grad_()
+    loss = distributed.margin_loss(x_r, weight.index_select(0, index), sub_labels[span(rows, rank)],
+                                   kind=head.kind, **head.margin_kwargs)
+    (1.7 * loss).backward()
+    return index, (loss.detach(), x_r.grad, weight.grad)
+
+
+def check_sampling_in_place(rank, world):
+    """The sampled rows are read and written in place (class_index): the same loss and gradients
+    as the copy path (float32, label smoothing over the sampled classes, shards sampling a
+    different K), and no op but the primitive touches the weight's storage."""
+    num_classes = 10 * world + 1  # shards of 11, 10, …: K = 6, 5, … at sample_rate 0.5
+    head = distributed.PartialFC(D, num_classes, sample_rate=0.5, dtype=torch.float32, label_smoothing=0.1,
+                                 **MARGINS["arcface"])
+    rows = rows_of(world, 1)
+    x, _, labels = problem(rows, [num_classes], torch.float32, seed=13)
+    x_r = x[span(rows, rank)].clone().requires_grad_()
+    torch.manual_seed(21 + rank)
+    with WeightReads(head.weight) as reads:
+        loss = head(x_r, labels[span(rows, rank)])
+        (1.7 * loss).backward()
+    index, (ref_loss, ref_dx, ref_dw) = copy_path_step(head, x_r, labels, rows, rank, seed=21)
+    sizes = gather_objects(index.numel())
+
+    close(loss, ref_loss, torch.float32, "loss vs copy path")
+    close(x_r.grad, ref_dx, torch.float32, "x grad vs copy path")
+    close(head.weight.grad, ref_dw, torch.float32, "weight grad (full shape, zero where not sampled) vs copy path")
+    assert len(set(sizes)) > 1, f"every shard sampled the same K {sizes}: the class count is not exercised"
+    if margin_ops.current_backend("cpu") != "reference":  # the reference backend materializes (it copies)
+        assert reads.ops == ["margin::margin_lse", "margin::margin_lse_backward"], reads.ops
 
 
 def check_sampling_more_positives_than_sample(rank, world):
@@ -395,6 +460,7 @@ def check_arguments_differ_between_ranks(rank, world):
     scale = raised_on_this_rank(lambda: distributed.margin_loss(x, w, labels, s=30.0 if mine else 64.0))
     ignore = raised_on_this_rank(lambda: distributed.margin_loss(x, w, labels, ignore_index=-1 if mine else -100))
     kind = raised_on_this_rank(lambda: distributed.margin_loss(x, w, labels, kind="cosface" if mine else "arcface"))
+    smoothing = raised_on_this_rank(lambda: distributed.margin_loss(x, w, labels, label_smoothing=0.1 if mine else 0))
     head = distributed.PartialFC(D, 2 * world, kind="cosface", s=30.0 if mine else 64.0, dtype=torch.float64)
     forward = raised_on_this_rank(lambda: head(x, labels))
 
@@ -404,6 +470,7 @@ def check_arguments_differ_between_ranks(rank, world):
     assert_raised(scale, ValueError, differs("margin_loss", "s", 64.0, 30.0), "s")
     assert_raised(ignore, ValueError, differs("margin_loss", "ignore_index", -100, -1), "ignore_index")
     assert_raised(kind, ValueError, differs("margin_loss", "kind", "'arcface'", "'cosface'"), "kind")
+    assert_raised(smoothing, ValueError, differs("margin_loss", "label_smoothing", 0.0, 0.1), "label_smoothing")
     assert_raised(forward, ValueError, differs("PartialFC", "s", 64.0, 30.0), "PartialFC s")
 
 
@@ -415,6 +482,9 @@ CHECKS.update({
     "arcface-easy-detach": check_against_single_process("arcface", torch.float64, "mean", 1, easy_margin=True,
                                                         margin_grad="detach"),
     "cosface-ignore-index-minus-1": check_against_single_process("cosface", torch.float64, "mean", 2, ignore_index=-1),
+    "arcface-label-smoothing": check_against_single_process("arcface", torch.float64, "mean", 1, label_smoothing=0.1),
+    "sphereface-label-smoothing-none": check_against_single_process("sphereface", torch.float32, "none", 2,
+                                                                    label_smoothing=0.2),
     "arcface-bfloat16": check_against_single_process("arcface", torch.bfloat16, "mean", 0),
     "sphereface-fixed-s-float16": check_against_single_process("sphereface", torch.float16, "sum", 1, s=16.0,
                                                                gamma=0.0),
@@ -423,6 +493,7 @@ CHECKS.update({
     "errors-raise-on-every-rank": check_errors_raise_on_every_rank,
     "partial-fc-layout": check_partial_fc_layout,
     "sampling": check_sampling,
+    "sampling-in-place": check_sampling_in_place,
     "sampling-more-positives-than-sample": check_sampling_more_positives_than_sample,
     "ddp-backbone": check_ddp_backbone,
     # Last: before these were fixed, a rank left waiting desynchronized every later check.
@@ -447,6 +518,12 @@ def test_margin_kwargs_are_checked():
         distributed._margin_spec("arcface", {"lamb": 1.0})
     with pytest.raises(ValueError, match="kind must be one of"):
         distributed._margin_spec("softmax", {})
+    with pytest.raises(ValueError, match="kind must be one of 'arcface', 'cosface', 'combined', 'sphereface', got "
+                                         "'curricular'"):  # per-row tensor arguments: not sharded
+        distributed._margin_spec("curricular", {})
+    with pytest.raises(TypeError, match="unexpected \\['subcenters'\\]"):  # not sharded
+        distributed._margin_spec("arcface", {"subcenters": 2})
+    assert distributed._margin_spec("cosface", {"label_smoothing": 0.1}).label_smoothing == 0.1
     defaults = margin_ops.spec.sphereface(4, 0.0, None, 0.0)
     assert distributed._margin_spec("sphereface", {"s": None}) == defaults
 

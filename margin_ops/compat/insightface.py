@@ -45,6 +45,11 @@ Differences (none matters for train_v2.py):
   of U[0, 1) scores with positives at 2, or all positives if there are more), but only in
   training mode (eval mode uses every class) and with the random generator of the weight's
   device (arcface_torch draws on the CPU). ``sample_rate`` giving ``num_sample == 0`` raises.
+  The sampled rows are not copied: arcface_torch's ``self.weight[index]`` copies them (and
+  its backward scatters their gradient back into a zero ``weight.grad``); here the fused op
+  reads them in place and writes their gradient in place, with the same ``weight.grad`` (the
+  full shard, zero on the rows not sampled). With ``fp16=True`` they are copied, as there,
+  and cast to float16.
 * The loss of a row is lse − target logit; arcface_torch floors the row's probability at
   1e-30 (a row loss of at most 69.08). Gradients are the same (its backward ignores the floor).
 * The cosines are clamped to [−1, 1] with the gradient passed straight through the clamp;
