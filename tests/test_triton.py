@@ -40,3 +40,47 @@ def test_unsupported_dtype_is_named():
     x = torch.zeros(2, 4, dtype=torch.float8_e4m3fn)
     with pytest.raises(TypeError, match="float8_e4m3fn"):
         torch.ops.margin.margin_lse_triton(x, x, torch.zeros(2, dtype=torch.int64), *PRIMITIVE_ARGS[0])
+
+
+def _forward_backward(fn, x, weight, labels, *primitive_args):
+    """fn's five outputs (a margin_lse) and the gradients of lse + target_logit / 2 +
+    nontarget_sum / 4 in x and weight."""
+    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    out = fn(x, weight, labels, *primitive_args)
+    grads = torch.autograd.grad((out[0] + out[1] / 2 + out[4] / 4).sum(), (x, weight))
+    return (*out, *grads)
+
+
+@pytest.mark.skipif(not margin_ops.triton.INTERPRETED, reason="runs the kernels on CPU tensors (TRITON_INTERPRET=1)")
+def test_class_index_reads_weight_in_place():
+    """class_index selects W's classes where they lie: NaN in every row it leaves out
+    changes no output and no gradient bit, and those rows' gradient is exactly 0."""
+    x, _, _ = make_inputs(9, 16, 1, F64, requires_grad=False)
+    weight = torch.randn(40 * 2, 16, dtype=F64)
+    class_index = torch.randperm(40)[:23]
+    labels = torch.randint(0, 23, (9,))
+    unread = torch.ones(40, dtype=torch.bool)
+    unread[class_index] = False
+    poisoned = weight.clone().view(40, 2, 16)
+    poisoned[unread] = float("nan")
+    args = (*PRIMITIVE_ARGS[0], None, 2, class_index)
+    clean = _forward_backward(torch.ops.margin.margin_lse_triton, x, weight, labels, *args)
+    dirty = _forward_backward(torch.ops.margin.margin_lse_triton, x, poisoned.view(80, 16), labels, *args)
+    assert all(torch.equal(a, b) for a, b in zip(clean, dirty))
+    assert (clean[-1].view(40, 2, 16)[unread] == 0).all()
+
+
+@pytest.mark.skipif(not margin_ops.triton.INTERPRETED, reason="runs the kernels on CPU tensors (TRITON_INTERPRET=1)")
+def test_external_margin_with_the_target_as_only_class():
+    """Margin "external" leaves the target out of lse: with one class (two sub-centers) lse
+    is −inf on rows with a target, and the gradients are finite and the reference's
+    (the kernels never form exp(z − lse) there)."""
+    x, weight, _ = make_inputs(5, 8, 2, F64, requires_grad=False)
+    labels = torch.tensor([0, 0, -100, 0, 0])
+    args = (*next(args for args in PRIMITIVE_ARGS if args[0] == "external"), None, 2)
+    got = _forward_backward(torch.ops.margin.margin_lse_triton, x, weight, labels, *args)
+    expected = _forward_backward(margin_ops.reference.margin_lse, x, weight, labels, *args)
+    assert torch.equal(got[0].isneginf(), labels == 0)
+    assert all(t.isfinite().all() for t in got[5:])
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not margin_ops.triton.INTERPRETED,
 THREADS = 4
 ROUNDS = 3
 #: Margin arguments of margin_lse after (x, weight, labels): margin, s, m1, m2, m3, lamb,
-#: feature_scale, detach_margin_grad.
+#: feature_scale, detach_margin_grad (the options follow: see inputs).
 MARGINS = [
     ("arcface", 64.0, 1.0, 0.5, 0.0, 0.0, False, False),
     ("cosface", 30.0, 1.0, 0.0, 0.35, 0.0, False, False),
@@ -35,23 +35,32 @@ MARGINS = [
 
 
 def inputs(seed: int):
-    """Per-thread problem: several row blocks and class blocks, so each launch has many programs."""
+    """Per-thread problem: several row blocks and class blocks, so each launch has many
+    programs; odd seeds also take the options (2 sub-centers, a class_index, hard examples)."""
     g = torch.Generator().manual_seed(seed)
     n, c, d = 40 + seed, 70 + 3 * seed, 24
+    subcenters = 1 + seed % 2
     x = torch.randn(n, d, generator=g)
-    weight = torch.randn(c, d, generator=g)
-    labels = torch.randint(0, c, (n,), generator=g)
+    weight = torch.randn(c * subcenters, d, generator=g)
+    class_index = hard_threshold = hard_t = None
+    if subcenters > 1:
+        class_index = torch.randperm(c, generator=g)[:c // 2]
+        hard_threshold = torch.rand(n, generator=g) * 0.6 - 0.3
+        hard_t = torch.rand(n, generator=g)
+    classes = c if class_index is None else class_index.shape[0]
+    labels = torch.randint(0, classes, (n,), generator=g)
     labels[::5] = -100  # rows without a target
-    grad_lse = torch.randn(n, generator=g)
-    grad_target = torch.randn(n, generator=g)
-    return x, weight, labels, grad_lse, grad_target, MARGINS[seed % len(MARGINS)]
+    grads = torch.randn(3, n, generator=g).unbind()  # of lse, target_logit, nontarget_sum
+    options = (None, subcenters, class_index, hard_threshold, hard_t)  # allow_tf32, ...
+    return x, weight, labels, grads, (*MARGINS[seed % len(MARGINS)], *options)
 
 
-def forward_backward(x, weight, labels, grad_lse, grad_target, margin_args):
-    lse, target, max_cos, pred = torch.ops.margin.margin_lse_triton(x, weight, labels, *margin_args)
-    grad_x, grad_weight = torch.ops.margin.margin_lse_backward_triton(grad_lse, grad_target, x, weight, labels,
-                                                                      lse, *margin_args)
-    return lse, target, max_cos, pred, grad_x, grad_weight
+def forward_backward(x, weight, labels, grads, primitive_args):
+    lse, target, max_cos, pred, nontarget_sum = torch.ops.margin.margin_lse_triton(x, weight, labels,
+                                                                                   *primitive_args)
+    grad_x, grad_weight = torch.ops.margin.margin_lse_backward_triton(*grads, x, weight, labels, lse,
+                                                                      *primitive_args)
+    return lse, target, max_cos, pred, nontarget_sum, grad_x, grad_weight
 
 
 @pytest.mark.slow
@@ -77,7 +86,7 @@ def test_threads_match_single_threaded():
         t.join()
 
     assert not errors, errors
-    names = ("lse", "target_logit", "max_cos", "pred", "grad_x", "grad_weight")
+    names = ("lse", "target_logit", "max_cos", "pred", "nontarget_sum", "grad_x", "grad_weight")
     mismatches = [(i, r, name) for i in range(THREADS) for r, got in enumerate(results[i])
                   for name, a, b in zip(names, got, expected[i]) if not torch.equal(a, b)]
     assert not mismatches, f"(thread, round, output) differing from the single-threaded call: {mismatches}"

@@ -16,9 +16,9 @@ safe but run one at a time. Compiled (GPU) Triton launches are thread-safe and a
 serialized. The lock covers only this package's ops: other interpreted Triton kernels
 running at the same time in other threads are not excluded.
 
-Files: ``margin.py`` (φ and dφ/dc in Triton), ``tiles.py`` (cosine / logit / gradient
-tiles), ``margin_lse.py`` (forward), ``margin_lse_backward.py`` (backward),
-``problem.py`` (host-side argument checks, prologue and launch sizes).
+Files: ``margin.py`` (φ, dφ/dc and the hard-example modulation in Triton), ``tiles.py``
+(cosine / logit / gradient tiles), ``margin_lse.py`` (forward), ``margin_lse_backward.py``
+(backward), ``problem.py`` (host-side argument checks, prologue and launch sizes).
 """
 
 import functools

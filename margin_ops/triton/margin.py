@@ -1,8 +1,10 @@
-"""φ(c) and dφ/dc inside Triton kernels: csrc/margin_math.h's ``target_margin``, vectorized.
+"""φ(c) and dφ/dc inside Triton kernels: csrc/margin_math.h's ``target_margin`` and
+``hard_example``, vectorized.
 
-The readable statement of this math is :func:`margin_ops.reference.target_margin`. The
-kernels call :func:`target_margin` on one target cosine per row (a (BLOCK_M,) vector),
-never on a whole cosine tile: only the target logit carries a margin.
+The readable statement of this math is :func:`margin_ops.reference.target_margin` and
+:func:`margin_ops.reference.hard_example_logits`. The kernels call :func:`target_margin`
+on one target cosine per row (a (BLOCK_M,) vector), never on a whole cosine tile: only the
+target logit carries a margin. :func:`hard_example` modulates the non-target cosines.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ ARCFACE = tl.constexpr(KINDS["arcface"])
 ARCFACE_EASY = tl.constexpr(KINDS["arcface_easy"])
 COSFACE = tl.constexpr(KINDS["cosface"])
 COMBINED = tl.constexpr(KINDS["combined"])
+EXTERNAL = tl.constexpr(KINDS["external"])
 SPHEREFACE = tl.constexpr(KINDS["sphereface"])
 
 NORM_EPS = tl.constexpr(spec.NORM_EPS)
@@ -99,6 +102,7 @@ def target_margin(c, m1, m2, m3, lamb, cos_m, sin_m, threshold, sphere_m,
         angle = m1 * acos(c) + m2
         phi = tl.cos(angle) - m3
         slope = m1 * tl.sin(angle) / sin_floor
+    # EXTERNAL: φ = c, slope 1 (the op applies its own margin outside the kernels).
     elif MARGIN == SPHEREFACE:
         m = tl.full((), sphere_m, dtype)
         k = tl.floor(m * acos(c) / tl.full((), PI, dtype))
@@ -121,3 +125,12 @@ def target_margin(c, m1, m2, m3, lamb, cos_m, sin_m, threshold, sphere_m,
     if DETACH:
         slope = tl.full(c.shape, 1.0, dtype)
     return phi, slope
+
+
+@triton.jit
+def hard_example(c, threshold, t):
+    """CurricularFace's modulation of non-target cosines: c·(t + c) where c > threshold,
+    else c; and its derivative t + 2c, else 1. c (BLOCK_M, BLOCK_C) ACC; threshold, t
+    broadcast against it (per row). NaN cosines fail the comparison and stay NaN."""
+    hard = c > threshold
+    return tl.where(hard, c * (t + c), c), tl.where(hard, t + 2.0 * c, 1.0)

@@ -1,8 +1,9 @@
 """What both passes derive on the host before launching kernels (the CPU kernel's ``Problem``).
 
-Shapes: x (N, D), weight (C, D) in float32 / bfloat16 / float16 / float64, any strides;
-labels (N,) int64. ACC, the accumulation dtype, is float64 for float64 inputs and float32
-otherwise.
+Shapes: x (N, D), weight (R, D) in float32 / bfloat16 / float16 / float64, any strides;
+labels (N,) int64; class_index (C,) int64 or None; hard_threshold, hard_t (N,) floating or
+None. C = R / K (K = subcenters), or class_index's length. ACC, the accumulation dtype, is
+float64 for float64 inputs and float32 otherwise.
 """
 
 from __future__ import annotations
@@ -24,13 +25,17 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 class Problem(NamedTuple):
     x: torch.Tensor           #: (N, D) input dtype, as given
-    weight: torch.Tensor      #: (C, D) input dtype, as given
+    weight: torch.Tensor      #: (R, D) input dtype, as given
     labels: torch.Tensor      #: (N,) int64, contiguous
+    num_classes: int          #: C
     x_norm: torch.Tensor      #: (N,) ACC: ‖x_i‖
     inv_x_norm: torch.Tensor  #: (N,) ACC: 1 / max(‖x_i‖, NORM_EPS)
     scale: torch.Tensor       #: (N,) ACC: s_i = s, or ‖x_i‖ with feature_scale
+    #: the kernels' option pointers: class_index (C,) int64, hard_threshold, hard_t (N,) ACC,
+    #: all contiguous; an absent option's is a tensor its kernels never read (constexprs)
+    options: tuple
     margin_args: tuple        #: the kernels' margin scalars (margin.host_params)
-    constexprs: dict          #: MARGIN, DETACH, INPUT_PRECISION, UPCAST
+    constexprs: dict          #: MARGIN, DETACH, INPUT_PRECISION, UPCAST, SUBCENTERS, INDEXED, HARD
 
     @property
     def acc(self) -> torch.dtype:
@@ -41,10 +46,15 @@ class Problem(NamedTuple):
         return (*self.x.stride(), *self.weight.stride())
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *margin_args):
-    """The check layer's rules, then what only these kernels need: a dtype they compile
-    for, and a device they run on."""
-    checks.check_primitive(x, weight, labels, *margin_args)
+def _check(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, primitive_args: tuple, backward_rows):
+    """The check layer's rules (the backward's when ``backward_rows`` = (grad_lse,
+    grad_target_logit, grad_nontarget_sum, lse) is given), then what only these kernels
+    need: a dtype they compile for, and a device they run on."""
+    if backward_rows is None:
+        checks.check_primitive(x, weight, labels, *primitive_args)
+    else:
+        *grads, lse = backward_rows
+        checks.check_primitive_backward(*grads, x, weight, labels, lse, *primitive_args)
     if x.dtype not in DTYPES:
         raise TypeError(f"the Triton kernels take x of one dtype among {', '.join(map(str, DTYPES))}, got {x.dtype}")
     if x.device.type == "cpu" and not INTERPRETED:
@@ -62,21 +72,32 @@ def input_precision(dtype: torch.dtype, allow_tf32: bool | None) -> str:
 
 
 def prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad,
-            allow_tf32=None) -> Problem:
-    """Checks the arguments of margin_lse(_backward) and computes the per-row prologue (O(N·D))."""
-    _check(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad)
+            allow_tf32=None, subcenters=1, class_index=None, hard_threshold=None, hard_t=None, *,
+            backward_rows=None) -> Problem:
+    """Checks the arguments of margin_lse (of margin_lse_backward with ``backward_rows``,
+    see :func:`_check`) and computes the per-row prologue (O(N·D))."""
+    primitive_args = (margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad, allow_tf32, subcenters,
+                      class_index, hard_threshold, hard_t)
+    _check(x, weight, labels, primitive_args, backward_rows)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     x_norm = x.to(acc).norm(dim=1)
     inv_x_norm = x_norm.clamp_min(spec.NORM_EPS).reciprocal()
     scale = x_norm if feature_scale else torch.full_like(x_norm, s)
+    labels = labels.contiguous()
+    hard = hard_threshold is not None
+    options = (labels if class_index is None else class_index.contiguous(),
+               *((t.to(acc).contiguous() for t in (hard_threshold, hard_t)) if hard else (scale, scale)))
     constexprs = dict(
         MARGIN=KINDS[margin],
         DETACH=bool(detach_margin_grad),
         INPUT_PRECISION=input_precision(x.dtype, allow_tf32),
         UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
+        SUBCENTERS=subcenters,
+        INDEXED=class_index is not None,
+        HARD=hard,
     )
-    return Problem(x, weight, labels.contiguous(), x_norm, inv_x_norm, scale,
-                   host_params(margin, m1, m2, m3, lamb), constexprs)
+    return Problem(x, weight, labels, checks.num_classes(weight, subcenters, class_index), x_norm, inv_x_norm,
+                   scale, options, host_params(margin, m1, m2, m3, lamb), constexprs)
 
 
 class Tiles(NamedTuple):
