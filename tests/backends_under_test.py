@@ -163,15 +163,19 @@ def _tf32(x: torch.Tensor, allow_tf32) -> bool:
     return x.dtype == F32 and (backends.tf32_allowed() if allow_tf32 is None else allow_tf32)
 
 
-def _emulated_forward(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach, allow_tf32=None):
+def _emulated_forward(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach, allow_tf32=None,
+                      subcenters=1, class_index=None, hard_threshold=None, hard_t=None):
     return emulator().forward(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach,
-                              _tf32(x, allow_tf32), EMULATED_NUM_SMS)
+                              _tf32(x, allow_tf32), subcenters, class_index, hard_threshold, hard_t,
+                              EMULATED_NUM_SMS)
 
 
-def _emulated_backward(grad_lse, grad_target, x, weight, labels, lse, margin, s, m1, m2, m3, lamb,
-                       feature_scale, detach, allow_tf32=None):
-    return emulator().backward(grad_lse, grad_target, x, weight, labels, lse, margin, s, m1, m2, m3, lamb,
-                               feature_scale, detach, _tf32(x, allow_tf32), EMULATED_NUM_SMS)
+def _emulated_backward(grad_lse, grad_target, grad_nontarget_sum, x, weight, labels, lse, margin, s, m1, m2, m3,
+                       lamb, feature_scale, detach, allow_tf32=None, subcenters=1, class_index=None,
+                       hard_threshold=None, hard_t=None):
+    return emulator().backward(grad_lse, grad_target, grad_nontarget_sum, x, weight, labels, lse, margin, s, m1,
+                               m2, m3, lamb, feature_scale, detach, _tf32(x, allow_tf32), subcenters, class_index,
+                               hard_threshold, hard_t, EMULATED_NUM_SMS)
 
 
 _emulated_lib = None

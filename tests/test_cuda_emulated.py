@@ -14,9 +14,11 @@ of its schedules exposes, or the code nvcc generates (tests/test_cuda.py on a GP
 import pytest
 import torch
 
+from margin_ops import reference
+
 from backends_under_test import BY_NAME, TF32, emulator
 from conformance.cases import DTYPE_IDS, PRIMITIVE_ARGS
-from conftest import call_op, make_inputs, primitive_vs_reference
+from conftest import call_op, make_inputs, primitive_options, primitive_vs_reference
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 EMULATED = BY_NAME["cuda-emulated"]
@@ -41,9 +43,11 @@ def _tolerances(kind: str) -> tuple:
     return TF32 if tf32 else EMULATED.tolerances[dtype]
 
 
-def _emulated(tf32: bool):
-    """The emulated forward with TF32 products on or off: (x, w, y, *margin args) -> outputs."""
-    return lambda *args: torch.ops.margin.margin_lse_cuda_emulated(*args, tf32)
+def _emulated_vs_reference(x, w, y, args, tolerances, tf32=False, options=(None,)):
+    """primitive_vs_reference for the emulated primitive, its TF32 products on or off
+    (``options``' allow_tf32 is replaced by ``tf32``)."""
+    primitive_vs_reference(torch.ops.margin.margin_lse_cuda_emulated, x, w, y, args, tolerances, tf32=tf32,
+                           options=(tf32, *options[1:]))
 
 
 def test_rewrite_keeps_everything_but_the_launch_syntax():
@@ -68,8 +72,22 @@ def test_the_public_ops_run_on_the_emulated_kernels(monkeypatch):
     assert calls == [1]
 
 
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=() if k == "f32" else pytest.mark.slow) for k in KERNEL_DTYPES])
-def test_results_do_not_depend_on_thread_timing(kind):
+#: The timing test's variants: the margin arguments and the primitive's options
+#: (conftest.primitive_options): plain ArcFace; feature-scaled "external" with a sampled
+#: class_index and hard examples (every v2 path: gathered W rows, the hard-example
+#: epilogue, the target out of the lse, the feature-scale row sums of bwd_corr).
+TIMING_VARIANTS = {"plain": (PRIMITIVE_ARGS[0], {}), "options": (PRIMITIVE_ARGS[9], dict(sampled=True, hard=True))}
+
+
+#: (kind, variant) pairs: every kind with both variants but TF32 with hard examples, where
+#: TF32's cosine error (~1e-3) moves cosines across the hard-example threshold, a jump of the
+#: logit's slope from 1 to t + 2c, so its gradients are not comparable with the reference's.
+TIMING_CASES = [pytest.param(k, v, marks=() if k == "f32" else pytest.mark.slow)
+                for k in KERNEL_DTYPES for v in TIMING_VARIANTS if (k, v) != ("tf32", "options")]
+
+
+@pytest.mark.parametrize("kind, variant", TIMING_CASES)
+def test_results_do_not_depend_on_thread_timing(kind, variant):
     """Forward and backward give the same bits under every schedule: round robin, each warp
     as far ahead of the others as the barriers let it (lowest or highest first), threads in
     random order (lanes of one warp included). A missing barrier between one thread's
@@ -77,17 +95,20 @@ def test_results_do_not_depend_on_thread_timing(kind):
     round robin hides it; equal bits are the deterministic claim (no atomics, fixed orders).
     Round robin's results are checked against the reference first."""
     dtype, tf32 = KERNEL_DTYPES[kind]
-    x, w, y = make_inputs(130, 40, 600, dtype, requires_grad=False)
+    args, option_kwargs = TIMING_VARIANTS[variant]
+    weight_rows, classes, options = primitive_options(130, 600, **option_kwargs)
+    x, w, _ = make_inputs(130, 40, weight_rows, dtype, requires_grad=False)
+    y = torch.randint(0, classes, (130,))
     y[5] = -100
-    args = PRIMITIVE_ARGS[0]
-    primitive_vs_reference(_emulated(tf32), x, w, y, args, _tolerances(kind), tf32=tf32)
-    g = torch.randn(130), torch.randn(130)
+    options = (tf32, *options[1:])
+    _emulated_vs_reference(x, w, y, args, _tolerances(kind), tf32, options)
+    g = torch.randn(130), torch.randn(130), torch.randn(130)
     results = []
     try:
         for schedule in (0, 1, 2, 3):
             emulator().set_schedule(schedule)
-            fwd = _emulated(tf32)(x, w, y, *args)
-            bwd = torch.ops.margin.margin_lse_backward_cuda_emulated(*g, x, w, y, fwd[0], *args, tf32)
+            fwd = torch.ops.margin.margin_lse_cuda_emulated(x, w, y, *args, *options)
+            bwd = torch.ops.margin.margin_lse_backward_cuda_emulated(*g, x, w, y, fwd[0], *args, *options)
             results.append(fwd + bwd)
     finally:
         emulator().set_schedule(0)
@@ -105,14 +126,98 @@ def test_unaligned_inputs(dtype):
     w = torch.randn(c * d + 2, dtype=torch.float64).to(dtype)[2:].view(c, d)
     y = torch.randint(0, c, (n,))
     assert x.data_ptr() % 16 and w.data_ptr() % 16
-    primitive_vs_reference(_emulated(False), x, w, y, PRIMITIVE_ARGS[0], EMULATED.tolerances[dtype])
+    _emulated_vs_reference(x, w, y, PRIMITIVE_ARGS[0], EMULATED.tolerances[dtype])
 
 
 @pytest.mark.slow
 def test_many_row_tiles():
     """Eight row tiles and a class count that is no multiple of any tile."""
     x, w, y = make_inputs(1000, 24, 257, BF16, requires_grad=False)
-    primitive_vs_reference(_emulated(False), x, w, y, PRIMITIVE_ARGS[3], EMULATED.tolerances[BF16])
+    _emulated_vs_reference(x, w, y, PRIMITIVE_ARGS[3], EMULATED.tolerances[BF16])
+
+
+@pytest.mark.parametrize("kind", ["f64", "bf16"])
+def test_class_index_reads_only_its_rows(kind):
+    """With class_index the kernels read W's rows of those classes in place and no other:
+    every other row is NaN here (a read of one would make lse NaN), gets exactly zero
+    gradient, and the results are the reference's on the finite weight."""
+    dtype, _ = KERNEL_DTYPES[kind]
+    n, d, rows = 70, 24, 400  # several class tiles and (backward) chunks of gathered rows
+    x, w, _ = make_inputs(n, d, rows, dtype, requires_grad=False)
+    class_index = torch.randperm(rows)[:250]
+    y = torch.randint(0, 250, (n,))
+    unread = torch.ones(rows, dtype=torch.bool)
+    unread[class_index] = False
+    w_poisoned = w.masked_fill(unread[:, None], float("nan")).requires_grad_()
+    x = x.requires_grad_()
+    args, options = PRIMITIVE_ARGS[0], (False, 1, class_index, None, None)
+    out = torch.ops.margin.margin_lse_cuda_emulated(x, w_poisoned, y, *args, *options)
+    assert all(torch.isfinite(t).all() for t in out), "a row outside class_index was read"
+    grad_x, grad_w = torch.autograd.grad(out[0].sum() + out[1].sum() + out[4].sum(), [x, w_poisoned])
+    assert torch.isfinite(grad_x).all() and torch.isfinite(grad_w).all()
+    assert (grad_w[unread] == 0).all()
+    _emulated_vs_reference(x.detach(), w, y, args, EMULATED.tolerances[dtype], options=options)
+
+
+def test_external_with_a_single_class():
+    """margin "external" leaves the target out of the log-sum-exp: with one class lse is
+    -inf on rows with a target, and the backward never forms exp(logit − lse) for it (its
+    gradients stay finite and equal the reference's)."""
+    x, w, _ = make_inputs(5, 8, 1, F64)
+    y = torch.tensor([0, 0, -100, 0, 0])
+    args = PRIMITIVE_ARGS[8]
+    got = torch.ops.margin.margin_lse_cuda_emulated(x, w, y, *args)
+    want = reference.margin_lse(x, w, y, *args)
+    assert torch.equal(torch.isinf(got[0]), y == 0) and torch.equal(got[0][y == 0], want[0][y == 0])
+    for a, b in zip(got[:3] + got[4:], want[:3] + want[4:]):
+        torch.testing.assert_close(a[y != 0], b[y != 0], rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(2, 5, dtype=F64)
+    grads = [torch.autograd.grad((out[1] * upstream[0]).sum() + (out[4] * upstream[1]).sum(), [x, w])
+             for out in (got, want)]
+    for a, b in zip(*grads):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind, sampled", [("f64", False), ("f64", True), ("bf16", True), ("tf32", False)])
+def test_subcenters_across_class_tiles_and_chunks(kind, sampled):
+    """K = 3 sub-centers per class: 3·C weight rows, so a class tile (128 classes, 64 in
+    float64) spans 384 (192) rows, a count of rows no 128-row tile divides, and the classes
+    run over several class tiles, backward chunks and forward splits, with and without a
+    class_index (the sub-center rows of a sampled class gathered in place)."""
+    dtype, tf32 = KERNEL_DTYPES[kind]
+    weight_rows, classes, options = primitive_options(70, 350, subcenters=3, sampled=sampled)
+    x, w, _ = make_inputs(70, 24, weight_rows, dtype, requires_grad=False)
+    y = torch.randint(0, classes, (70,))
+    y[1] = -100
+    _emulated_vs_reference(x, w, y, PRIMITIVE_ARGS[0], _tolerances(kind), tf32, (tf32, *options[1:]))
+
+
+def test_subcenter_ties_go_to_the_first():
+    """Sub-centers with equal cosines (here: copies of one row) give the class that cosine;
+    the whole gradient goes to the first of them, exactly as the reference routes it, and
+    none to the copies."""
+    k, classes = 3, 200
+    x, w, y = make_inputs(40, 16, classes * k, F64, requires_grad=False)
+    w = w.view(classes, k, 16)
+    w[:, 2] = w[:, 1]  # sub-center 2 ties with 1 on every class; 0 wins where larger
+    w = w.reshape(classes * k, 16).requires_grad_()
+    x = x.requires_grad_()
+    args, options = PRIMITIVE_ARGS[0], (False, k)
+    out = torch.ops.margin.margin_lse_cuda_emulated(x, w, y % classes, *args, *options)
+    grad_w, = torch.autograd.grad(out[0].sum() + out[1].sum() + out[4].sum(), [w])
+    assert (grad_w.view(classes, k, 16)[:, 2] == 0).all()
+    assert (grad_w.view(classes, k, 16)[:, 1] != 0).any()
+    _emulated_vs_reference(x.detach(), w.detach(), y % classes, args, EMULATED.tolerances[F64], options=options)
+
+
+def test_subcenters_beyond_the_kernels_limit_are_refused_by_name():
+    """The kernels keep a sub-center index in 8 bits and each sub-center's 1 / ‖w‖ of a tile
+    in shared memory: more than 128 sub-centers are refused with an error that names the
+    option, never a wrong result."""
+    x, w, y = make_inputs(4, 8, 2 * 129, F32, requires_grad=False)
+    with pytest.raises(NotImplementedError, match="at most 128 subcenters, got subcenters=129"):
+        torch.ops.margin.margin_lse_cuda_emulated(x, w, y % 2, *PRIMITIVE_ARGS[0], None, 129)
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,6 +10,9 @@
 #include <c10/util/Exception.h>
 
 #include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <optional>
 
 #include "../margin_checks.h"
 #include "../margin_params.h"
@@ -38,26 +41,57 @@ inline at::ScalarType accumulation_type(at::ScalarType dtype) {
 }
 
 // The tensors whose data the kernels read: the caller keeps them alive until the launch ends.
+// The optional ones are undefined when not given.
 struct LaunchInputs {
-  at::Tensor x, weight, labels;
+  at::Tensor x, weight, labels, class_index, hard_threshold, hard_t;
+};
+
+// The primitive's options beyond the margin (checked already by check_options).
+struct ProblemOptions {
+  int64_t subcenters;
+  const std::optional<at::Tensor>& class_index;
+  const std::optional<at::Tensor>& hard_threshold;
+  const std::optional<at::Tensor>& hard_t;
 };
 
 // Fills the fields both passes share (ProblemParams, all but the workspace) from x (N, D),
-// weight (C, D) and labels (N,), checked already, and the margin. `prepare(t)` gives the
-// contiguous tensor whose data the kernels are to read for each input (t.contiguous(), or a
-// guarded copy); they are returned, to be kept alive until the launch ends.
+// weight (R, D), labels (N,) and the options, checked already, and the margin. `prepare(t)`
+// gives the contiguous tensor whose data the kernels are to read for each input (t.contiguous(),
+// or a guarded copy); hard_threshold / hard_t are first converted to the accumulation dtype.
+// They are returned, to be kept alive until the launch ends.
 template <class Prepare>
 LaunchInputs fill_problem(ProblemParams& p, const at::Tensor& x, const at::Tensor& weight,
-                          const at::Tensor& labels, const MarginParams& margin, bool tf32,
-                          int num_sms, bool deterministic, Prepare&& prepare) {
-  LaunchInputs in{prepare(x), prepare(weight), prepare(labels)};
+                          const at::Tensor& labels, const ProblemOptions& options,
+                          const MarginParams& margin, bool tf32, int num_sms, bool deterministic,
+                          Prepare&& prepare) {
+  TORCH_CHECK_NOT_IMPLEMENTED(options.subcenters <= kMaxSubcenters,
+                              "the CUDA kernels take at most ", kMaxSubcenters,
+                              " subcenters, got subcenters=", options.subcenters);
+  const int64_t classes =
+      options.class_index ? options.class_index->size(0) : weight.size(0) / options.subcenters;
+  TORCH_CHECK_VALUE(classes <= std::numeric_limits<int32_t>::max(),
+                    "the CUDA kernels take fewer than 2^31 classes, got ", classes);
+  const auto acc = accumulation_type(x.scalar_type());
+  auto optional_input = [&](const std::optional<at::Tensor>& t, bool to_acc) {
+    return t ? prepare(to_acc ? t->to(acc) : *t) : at::Tensor();
+  };
+  LaunchInputs in{prepare(x),
+                  prepare(weight),
+                  prepare(labels),
+                  optional_input(options.class_index, false),
+                  optional_input(options.hard_threshold, true),
+                  optional_input(options.hard_t, true)};
   p.dtype = kernel_dtype(in.x.scalar_type(), tf32);
   p.n = in.x.size(0);
-  p.c = in.weight.size(0);
+  p.c = classes;
   p.d = in.x.size(1);
   p.x = in.x.data_ptr();
   p.weight = in.weight.data_ptr();
   p.labels = in.labels.data_ptr<int64_t>();
+  p.subcenters = options.subcenters;
+  p.class_index = in.class_index.defined() ? in.class_index.data_ptr<int64_t>() : nullptr;
+  p.hard_threshold = in.hard_threshold.defined() ? in.hard_threshold.data_ptr() : nullptr;
+  p.hard_t = in.hard_t.defined() ? in.hard_t.data_ptr() : nullptr;
   p.margin = margin;
   p.workspace = nullptr;
   p.num_sms = num_sms;

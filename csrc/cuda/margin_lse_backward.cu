@@ -29,12 +29,17 @@ constexpr int64_t kPartialBudget = MARGIN_OPS_BWD_PARTIAL_BUDGET;  // dX̂ split
 
 // ---------------------------------------------------------------------------------------
 // bwd_tile: grid (row tile, class tile of the chunk). Recomputes the cosine tile and writes
-//   scratch[i, c - c0] = dS'_ic = dc_ic / max(‖w_c‖, eps)          (dtype T, all N_pad rows)
-//   r_part[rt, c - c0] = Σ_{i in row tile} dc_ic c_ic              (Acc)
-//   w_norm[c - c0]     = ‖w_c‖                                     (row tile 0 only)
-//   t_corr[i]          = dlogit_iy (φ_iy − φ'_iy ĉ_iy)                (by the one thread
-//                        holding (i, y_i); finalize's feature-scale term, see there)
-// with dc_ic = s_i (g_lse_i exp(logit_ic - lse_i) + g_target_i [c = y_i]) (× φ'(c) at y_i).
+//   scratch[i, k·cc + c − c0] = dS'_ic = dc_ic / max(‖w_ck‖, eps) where sub-center k is the
+//                        one of c_ic (the largest), else 0                (dtype T, all N_pad rows)
+//   r_part[rt, k·cc + c − c0] = Σ_{i in row tile} dc_ic c_ic [k wins]   (Acc)
+//   w_norm[k·cc + c − c0]     = ‖w_ck‖                                   (row tile 0 only)
+//   corr_part[ct, i]   = Σ_{c in the tile} dlogit_ic (F_ic − F'_ic ĉ_ic)   (feature_scale
+//                        only: finalize's feature-scale term, see there)
+// (w_ck: class c's sub-center k, W's row r_c·K + k; K = 1: k = 0, the scratch is N_pad x cc)
+// with logit_ic = s_i F_ic: F = φ(c) at y_i, hard_example(c) elsewhere (c itself without
+// hard examples); dlogit_ic = g_lse_i P_ic + g_target_i [c = y_i] + g_sum_i [c ≠ y_i],
+// P_ic = exp(logit_ic - lse_i) (0 at y_i for margin "external": left out of the lse, which
+// may be -inf); dc_ic = s_i dlogit_ic F'_ic.
 // ---------------------------------------------------------------------------------------
 template <class T>
 struct TileArgs {
@@ -45,17 +50,51 @@ struct TileArgs {
   const Acc* lse;     // (n,)
   const Acc* g_lse;   // (n,)
   const Acc* g_t;     // (n,)
+  const Acc* g_sum;   // (n,)
   MarginParams margin;
   int64_t c0;  // first class of the chunk
-  int64_t cc;  // chunk capacity: scratch row length
+  int64_t cc;  // chunk capacity: classes per sub-center block of a scratch row
+  int64_t ld;  // scratch row length: K·cc
   T* scratch;
-  Acc* r_part;  // (row tiles, cc)
-  Acc* w_norm;  // (cc,)
-  Acc* t_corr;  // (n_pad,): prep zeroes the rows without a target
+  Acc* r_part;  // (row tiles, ld)
+  Acc* w_norm;  // (ld,)
+  int64_t n_pad;
+  Acc* corr_part;  // (cc / BN, n_pad), written when margin.feature_scale
 };
 
-template <class T>
-__global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_tile_kernel(
+// The factors of one row of the gradient epilogue (for the row's upstream gradients, lse
+// and hard-example parameters, see TileArgs) and dc of its entries; `corr` gathers the
+// row's Σ dlogit (F − F' ĉ) (raw = ĉ, the unclamped cosine).
+template <class Acc, bool kHard>
+struct RowGrad {
+  Acc sc, sc2, lse2, gl, gs, thr, ht;  // thr, ht: kHard only
+
+  __device__ __forceinline__ Acc nontarget(Acc cs, Acc raw, bool fs, Acc& corr) const {
+    const TargetMargin<Acc> h = nontarget_factor<kHard>(cs, thr, ht);
+    const Acc dlogit = gl * fast_exp2(sc2 * h.phi - lse2) + gs;
+    if (fs) corr += dlogit * (h.phi - h.slope * raw);
+    return sc * dlogit * h.slope;
+  }
+
+  // gt: the row's g_target; external: P = 0, never exp(logit - lse) (lse is -inf when y is
+  // the only class).
+  __device__ __forceinline__ Acc target(Acc cs, Acc raw, Acc gt, const MarginParams* margin,
+                                        bool external, Acc& corr) const {
+    const TargetMargin<Acc> tm = eval_margin<Acc>(cs, margin);
+    const Acc p = external ? Acc(0) : fast_exp2(sc2 * tm.phi - lse2);
+    const Acc dlogit = gl * p + gt;
+    corr += dlogit * (tm.phi - tm.slope * raw);
+    return sc * dlogit * tm.slope;
+  }
+};
+
+// Instantiated per option (kHard: hard examples; kSub: K > 1 sub-centers per class), so
+// that a kernel carries only what its problem needs. kSub: K cosine passes keep each entry's largest raw cosine and its sub-center
+// (8 bits) in registers and each pass's 1 / ‖w‖ in dynamic shared memory after the GEMM
+// stages (K x BN); then dc of every entry (in the accumulator's registers) and per
+// sub-center its scratch block and column sums.
+template <class T, bool kSub, bool kHard>
+__global__ void __launch_bounds__(kThreads, kSub ? 1 : Cfg<T>::kMinBlocks) bwd_tile_kernel(
     const TileArgs<T> args) {
   using C = Cfg<T>;
   using Acc = AccOf<T>;
@@ -68,11 +107,15 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_tile_kernel(
   __shared__ Acc s_lse2[C::BM];
   __shared__ Acc s_gl[C::BM];
   __shared__ Acc s_gt[C::BM];
+  __shared__ Acc s_gs[C::BM];
   __shared__ Acc s_r[C::kWarpsM][C::BN];
+  __shared__ Acc s_corr[C::kWarpsN][C::BM];
   __shared__ MarginParams s_margin;
 
   const int tid = threadIdx.x;
-  const auto [lane, warp_m, warp_n, wm0, wn0] = warp_place<C>();
+  const WarpPlace place = warp_place<C>();  // named fields: the lambdas below capture them
+  const int lane = place.lane, warp_m = place.warp_m, warp_n = place.warp_n;
+  const int wm0 = place.wm0, wn0 = place.wn0;
   const int rt = blockIdx.x;
   const int64_t row0 = int64_t(rt) * C::BM;
   const int64_t ct_local0 = int64_t(blockIdx.y) * C::BN;  // first column, chunk-local
@@ -86,108 +129,262 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_tile_kernel(
     s_lse2[r] = row_ok ? args.lse[gr] * kLog2e : Acc(0);
     s_gl[r] = row_ok ? args.g_lse[gr] : Acc(0);
     s_gt[r] = row_ok ? args.g_t[gr] : Acc(0);
+    s_gs[r] = row_ok ? args.g_sum[gr] : Acc(0);
   }
+  const bool external = args.margin.kind == MarginKind::External;
+  const bool fs = args.margin.feature_scale;
   // (visible after the GEMM's barriers)
 
+  auto row_grad = [&](int r) {
+    const Acc sc = tile.scale[r];
+    return RowGrad<Acc, kHard>{sc, sc * kLog2e, s_lse2[r], s_gl[r], s_gs[r],
+                               kHard ? tile.hard_thr[r] : Acc(0), kHard ? tile.hard_t[r] : Acc(0)};
+  };
+  // The row's feature-scale sum over the 4 lanes sharing it, one slot per warp column.
+  auto store_corr = [&](int r, Acc corr) {
+    if (fs) {  // uniform
+      corr = lanes_sum<0, 2>(corr);
+      if ((lane & 3) == 0) s_corr[warp_n][r] = corr;
+    }
+  };
+  // dS' values dv of columns ci .. ci + kStep − 1 of a scratch row from `out` (+ wn0): one
+  // 4-byte (16-bit T) or 8-byte (TF32) store of a pair of adjacent columns (mma layout).
+  constexpr int kStep = C::kPairCols ? 2 : 1;
+  auto store_scratch = [&](T* out, int ci, const Acc (&dv)[kStep]) {
+    if constexpr (C::kPairCols) {
+      using Pair = std::conditional_t<sizeof(T) == 2, uint32_t, uint2>;
+      const T pair[2] = {Type<T>::store(dv[0]), Type<T>::store(dv[1])};
+      static_assert(sizeof(pair) == sizeof(Pair), "two elements per store");
+      Pair bits;
+      memcpy(&bits, pair, sizeof(Pair));
+      *reinterpret_cast<Pair*>(out + C::col(ci, lane)) = bits;
+    } else {
+      out[C::col(ci, lane)] = Type<T>::store(dv[0]);
+    }
+  };
+  // r_out[t] = Σ over the tile's rows of column t's rsum: over the lanes sharing the column
+  // (lane bits 2-4), then over the warps.
+  auto store_column_sums = [&](Acc (&rsum)[C::TC], Acc* r_out) {
+#pragma unroll
+    for (int ci = 0; ci < C::TC; ++ci) rsum[ci] = lanes_sum<2, 5>(rsum[ci]);
+    if ((lane >> 2) == 0) {
+#pragma unroll
+      for (int ci = 0; ci < C::TC; ++ci) s_r[warp_m][wn0 + C::col(ci, lane)] = rsum[ci];
+    }
+    __syncthreads();
+    for (int t = tid; t < C::BN; t += kThreads) {
+      Acc r = s_r[0][t];
+#pragma unroll
+      for (int w = 1; w < C::kWarpsM; ++w) r += s_r[w][t];
+      r_out[t] = r;
+    }
+  };
+
   Acc acc[C::TR][C::TC];
-  tile.products(acc, args.in, row0, col0, smem, s_norm);
-
   Acc rsum[C::TC];
+  if constexpr (!kSub) {
+    tile.products(acc, args.in, row0, col0, smem, s_norm);
 #pragma unroll
-  for (int ci = 0; ci < C::TC; ++ci) rsum[ci] = Acc(0);
+    for (int ci = 0; ci < C::TC; ++ci) rsum[ci] = Acc(0);
 
 #pragma unroll
-  for (int ri = 0; ri < C::TR; ++ri) {
-    const int r = wm0 + C::row(ri, lane);
-    const int64_t gr = row0 + r;
-    const bool row_ok = gr < args.in.n;
-    const Acc sc = tile.scale[r], sc2 = sc * kLog2e, lse2 = s_lse2[r], gl = s_gl[r];
-    const Acc xinv = tile.xinv[r];
-    const int yl = tile.target_column(r, col0);
-    // Non-target entries are stored as they are computed (pairs of adjacent columns for the
-    // mma layout); the target entry, if this thread has it, is overwritten afterwards.
-    T* out = args.scratch + gr * args.cc + ct_local0 + wn0;
-    bool has_t = false;
-    Acc t_cos = Acc(0), t_raw = Acc(0);
-    constexpr int kStep = C::kPairCols ? 2 : 1;
+    for (int ri = 0; ri < C::TR; ++ri) {
+      const int r = wm0 + C::row(ri, lane);
+      const int64_t gr = row0 + r;
+      const bool row_ok = gr < args.in.n;
+      const auto g = row_grad(r);
+      const Acc xinv = tile.xinv[r];
+      Acc corr = Acc(0);  // Σ dlogit (F − F' ĉ) over this thread's columns of row r
+      const int yl = tile.target_column(r, col0);
+      // Non-target entries are stored as they are computed; the target entry, if this
+      // thread has it, is overwritten afterwards.
+      T* out = args.scratch + gr * args.ld + ct_local0 + wn0;
+      bool has_t = false;
+      Acc t_cos = Acc(0), t_raw = Acc(0);
 #pragma unroll
-    for (int ci = 0; ci < C::TC; ci += kStep) {
-      Acc dv[kStep];
+      for (int ci = 0; ci < C::TC; ci += kStep) {
+        Acc dv[kStep];
 #pragma unroll
-      for (int e = 0; e < kStep; ++e) {
-        const int cl = wn0 + C::col(ci + e, lane);
-        dv[e] = Acc(0);
-        if (row_ok && col0 + cl < args.in.c) {
-          const Acc inv = tile.inv[cl];
-          const Acc raw = acc[ri][ci + e] * xinv * inv;  // as in the forward
-          const Acc cs = clamp_unit(raw);
-          if (cl == yl) {
-            has_t = true;
-            t_cos = cs;
-            t_raw = raw;
-          } else {
-            const Acc dc = sc * gl * fast_exp2(sc2 * cs - lse2);
-            rsum[ci + e] += dc * cs;
-            dv[e] = dc * inv;
+        for (int e = 0; e < kStep; ++e) {
+          const int cl = wn0 + C::col(ci + e, lane);
+          dv[e] = Acc(0);
+          if (row_ok && col0 + cl < args.in.c) {
+            const Acc inv = tile.inv[cl];
+            const Acc raw = acc[ri][ci + e] * xinv * inv;  // as in the forward
+            const Acc cs = clamp_unit(raw);
+            if (cl == yl) {
+              has_t = true;
+              t_cos = cs;
+              t_raw = raw;
+            } else {
+              const Acc dc = g.nontarget(cs, raw, fs, corr);
+              rsum[ci + e] += dc * cs;
+              dv[e] = dc * inv;
+            }
+          }
+        }
+        store_scratch(out, ci, dv);
+      }
+      if (has_t) {
+        const Acc dc = g.target(t_cos, t_raw, s_gt[r], &s_margin, external, corr);
+#pragma unroll
+        for (int ci = 0; ci < C::TC; ++ci) {
+          if (wn0 + C::col(ci, lane) == yl) rsum[ci] += dc * t_cos;
+        }
+        out[yl - wn0] = Type<T>::store(dc * tile.inv[yl]);  // same thread: program order
+      }
+      store_corr(r, corr);
+    }
+    store_column_sums(rsum, args.r_part + int64_t(rt) * args.ld + ct_local0);
+    if (rt == 0) {
+      for (int t = tid; t < C::BN; t += kThreads) args.w_norm[ct_local0 + t] = s_norm[t];
+    }
+  } else {
+    const int64_t subs = args.in.subcenters;
+    Acc* s_inv_sub = reinterpret_cast<Acc*>(smem_raw + CosineTile<T>::kSmemBytes);  // [K][BN]
+    // best: the raw cosine of the winning sub-center (the largest clamped one, the first on
+    // ties: sub_center_wins), win: its index, 8 bits per entry (K <= kMaxSubcenters).
+    Acc best[C::TR][C::TC];
+    uint32_t win[C::TR][C::TC / 4] = {};
+    static_assert(C::TC % 4 == 0 && kMaxSubcenters <= 256, "8-bit sub-center indices");
+    auto winner = [&](int ri, int ci) { return int((win[ri][ci / 4] >> (8 * (ci % 4))) & 0xffu); };
+    for (int64_t sub = 0; sub < subs; ++sub) {
+      tile.products(acc, args.in, row0, col0, smem, s_norm, sub);
+      for (int t = tid; t < C::BN; t += kThreads) {  // read after the barrier below the loop
+        s_inv_sub[sub * C::BN + t] = tile.inv[t];
+        if (rt == 0) args.w_norm[sub * args.cc + ct_local0 + t] = s_norm[t];
+      }
+#pragma unroll
+      for (int ri = 0; ri < C::TR; ++ri) {
+#pragma unroll
+        for (int ci = 0; ci < C::TC; ++ci) {
+          const Acc raw = tile.raw_cosine(acc, ri, ci, lane, wm0, wn0);
+          if (sub == 0) {
+            best[ri][ci] = raw;
+          } else if (sub_center_wins(clamp_unit(raw), clamp_unit(best[ri][ci]))) {
+            best[ri][ci] = raw;
+            const int sh = 8 * (ci % 4);
+            win[ri][ci / 4] = (win[ri][ci / 4] & ~(0xffu << sh)) | (uint32_t(sub) << sh);
           }
         }
       }
-      if constexpr (C::kPairCols) {  // one 4-byte (16-bit T) or 8-byte (TF32) store
-        using Pair = std::conditional_t<sizeof(T) == 2, uint32_t, uint2>;
-        const T pair[2] = {Type<T>::store(dv[0]), Type<T>::store(dv[1])};
-        static_assert(sizeof(pair) == sizeof(Pair), "two elements per store");
-        Pair bits;
-        memcpy(&bits, pair, sizeof(Pair));
-        *reinterpret_cast<Pair*>(out + C::col(ci, lane)) = bits;
-      } else {
-        out[C::col(ci, lane)] = Type<T>::store(dv[0]);
-      }
     }
-    if (has_t) {
-      const TargetMargin<Acc> tm = eval_margin<Acc>(t_cos, &s_margin);
-      const Acc dlogit = gl * fast_exp2(sc2 * tm.phi - lse2) + s_gt[r];
-      const Acc dc = sc * dlogit * tm.slope;
-      args.t_corr[gr] = dlogit * (tm.phi - tm.slope * t_raw);  // row_ok: yl >= 0 needs gr < n
+    __syncthreads();  // s_inv_sub
+
+    // acc = dc of every entry (0 outside the problem, whose best is set to 0).
+#pragma unroll
+    for (int ri = 0; ri < C::TR; ++ri) {
+      const int r = wm0 + C::row(ri, lane);
+      const bool row_ok = row0 + r < args.in.n;
+      const auto g = row_grad(r);
+      Acc corr = Acc(0);
+      const int yl = tile.target_column(r, col0);
+      bool has_t = false;
+      Acc t_raw = Acc(0);
 #pragma unroll
       for (int ci = 0; ci < C::TC; ++ci) {
-        if (wn0 + C::col(ci, lane) == yl) rsum[ci] += dc * t_cos;
+        const int cl = wn0 + C::col(ci, lane);
+        acc[ri][ci] = Acc(0);
+        if (row_ok && col0 + cl < args.in.c) {
+          const Acc raw = best[ri][ci];
+          if (cl == yl) {
+            has_t = true;
+            t_raw = raw;
+          } else {
+            acc[ri][ci] = g.nontarget(clamp_unit(raw), raw, fs, corr);
+          }
+        } else {
+          best[ri][ci] = Acc(0);
+        }
       }
-      out[yl - wn0] = Type<T>::store(dc * tile.inv[yl]);  // same thread: program order
+      if (has_t) {
+        const Acc dc = g.target(clamp_unit(t_raw), t_raw, s_gt[r], &s_margin, external, corr);
+#pragma unroll
+        for (int ci = 0; ci < C::TC; ++ci) {
+          if (wn0 + C::col(ci, lane) == yl) acc[ri][ci] = dc;
+        }
+      }
+      store_corr(r, corr);
+    }
+
+    // Per sub-center: its scratch block (dS' where it wins, else 0) and column sums.
+    for (int64_t sub = 0; sub < subs; ++sub) {
+      const Acc* inv = s_inv_sub + sub * C::BN;
+#pragma unroll
+      for (int ci = 0; ci < C::TC; ++ci) rsum[ci] = Acc(0);
+#pragma unroll
+      for (int ri = 0; ri < C::TR; ++ri) {
+        const int64_t gr = row0 + wm0 + C::row(ri, lane);
+        T* out = args.scratch + gr * args.ld + sub * args.cc + ct_local0 + wn0;
+#pragma unroll
+        for (int ci = 0; ci < C::TC; ci += kStep) {
+          Acc dv[kStep];
+#pragma unroll
+          for (int e = 0; e < kStep; ++e) {
+            dv[e] = Acc(0);
+            if (winner(ri, ci + e) == sub) {
+              dv[e] = acc[ri][ci + e] * inv[wn0 + C::col(ci + e, lane)];
+              rsum[ci + e] += acc[ri][ci + e] * clamp_unit(best[ri][ci + e]);
+            }
+          }
+          store_scratch(out, ci, dv);
+        }
+      }
+      store_column_sums(rsum, args.r_part + int64_t(rt) * args.ld + sub * args.cc + ct_local0);
+      __syncthreads();  // s_r is the next sub-center's
     }
   }
-
-  // r_c: sum the column over the lanes sharing it (lane bits 2-4), then over the warps.
+  if (fs) {  // s_corr: written before store_column_sums' barrier
+    for (int r = tid; r < C::BM; r += kThreads) {
+      Acc v = s_corr[0][r];
 #pragma unroll
-  for (int ci = 0; ci < C::TC; ++ci) rsum[ci] = lanes_sum<2, 5>(rsum[ci]);
-  if ((lane >> 2) == 0) {
-#pragma unroll
-    for (int ci = 0; ci < C::TC; ++ci) s_r[warp_m][wn0 + C::col(ci, lane)] = rsum[ci];
-  }
-  __syncthreads();
-  for (int t = tid; t < C::BN; t += kThreads) {
-    Acc r = s_r[0][t];
-#pragma unroll
-    for (int w = 1; w < C::kWarpsM; ++w) r += s_r[w][t];
-    args.r_part[int64_t(rt) * args.cc + ct_local0 + t] = r;
-    if (rt == 0) args.w_norm[ct_local0 + t] = s_norm[t];
+      for (int w = 1; w < C::kWarpsN; ++w) v += s_corr[w][r];
+      args.corr_part[int64_t(blockIdx.y) * args.n_pad + row0 + r] = v;
+    }
   }
 }
 
 // ---------------------------------------------------------------------------------------
-// bwd_dw: grid (D tile, class tile of the chunk).
-//   dW[c, :] = Σ_i dS'_ic x̂_i − w_c r_c / ‖w_c‖²   (r_c = Σ_rt r_part[rt, c]; 0 if ‖w_c‖ <= eps)
-// A = scratch stored [rows = K][classes = M], B = x̂ stored [rows = K][D = N].
+// bwd_corr (feature_scale only): grid over rows i < n, after bwd_tile of each chunk.
+//   t_corr[i] (+)= Σ_ct corr_part[ct, i]       (class tiles in order; the first chunk stores)
+// ---------------------------------------------------------------------------------------
+template <class A>
+struct CorrArgs {
+  const A* corr_part;
+  int64_t n, n_pad;
+  int tiles;        // class tiles of this chunk
+  bool accumulate;  // false for the first chunk
+  A* t_corr;        // (n_pad,)
+};
+
+template <class A>
+__global__ void __launch_bounds__(kThreads) bwd_corr_kernel(const CorrArgs<A> args) {
+  const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= args.n) return;
+  A v = args.accumulate ? args.t_corr[i] : A(0);
+  for (int t = 0; t < args.tiles; ++t) v += args.corr_part[int64_t(t) * args.n_pad + i];
+  args.t_corr[i] = v;
+}
+
+// ---------------------------------------------------------------------------------------
+// bwd_dw: grid (D tile, class tile of the chunk, sub-center k).
+//   dW[r_c·K + k, :] = Σ_i dS'_{i,k·cc+c} x̂_i − w_ck r_ck / ‖w_ck‖²
+//                       (r_ck = Σ_rt r_part[rt, k·cc + c]; 0 if ‖w_ck‖ <= eps)
+// into W's row r_c·K + k of class c's sub-center k (r_c = class_index[c], or c): each
+// written once. A = the scratch's block k stored [rows = K][classes = M], B = x̂ stored
+// [rows = K][D = N].
 // ---------------------------------------------------------------------------------------
 template <class T>
 struct DwArgs {
   using Acc = AccOf<T>;
   const T* scratch;
-  int64_t cc, kc;  // scratch row length; valid classes in this chunk
+  int64_t cc, ld, kc;  // sub-center block and row length of the scratch; valid classes in this chunk
   int64_t n, n_pad;
   const T* x_hat;
   int64_t d_pad;
   const T* weight;
-  int64_t c0, d;
+  const int64_t* class_index;  // (c,) or nullptr
+  int64_t c0, d, subcenters;
   const Acc* r_part;
   const Acc* w_norm;
   int row_tiles;  // of bwd_tile
@@ -208,20 +405,22 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_dw_kernel(
   const auto [lane, warp_m, warp_n, wm0, wn0] = warp_place<C>();
   const int64_t d0 = int64_t(blockIdx.x) * C::BN;
   const int64_t m0 = int64_t(blockIdx.y) * C::BM;  // chunk-local class
+  const int64_t sub = blockIdx.z;
+  const int64_t s0 = sub * args.cc;  // the sub-center's first scratch column
 
   for (int t = tid; t < C::BM; t += kThreads) {
     const int64_t m = m0 + t;
     Acc coef = Acc(0);
     if (m < args.kc) {
       Acc r = Acc(0);
-      for (int q = 0; q < args.row_tiles; ++q) r += args.r_part[int64_t(q) * args.cc + m];
-      const Acc nrm = args.w_norm[m];
+      for (int q = 0; q < args.row_tiles; ++q) r += args.r_part[int64_t(q) * args.ld + s0 + m];
+      const Acc nrm = args.w_norm[s0 + m];
       if (nrm > Consts<Acc>::kNormEps) coef = -r / (nrm * nrm);
     }
     s_coef[t] = coef;
   }
 
-  const Operand<T> a{args.scratch, args.cc, m0, args.kc, args.n_pad, true};
+  const Operand<T> a{args.scratch + s0, args.ld, m0, args.kc, args.n_pad, true};
   const Operand<T> b{args.x_hat, args.d_pad, d0, args.d_pad, args.n_pad, true};
   Acc acc[C::TR][C::TC];
   NoExtra none;
@@ -232,7 +431,10 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_dw_kernel(
     const int ml = wm0 + C::row(ri, lane);
     if (m0 + ml >= args.kc) continue;
     const Acc coef = s_coef[ml];
-    const int64_t row = (args.c0 + m0 + ml) * args.d;
+    const int64_t cls = args.c0 + m0 + ml;
+    const int64_t row =
+        ((args.class_index != nullptr ? args.class_index[cls] : cls) * args.subcenters + sub) *
+        args.d;
 #pragma unroll
     for (int ci = 0; ci < C::TC; ++ci) {
       const int64_t dd = d0 + wn0 + C::col(ci, lane);
@@ -244,22 +446,27 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_dw_kernel(
 }
 
 // ---------------------------------------------------------------------------------------
-// bwd_dx: grid (D tile, row tile, split). Split s of the chunk's classes [k0, k1):
-//   part[s, i, d] (+)= Σ_{c in [k0, k1)} dS'_ic w_{c0 + c, d}
-// A = scratch stored [rows = M][classes = K], B = W chunk stored [classes = K][D = N].
+// bwd_dx: grid (D tile, row tile, split), one launch per sub-center k. Split s of the
+// chunk's classes [k0, k1):
+//   part[s, i, d] (+)= Σ_{c in [k0, k1)} dS'_{i,k·cc+c} w_{c0 + c, k, d}
+// A = the scratch's block k stored [rows = M][classes = K], B = sub-center k's rows of the
+// W chunk stored [classes = K][D = N] (K·d apart), gathered by class_index when given.
 // Each (split, tile) belongs to one CTA per launch and launches are stream-ordered, so the
 // read-modify-write is race-free and its order is fixed.
 // ---------------------------------------------------------------------------------------
 template <class T>
 struct DxArgs {
   using Acc = AccOf<T>;
-  const T* scratch;
-  int64_t cc, kc, n_pad;
-  const T* weight_chunk;  // weight + c0 * d
+  const T* scratch;  // the sub-center's block
+  int64_t ld, kc, n_pad;  // scratch row length
+  const T* weight_chunk;  // sub-center k's row of class c0 (weight + (c0·K + k)·d), or of
+                          // class 0 (weight + k·d) with class_index
+  const int64_t* chunk_index;  // class_index + c0, or nullptr
+  int64_t w_ld;           // K·d
   int64_t d, d_pad;
   bool w_vec;
   int64_t k_split;  // classes per split, a multiple of BK
-  bool accumulate;  // false for the first chunk: store
+  bool accumulate;  // false for the first chunk's first sub-center: store
   Acc* part;        // (splits, n_pad, d_pad)
 };
 
@@ -280,8 +487,8 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_dx_kernel(
   const int64_t k1 = k0 + args.k_split < args.kc ? k0 + args.k_split : args.kc;
 
   // k_lim = k1 on both operands: the last k tile must not reach into the next split.
-  const Operand<T> a{args.scratch, args.cc, row0, args.n_pad, k1, true};
-  const Operand<T> b{args.weight_chunk, args.d, d0, args.d, k1, args.w_vec};
+  const Operand<T> a{args.scratch, args.ld, row0, args.n_pad, k1, true};
+  const Operand<T> b{args.weight_chunk, args.w_ld, d0, args.d, k1, args.w_vec, args.chunk_index};
   Acc acc[C::TR][C::TC];
   NoExtra none;
   Gemm::run(acc, a, b, k0, k1, smem, none);
@@ -304,10 +511,10 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_dx_kernel(
 //   dx = (dX̂ − x̂ (x̂·dX̂)) / ‖x‖                   (dX̂ / eps when ‖x‖ <= eps)
 //   feature_scale: dx += g_s · x / ‖x‖ (0 at x = 0), the gradient through s_i = ‖x_i‖, with
 //   g_s = Σ_c dlogit_ic logit_ic / s_i = (x̂·dX̂) / s_i + t_corr_i
-//   because x̂·dX̂ = Σ_c dc_ic ĉ_ic (ĉ: unclamped cosine), dc = s dlogit (× φ' at y), and
-//   bwd_tile left the target's difference t_corr_i = dlogit_iy (φ_iy − φ'_iy ĉ_iy), from the
-//   very cosine it used (a recomputed one could land on the other side of ArcFace's
-//   threshold, or move the steep exact slope near c = 1).
+//   because x̂·dX̂ = Σ_c dc_ic ĉ_ic (ĉ: unclamped cosine), dc = s dlogit F', and bwd_tile
+//   (+ bwd_corr) left the difference t_corr_i = Σ_c dlogit_ic (F_ic − F'_ic ĉ_ic), from the
+//   very cosines it used (a recomputed one could land on the other side of ArcFace's or the
+//   hard examples' threshold, or move the steep exact slope near c = 1).
 // ---------------------------------------------------------------------------------------
 template <class T>
 struct FinalizeArgs {
@@ -363,6 +570,7 @@ __global__ void __launch_bounds__(kThreads) bwd_finalize_kernel(const FinalizeAr
 struct BwdLayout {
   int64_t n_pad, d_pad;
   int64_t cc;        // classes per chunk (multiple of 128)
+  int64_t ld;        // scratch row length: K·cc (sub-center k's block from k·cc)
   int64_t chunks;
   int row_tiles;     // n_pad / BM
   int d_tiles;       // d_pad / BN
@@ -381,6 +589,7 @@ struct BwdBuffers {
   Acc* w_norm;
   Acc* part;
   Acc* t_corr;
+  Acc* corr_part;
 };
 
 // The host side of the backward: the layout of its chunks, splits and grids, its workspace
@@ -397,8 +606,10 @@ struct Backward {
     l.row_tiles = int(l.n_pad / C::BM);
     l.d_tiles = int(l.d_pad / C::BN);
     const int64_t c_pad = round_up(p.c, 128);
-    const int64_t fit = kScratchBudget / (l.n_pad * int64_t(sizeof(T))) / 128 * 128;
+    const int64_t fit =
+        kScratchBudget / (l.n_pad * p.subcenters * int64_t(sizeof(T))) / 128 * 128;
     l.cc = std::min(c_pad, std::max<int64_t>(128, fit));
+    l.ld = p.subcenters * l.cc;
     l.chunks = ceil_div(p.c, l.cc);
     // Splits: about two CTAs per SM for bwd_dx, each with >= 256 classes, partials in budget.
     const int64_t tiles = int64_t(l.row_tiles) * l.d_tiles;
@@ -415,16 +626,18 @@ struct Backward {
 
   template <class T>
   static BwdBuffers<T> carve(Carve& cv, const BwdLayout& l) {
+    using C = Cfg<T>;
     using Acc = AccOf<T>;
     BwdBuffers<T> b;
     b.x_hat = cv.take<T>(l.n_pad * l.d_pad);
     b.x_norm = cv.take<Acc>(l.n_pad);
     b.scale = cv.take<Acc>(l.n_pad);
-    b.scratch = cv.take<T>(l.n_pad * l.cc);
-    b.r_part = cv.take<Acc>(int64_t(l.row_tiles) * l.cc);
-    b.w_norm = cv.take<Acc>(l.cc);
+    b.scratch = cv.take<T>(l.n_pad * l.ld);
+    b.r_part = cv.take<Acc>(int64_t(l.row_tiles) * l.ld);
+    b.w_norm = cv.take<Acc>(l.ld);
     b.part = cv.take<Acc>(int64_t(l.splits) * l.n_pad * l.d_pad);
     b.t_corr = cv.take<Acc>(l.n_pad);
+    b.corr_part = cv.take<Acc>(l.cc / C::BN * l.n_pad);
     return b;
   }
 
@@ -438,13 +651,19 @@ struct Backward {
     const ProblemInputs<T> in = problem_inputs<T>(p);
 
     cudaError_t err;
-    constexpr size_t kTileSmem = CosineTile<T>::kSmemBytes;
-    if ((err = allow_smem(bwd_tile_kernel<T>, kTileSmem)) != cudaSuccess) return err;
+    const bool sub = p.subcenters > 1, hard = p.hard_threshold != nullptr;
+    // K > 1: the K sub-centers' 1 / ‖w‖ after the GEMM stages (bwd_tile_kernel).
+    const size_t tile_smem =
+        CosineTile<T>::kSmemBytes + (sub ? size_t(p.subcenters) * C::BN * sizeof(Acc) : 0);
+    const auto tile_kernel =
+        sub ? (hard ? bwd_tile_kernel<T, true, true> : bwd_tile_kernel<T, true, false>)
+            : (hard ? bwd_tile_kernel<T, false, true> : bwd_tile_kernel<T, false, false>);
+    if ((err = allow_smem(tile_kernel, tile_smem)) != cudaSuccess) return err;
     if ((err = allow_smem(bwd_dw_kernel<T>, GemmDw::kSmemBytes)) != cudaSuccess) return err;
     if ((err = allow_smem(bwd_dx_kernel<T>, GemmDx::kSmemBytes)) != cudaSuccess) return err;
 
     const PrepArgs<T> pa =
-        make_prep_args<T>(p, l.n_pad, l.d_pad, buf.x_hat, buf.x_norm, buf.scale, buf.t_corr);
+        make_prep_args<T>(p, l.n_pad, l.d_pad, buf.x_hat, buf.x_norm, buf.scale, nullptr);
     prep_kernel<T><<<unsigned(l.n_pad), kThreads, 0, stream>>>(pa);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
@@ -455,31 +674,43 @@ struct Backward {
     ta.lse = static_cast<const Acc*>(p.lse);
     ta.g_lse = static_cast<const Acc*>(p.grad_lse);
     ta.g_t = static_cast<const Acc*>(p.grad_target_logit);
+    ta.g_sum = static_cast<const Acc*>(p.grad_nontarget_sum);
     ta.margin = p.margin;
     ta.cc = l.cc;
+    ta.ld = l.ld;
     ta.scratch = buf.scratch;
     ta.r_part = buf.r_part;
     ta.w_norm = buf.w_norm;
-    ta.t_corr = buf.t_corr;
+    ta.n_pad = l.n_pad;
+    ta.corr_part = buf.corr_part;
+
+    CorrArgs<Acc> ra;
+    ra.corr_part = buf.corr_part;
+    ra.n = p.n;
+    ra.n_pad = l.n_pad;
+    ra.t_corr = buf.t_corr;
 
     DwArgs<T> da;
     da.scratch = buf.scratch;
     da.cc = l.cc;
+    da.ld = l.ld;
     da.n = p.n;
     da.n_pad = l.n_pad;
     da.x_hat = buf.x_hat;
     da.d_pad = l.d_pad;
     da.weight = in.weight;
+    da.class_index = p.class_index;
     da.d = p.d;
+    da.subcenters = p.subcenters;
     da.r_part = buf.r_part;
     da.w_norm = buf.w_norm;
     da.row_tiles = l.row_tiles;
     da.grad_weight = static_cast<T*>(p.grad_weight);
 
     DxArgs<T> xa;
-    xa.scratch = buf.scratch;
-    xa.cc = l.cc;
+    xa.ld = l.ld;
     xa.n_pad = l.n_pad;
+    xa.w_ld = p.subcenters * p.d;
     xa.d = p.d;
     xa.d_pad = l.d_pad;
     xa.w_vec = in.w_vec;
@@ -492,21 +723,33 @@ struct Backward {
 
       ta.c0 = c0;
       const dim3 grid_tile(unsigned(l.row_tiles), unsigned(ceil_div(kc, C::BN)));
-      bwd_tile_kernel<T><<<grid_tile, kThreads, kTileSmem, stream>>>(ta);
+      tile_kernel<<<grid_tile, kThreads, tile_smem, stream>>>(ta);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
+
+      if (p.margin.feature_scale) {
+        ra.tiles = int(grid_tile.y);
+        ra.accumulate = chunk > 0;
+        bwd_corr_kernel<Acc><<<unsigned(ceil_div(p.n, kThreads)), kThreads, 0, stream>>>(ra);
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      }
 
       da.kc = kc;
       da.c0 = c0;
-      const dim3 grid_dw(unsigned(l.d_tiles), unsigned(ceil_div(kc, C::BM)));
+      const dim3 grid_dw(unsigned(l.d_tiles), unsigned(ceil_div(kc, C::BM)),
+                         unsigned(p.subcenters));
       bwd_dw_kernel<T><<<grid_dw, kThreads, GemmDw::kSmemBytes, stream>>>(da);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
       xa.kc = kc;
-      xa.weight_chunk = in.weight + c0 * p.d;
-      xa.accumulate = chunk > 0;
+      xa.chunk_index = p.class_index != nullptr ? p.class_index + c0 : nullptr;
       const dim3 grid_dx(unsigned(l.d_tiles), unsigned(l.row_tiles), unsigned(l.splits));
-      bwd_dx_kernel<T><<<grid_dx, kThreads, GemmDx::kSmemBytes, stream>>>(xa);
-      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      for (int64_t k = 0; k < p.subcenters; ++k) {  // in order: the partials' sums are fixed
+        xa.scratch = buf.scratch + k * l.cc;
+        xa.weight_chunk = in.weight + (p.class_index != nullptr ? k : c0 * p.subcenters + k) * p.d;
+        xa.accumulate = chunk > 0 || k > 0;
+        bwd_dx_kernel<T><<<grid_dx, kThreads, GemmDx::kSmemBytes, stream>>>(xa);
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      }
     }
 
     FinalizeArgs<T> fa;

@@ -49,14 +49,14 @@ bool use_tf32(const at::Tensor& x, std::optional<bool> allow_tf32) {
 // The argument checks of both passes (margin_checks.h, plus what only CUDA needs), then
 // the margin's (make_params).
 MarginParams check_arguments(const at::Tensor& x, const at::Tensor& weight,
-                             const at::Tensor& labels, c10::string_view margin, double s,
-                             double m1, double m2, double m3, double lamb, bool feature_scale,
-                             bool detach_margin_grad) {
+                             const at::Tensor& labels, const cuda::ProblemOptions& options,
+                             c10::string_view margin, double s, double m1, double m2, double m3,
+                             double lamb, bool feature_scale, bool detach_margin_grad) {
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got device ", x.device());
   check_inputs(x, weight, labels);
+  check_options(x, weight, options.subcenters, options.class_index, options.hard_threshold,
+                options.hard_t);
   cuda::kernel_dtype(x.scalar_type(), false);  // admits x's dtype
-  TORCH_CHECK_VALUE(weight.size(0) <= std::numeric_limits<int32_t>::max(),
-                    "weight must have fewer than 2^31 classes, got ", weight.size(0));
   return make_params(margin, s, m1, m2, m3, lamb, feature_scale, detach_margin_grad);
 }
 
@@ -76,8 +76,9 @@ int multiprocessors(const at::Tensor& x) {
 // the inputs, which it returns: the caller keeps them alive until the launch.
 cuda::LaunchInputs fill_problem(cuda::ProblemParams& p, const at::Tensor& x,
                                 const at::Tensor& weight, const at::Tensor& labels,
-                                const MarginParams& mp, std::optional<bool> allow_tf32) {
-  return cuda::fill_problem(p, x, weight, labels, mp, use_tf32(x, allow_tf32),
+                                const cuda::ProblemOptions& options, const MarginParams& mp,
+                                std::optional<bool> allow_tf32) {
+  return cuda::fill_problem(p, x, weight, labels, options, mp, use_tf32(x, allow_tf32),
                             multiprocessors(x), at::globalContext().deterministicAlgorithms(),
                             [](const at::Tensor& t) { return t.contiguous(); });
 }
@@ -93,12 +94,15 @@ void launch(Params& p, const at::Tensor& x) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_lse_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_lse_cuda(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
     c10::string_view margin, double s, double m1, double m2, double m3, double lamb,
-    bool feature_scale, bool detach_margin_grad, std::optional<bool> allow_tf32) {
-  const MarginParams mp = check_arguments(x, weight, labels, margin, s, m1, m2, m3, lamb,
-                                          feature_scale, detach_margin_grad);
+    bool feature_scale, bool detach_margin_grad, std::optional<bool> allow_tf32,
+    int64_t subcenters, const std::optional<at::Tensor>& class_index,
+    const std::optional<at::Tensor>& hard_threshold, const std::optional<at::Tensor>& hard_t) {
+  const cuda::ProblemOptions options{subcenters, class_index, hard_threshold, hard_t};
+  const MarginParams mp = check_arguments(x, weight, labels, options, margin, s, m1, m2, m3,
+                                          lamb, feature_scale, detach_margin_grad);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.size(0);
   const auto row_opts = x.options().dtype(cuda::accumulation_type(x.scalar_type()));
@@ -106,42 +110,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_lse_cuda(
   auto target_logit = at::empty({n}, row_opts);
   auto max_cos = at::empty({n}, row_opts);
   auto pred = at::empty({n}, x.options().dtype(at::kLong));
-  if (n == 0) return {lse, target_logit, max_cos, pred};
+  auto nontarget_sum = at::empty({n}, row_opts);
+  if (n == 0) return {lse, target_logit, max_cos, pred, nontarget_sum};
 
   cuda::ForwardParams p{};
-  const cuda::LaunchInputs inputs = fill_problem(p, x, weight, labels, mp, allow_tf32);
+  const cuda::LaunchInputs inputs = fill_problem(p, x, weight, labels, options, mp, allow_tf32);
   p.lse = lse.data_ptr();
   p.target_logit = target_logit.data_ptr();
   p.max_cos = max_cos.data_ptr();
   p.pred = pred.data_ptr<int64_t>();
+  p.nontarget_sum = nontarget_sum.data_ptr();
   launch(p, x);
-  return {lse, target_logit, max_cos, pred};
+  return {lse, target_logit, max_cos, pred, nontarget_sum};
 }
 
 std::tuple<at::Tensor, at::Tensor> margin_lse_backward_cuda(
-    const at::Tensor& grad_lse, const at::Tensor& grad_target_logit, const at::Tensor& x,
-    const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
-    c10::string_view margin, double s, double m1, double m2, double m3, double lamb,
-    bool feature_scale, bool detach_margin_grad, std::optional<bool> allow_tf32) {
-  const MarginParams mp = check_arguments(x, weight, labels, margin, s, m1, m2, m3, lamb,
-                                          feature_scale, detach_margin_grad);
+    const at::Tensor& grad_lse, const at::Tensor& grad_target_logit,
+    const at::Tensor& grad_nontarget_sum, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& labels, const at::Tensor& lse, c10::string_view margin, double s,
+    double m1, double m2, double m3, double lamb, bool feature_scale, bool detach_margin_grad,
+    std::optional<bool> allow_tf32, int64_t subcenters,
+    const std::optional<at::Tensor>& class_index, const std::optional<at::Tensor>& hard_threshold,
+    const std::optional<at::Tensor>& hard_t) {
+  const cuda::ProblemOptions options{subcenters, class_index, hard_threshold, hard_t};
+  const MarginParams mp = check_arguments(x, weight, labels, options, margin, s, m1, m2, m3,
+                                          lamb, feature_scale, detach_margin_grad);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto g_lse = per_row(grad_lse, "grad_lse", x);
   const auto g_target = per_row(grad_target_logit, "grad_target_logit", x);
+  const auto g_sum = per_row(grad_nontarget_sum, "grad_nontarget_sum", x);
   const auto lse_c = per_row(lse, "lse", x);
   const int64_t n = x.size(0);
   auto grad_x = at::empty({n, x.size(1)}, x.options());
-  auto grad_weight = at::empty({weight.size(0), weight.size(1)}, weight.options());
-  if (n == 0) {
-    grad_weight.zero_();
-    return {grad_x, grad_weight};
-  }
+  // Rows no class reads (outside class_index, or every row without rows of x) get zero.
+  auto grad_weight = class_index || n == 0 ? at::zeros_like(weight, at::MemoryFormat::Contiguous)
+                                           : at::empty({weight.size(0), weight.size(1)},
+                                                       weight.options());
+  if (n == 0) return {grad_x, grad_weight};
 
   cuda::BackwardParams p{};
-  const cuda::LaunchInputs inputs = fill_problem(p, x, weight, labels, mp, allow_tf32);
+  const cuda::LaunchInputs inputs = fill_problem(p, x, weight, labels, options, mp, allow_tf32);
   p.lse = lse_c.data_ptr();
   p.grad_lse = g_lse.data_ptr();
   p.grad_target_logit = g_target.data_ptr();
+  p.grad_nontarget_sum = g_sum.data_ptr();
   p.grad_x = grad_x.data_ptr();
   p.grad_weight = grad_weight.data_ptr();
   launch(p, x);

@@ -25,18 +25,24 @@ struct FwdArgs {
   MarginParams margin;
   Acc* target_logit;  // (n,)
   // Split partials, [split][n_pad]: max and sum-exp of the logits in the log2 domain
-  // (logit * log2 e), the largest raw cosine and its class.
+  // (logit * log2 e), the largest raw cosine and its class, the sum of the non-target
+  // logits divided by s_i.
   Acc* part_max;
   Acc* part_sum;
   Acc* part_cos;
   int32_t* part_idx;
+  Acc* part_nts;
   int64_t n_class_tiles;
   int64_t tiles_per_split;
   int row_tiles;
 };
 
-template <class T>
-__global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) fwd_main_kernel(const FwdArgs<T> args) {
+// Instantiated per option, so that a kernel carries only what its problem needs: kSub, K > 1
+// sub-centers per class (K cosine passes per tile, their maximum kept in registers); kHard,
+// hard examples (the per-row threshold and t).
+template <class T, bool kSub, bool kHard>
+__global__ void __launch_bounds__(kThreads, kSub ? 1 : Cfg<T>::kMinBlocks)
+    fwd_main_kernel(const FwdArgs<T> args) {
   using C = Cfg<T>;
   using Acc = AccOf<T>;
   constexpr Acc kLog2e = Consts<Acc>::kLog2e;
@@ -49,6 +55,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) fwd_main_kernel(
   __shared__ Acc s_sum[C::kWarpsN][C::BM];
   __shared__ Acc s_cos[C::kWarpsN][C::BM];
   __shared__ int32_t s_idx[C::kWarpsN][C::BM];
+  __shared__ Acc s_nts[C::kWarpsN][C::BM];
   __shared__ MarginParams s_margin;
 
   const int tid = threadIdx.x;
@@ -68,48 +75,60 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) fwd_main_kernel(
     s_sum[k / C::BM][k % C::BM] = Acc(0);
     s_cos[k / C::BM][k % C::BM] = kNegInf;
     s_idx[k / C::BM][k % C::BM] = 0;
+    s_nts[k / C::BM][k % C::BM] = Acc(0);
   }
   __syncthreads();
+  // margin "external": the target's logit is s·c, left out of the log-sum-exp.
+  const bool external = args.margin.kind == MarginKind::External;
 
   for (int64_t ct = ct_begin; ct < ct_end; ++ct) {
     const int64_t col0 = ct * C::BN;
-    Acc acc[C::TR][C::TC];
-    tile.products(acc, args.in, row0, col0, smem, nullptr);
+    Acc acc[C::TR][C::TC];  // K > 1: the clamped cosines
+    if constexpr (kSub) {
+      tile.max_cosines(acc, args.in, row0, col0, smem);
+    } else {
+      tile.products(acc, args.in, row0, col0, smem, nullptr);
+    }
 
-    // This thread's columns are valid iff its first one is (columns increase with ci).
-    const bool lane_valid = col0 + wn0 + C::col(0, lane) < args.in.c;
 #pragma unroll
     for (int ri = 0; ri < C::TR; ++ri) {
       const int r = wm0 + C::row(ri, lane);
       const Acc sc = tile.scale[r], xinv = tile.xinv[r];
       const Acc sc2 = sc * kLog2e;
+      const Acc thr = kHard ? tile.hard_thr[r] : Acc(0), ht = kHard ? tile.hard_t[r] : Acc(0);
       const int yl = tile.target_column(r, col0);
       Acc l2[C::TC];
-      Acc tile_max = kNegInf, best = kNegInf;
+      Acc tile_max = kNegInf, best = kNegInf, nts = Acc(0);
       int32_t best_idx = 0;
-      bool has_t = false;
+      bool has_t = false, any_in = false;  // any_in: a column of this lane is in the lse
       Acc t_cos = Acc(0);
 #pragma unroll
       for (int ci = 0; ci < C::TC; ++ci) {
         const int cl = wn0 + C::col(ci, lane);
         l2[ci] = kNegInf;
         if (col0 + cl < args.in.c) {
-          const Acc cs = clamp_unit(acc[ri][ci] * xinv * tile.inv[cl]);
+          const Acc cs = kSub ? acc[ri][ci] : clamp_unit(acc[ri][ci] * xinv * tile.inv[cl]);
           merge_best(best, best_idx, cs, int32_t(col0 + cl));
           if (cl == yl) {
             has_t = true;
             t_cos = cs;
           } else {
-            l2[ci] = sc2 * cs;
+            const Acc f = nontarget_factor<kHard>(cs, thr, ht).phi;
+            nts += f;
+            l2[ci] = sc2 * f;
             tile_max = vmax(tile_max, l2[ci]);
+            any_in = true;
           }
         }
       }
       Acc t_l2 = kNegInf;
       if (has_t) {
         const TargetMargin<Acc> tm = eval_margin<Acc>(t_cos, &s_margin);
-        t_l2 = sc2 * tm.phi;
-        tile_max = vmax(tile_max, t_l2);
+        if (!external) {
+          t_l2 = sc2 * tm.phi;
+          tile_max = vmax(tile_max, t_l2);
+          any_in = true;
+        }
         const int64_t gr = row0 + r;
         if (gr < args.in.n) args.target_logit[gr] = sc * tm.phi;
       }
@@ -120,10 +139,11 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) fwd_main_kernel(
 #pragma unroll
         for (int ci = 0; ci < C::TC; ++ci) sum += fast_exp2(l2[ci] - tile_max);  // NaN stays
         if (has_t) sum += fast_exp2(t_l2 - tile_max);
-      } else if (lane_valid) {
-        sum = Acc(__int_as_float(0x7fffffff));  // valid columns but only NaN logits
+      } else if (any_in) {
+        sum = Acc(__int_as_float(0x7fffffff));  // logits in the lse but only NaN ones
       }
       sum = lanes_sum<0, 2>(sum);
+      nts = lanes_sum<0, 2>(nts);
       lanes_best<0, 2>(best, best_idx);
       // Lane 0 of the group owns (warp_n, r) in shared memory: no other thread touches it.
       if ((lane & 3) == 0) {
@@ -135,6 +155,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) fwd_main_kernel(
         s_sum[warp_n][r] = s;
         s_cos[warp_n][r] = b;
         s_idx[warp_n][r] = idx;
+        s_nts[warp_n][r] += nts;
       }
     }
   }
@@ -144,18 +165,20 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) fwd_main_kernel(
   for (int r = tid; r < C::BM; r += kThreads) {
     const int64_t gr = row0 + r;
     if (gr >= args.in.n) continue;
-    Acc m = s_max[0][r], s = s_sum[0][r], b = s_cos[0][r];
+    Acc m = s_max[0][r], s = s_sum[0][r], b = s_cos[0][r], nts = s_nts[0][r];
     int32_t idx = s_idx[0][r];
 #pragma unroll
     for (int w = 1; w < C::kWarpsN; ++w) {
       merge_lse(m, s, s_max[w][r], s_sum[w][r]);
       merge_best(b, idx, s_cos[w][r], s_idx[w][r]);
+      nts += s_nts[w][r];
     }
     const int64_t o = split * args.n_pad + gr;
     args.part_max[o] = m;
     args.part_sum[o] = s;
     args.part_cos[o] = b;
     args.part_idx[o] = idx;
+    args.part_nts[o] = nts;
   }
 }
 
@@ -165,18 +188,21 @@ struct CombineArgs {
   const A* part_sum;
   const A* part_cos;
   const int32_t* part_idx;
+  const A* part_nts;
+  const A* scale;  // (n_pad,) s_i
   int64_t n, n_pad;
   int splits;
   A* lse;
   A* max_cos;
   int64_t* pred;
+  A* nontarget_sum;
 };
 
 template <class A>
 __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineArgs<A> args) {
   const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= args.n) return;
-  A m = neg_inf(A(0)), s = A(0), b = neg_inf(A(0));
+  A m = neg_inf(A(0)), s = A(0), b = neg_inf(A(0)), nts = A(0);
   int32_t idx = 0;
   bool nan = false;
   for (int k = 0; k < args.splits; ++k) {
@@ -189,11 +215,13 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineArgs<A> 
       m = mx;
     }
     merge_best(b, idx, args.part_cos[o], args.part_idx[o]);
+    nts += args.part_nts[o];
   }
   const A lse2 = m + log2(s);
   args.lse[i] = nan ? std::numeric_limits<A>::quiet_NaN() : lse2 * Consts<A>::kLn2;
   args.max_cos[i] = b;  // clamped already (or NaN)
   args.pred[i] = idx;
+  args.nontarget_sum[i] = args.scale[i] * nts;
 }
 
 struct FwdLayout {
@@ -210,6 +238,7 @@ struct FwdBuffers {
   Acc* part_sum;
   Acc* part_cos;
   int32_t* part_idx;
+  Acc* part_nts;
 };
 
 // The host side of the forward: the layout of its grid, its workspace buffers and its
@@ -241,6 +270,7 @@ struct Forward {
     b.part_sum = cv.take<Acc>(np);
     b.part_cos = cv.take<Acc>(np);
     b.part_idx = cv.take<int32_t>(np);
+    b.part_nts = cv.take<Acc>(np);
     return b;
   }
 
@@ -266,13 +296,17 @@ struct Forward {
     fa.part_sum = buf.part_sum;
     fa.part_cos = buf.part_cos;
     fa.part_idx = buf.part_idx;
+    fa.part_nts = buf.part_nts;
     fa.n_class_tiles = l.n_class_tiles;
     fa.tiles_per_split = l.tiles_per_split;
     fa.row_tiles = l.row_tiles;
     constexpr size_t smem = CosineTile<T>::kSmemBytes;
-    if ((err = allow_smem(fwd_main_kernel<T>, smem)) != cudaSuccess) return err;
-    const int64_t grid = int64_t(l.row_tiles) * l.splits;
-    fwd_main_kernel<T><<<unsigned(grid), kThreads, smem, stream>>>(fa);
+    const unsigned grid = unsigned(int64_t(l.row_tiles) * l.splits);
+    const bool sub = p.subcenters > 1, hard = p.hard_threshold != nullptr;
+    const auto kernel = sub ? (hard ? fwd_main_kernel<T, true, true> : fwd_main_kernel<T, true, false>)
+                            : (hard ? fwd_main_kernel<T, false, true> : fwd_main_kernel<T, false, false>);
+    if ((err = allow_smem(kernel, smem)) != cudaSuccess) return err;
+    kernel<<<grid, kThreads, smem, stream>>>(fa);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
 
@@ -281,12 +315,15 @@ struct Forward {
     ca.part_sum = buf.part_sum;
     ca.part_cos = buf.part_cos;
     ca.part_idx = buf.part_idx;
+    ca.part_nts = buf.part_nts;
+    ca.scale = buf.scale;
     ca.n = p.n;
     ca.n_pad = l.n_pad;
     ca.splits = l.splits;
     ca.lse = static_cast<Acc*>(p.lse);
     ca.max_cos = static_cast<Acc*>(p.max_cos);
     ca.pred = p.pred;
+    ca.nontarget_sum = static_cast<Acc*>(p.nontarget_sum);
     combine_kernel<Acc><<<unsigned(ceil_div(p.n, kThreads)), kThreads, 0, stream>>>(ca);
     return cudaGetLastError();
   }

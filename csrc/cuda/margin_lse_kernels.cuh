@@ -4,12 +4,15 @@
 // that checks arguments, allocates outputs and the workspace, fills these structs and
 // launches on the current stream.
 //
-// Shapes (all tensors contiguous, row-major): x (N, D) and weight (C, D) of one dtype T
+// Shapes (all tensors contiguous, row-major): x (N, D) and weight (R, D) of one dtype T
 // (float16, bfloat16, float32, float64); labels (N,) int64, a label outside [0, C) meaning
-// "no target". Per-row statistics and upstream gradients are (N,) of the accumulation type
-// Acc: float, or double for float64 inputs. The math is docs/design.md §1, the CPU kernel
-// (csrc/cpu/margin_lse_cpu.cpp) and margin_ops/reference.py; the margin phi and its slope
-// come from csrc/margin_math.h.
+// "no target"; K sub-centers per class: class j has W's rows r_j·K + k, k < K, its cosine
+// the largest of theirs (the first on ties); class_index (C,) int64 or none: r_j =
+// class_index[j] (else j, C = R / K), read in place (the tile loads gather the rows, the dW
+// stores scatter them; no copy of W). Per-row statistics, upstream gradients and hard_threshold / hard_t are (N,) of the
+// accumulation type Acc: float, or double for float64 inputs. The math is
+// margin_ops/reference.py (margin_lse) and docs/design.md §1; the margin φ, its slope and the
+// hard-example modulation of the non-target logits come from csrc/margin_math.h.
 //
 // ---------------------------------------------------------------------------------------
 // Design (the algorithm: docs/design.md §2)
@@ -56,34 +59,42 @@
 //             contiguous range of BN-class tiles (CTAs with the same split are adjacent in
 //             launch order, so a W tile comes from HBM once and from L2 for the other row
 //             tiles). Per tile: cos GEMM (+ W norms), margin on the target entry only, the
-//             row's (max, sum-exp) in the log2 domain and (max cos, argmax) reduced over the
-//             4 lanes sharing it (shuffles), then folded by one owner lane into running
-//             statistics in shared memory, one slot per (warp column, row): no barrier per
-//             tile. The thread owning (i, y_i) writes target_logit_i. At the end the warps'
-//             slots are merged in warp order and written as one partial per (split, row).
+//             hard-example factor F(c) on the others, the row's (max, sum-exp) in the log2
+//             domain (without the target for margin "external"), (max cos, argmax) and Σ F
+//             of the non-targets reduced over the 4 lanes sharing it (shuffles), then folded
+//             by one owner lane into running statistics in shared memory, one slot per (warp
+//             column, row): no barrier per tile. The thread owning (i, y_i) writes
+//             target_logit_i. At the end the warps' slots are merged in warp order and
+//             written as one partial per (split, row).
 //   combine   per row: merges the split partials in split order -> lse, max_cos, pred
-//             (argmax of the clamped cosines, first class on ties, as the CPU kernel).
+//             (argmax of the clamped cosines, first class on ties, as the CPU kernel),
+//             nontarget_sum = s_i Σ F.
 //
 // Backward: the classes are processed in chunks of `cc` classes (cc = the largest multiple
 // of 128 with N_pad * cc * sizeof(T) <= 16 MiB, at least 128; e.g. 16384 at N = 512 in bf16,
 // so 62 chunks at C = 1M). Per chunk, 3 launches (all stream-ordered, no host sync):
 //   bwd_tile  grid (row tile, class tile): recompute the cos tile (+ W norms), form
-//             dc = s_i * (g_lse * exp(logit - lse) + g_target * [c = y]) * (slope at the
-//             target), store dS' = dc / ‖w_c‖ (dtype T) into an N_pad x cc scratch, and per
-//             (row tile, class) the partial r_c = Σ_i dc_ic c_ic; the row tile 0 CTA writes
-//             ‖w_c‖.
+//             dc = s_i * (g_lse * P + g_target * [c = y] + g_sum * [c != y]) * F'(c) (P = 0
+//             at the target for "external"), store dS' = dc / ‖w_c‖ (dtype T) into an
+//             N_pad x cc scratch, and per (row tile, class) the partial r_c = Σ_i dc_ic c_ic;
+//             the row tile 0 CTA writes ‖w_c‖; with feature_scale, per (class tile, row) the
+//             partial of finalize's correction (below).
+//   bwd_corr  feature_scale only: adds the chunk's class-tile partials to the per-row
+//             correction, in tile order.
 //   bwd_dw    dW (chunk) = dS'ᵀ x̂ − w_c r_c / ‖w_c‖²: GEMM with K = N over the scratch;
-//             each dW element is written once (r_c is summed over row tiles in order).
-//   bwd_dx    split-K GEMM dX̂ += dS' W(chunk) with S fixed splits of the chunk; CTA
-//             (D tile, row tile, split) owns partial[split] for its tile and adds to it with
-//             a plain read-modify-write (the first chunk stores). No atomics anywhere.
+//             each dW element is written once (r_c is summed over row tiles in order), into
+//             the class's W row.
+//   bwd_dx    split-K GEMM dX̂ += dS' W(chunk) with S fixed splits of the chunk (W rows
+//             gathered by class_index); CTA (D tile, row tile, split) owns partial[split] for
+//             its tile and adds to it with a plain read-modify-write (the first chunk
+//             stores). No atomics anywhere.
 // then
 //   finalize  per row: dX̂ = Σ_split partial (in split order), the normalization backward
 //             (dX̂ − x̂ (x̂·dX̂)) / ‖x‖ (dX̂ / eps on the floor), and with feature_scale the
-//             gradient through s_i = ‖x_i‖. Its row sum Σ_c dlogit_ic logit_ic / s_i is not
-//             reduced over C separately: x̂·dX̂ = Σ_c dc_ic ĉ_ic already is that sum times
-//             s_i, up to a target-only correction (dlogit_iy (φ − slope·ĉ_iy)) that
-//             bwd_tile's thread holding (i, y_i) leaves in a per-row buffer.
+//             gradient through s_i = ‖x_i‖. Its row sum Σ_c dlogit_ic logit_ic / s_i is
+//             x̂·dX̂ / s_i = Σ_c dc_ic ĉ_ic / s_i up to the correction Σ_c dlogit_ic (F − F'ĉ)
+//             (nonzero at the target, on hard examples and where the clamp acts), which
+//             bwd_tile and bwd_corr sum per row from the very cosines they used.
 //
 // Determinism: every reduction has a fixed order (warp butterflies, shared memory in warp
 // order, split partials in split order) and no kernel uses atomics, so results are bitwise
@@ -91,10 +102,11 @@
 // only recorded. (Split counts depend on the SM count, so two GPU models may differ in
 // the last bits.)
 //
-// Extra memory (beyond inputs and outputs): forward 8 + 16 x splits bytes per padded row;
-// backward x̂ + the dS' chunk scratch (<= 16 MiB unless N is so large that
+// Extra memory (beyond inputs and outputs): forward 8 + 20 x splits bytes per padded row
+// (fp32 statistics); backward x̂ + the dS' chunk scratch (<= 16 MiB unless N is so large that
 // even 128 classes exceed it) + the split partials (<= 8 MiB, or one N_pad x D_pad
-// accumulator when that alone is larger) + O(N_pad + cc * N_pad / BM). At N = 512, D = 512,
+// accumulator when that alone is larger) + O(N_pad + cc * N_pad / 128) (r_c partials, the
+// feature-scale row partials). At N = 512, D = 512,
 // C = 1M, bf16: 0.5 + 16 + 8 + 0.3 ≈ 25 MiB. (kScratchBudget / kPartialBudget in
 // margin_lse_backward.cu.)
 //
@@ -118,6 +130,18 @@
 // Forward::layout / Backward::layout. A wgmma (sm_90a) mainloop would replace
 // TileGemm::warp_mma_tc.
 //
+// Options: fwd_main and bwd_tile are instantiated per option (template flags), so that a
+// kernel carries only what its problem needs. Hard examples: the per-row threshold and t.
+// Sub-centers (K > 1, at most kMaxSubcenters; kernels with 1 CTA per SM, 255 registers):
+// the cos GEMM runs once per sub-center k over the strided rows r_j·K + k (an operand of
+// row stride K·D, gathered by class_index like K = 1); fwd_main keeps the running maximum of
+// the clamped cosines in registers and feeds it to the K = 1 epilogue. bwd_tile keeps the
+// winner's raw cosine and index (8 bits) per entry and each pass's 1 / ‖w‖ in dynamic shared
+// memory, forms dc once, and writes per sub-center k a block of the scratch (columns
+// k·cc + j: dS' where k wins, else 0), of r_part and of w_norm; the chunk's scratch is
+// N_pad x K·cc (cc sized for it), bwd_dw runs a grid z over k writing rows r_j·K + k, and
+// bwd_dx runs once per k, in order, adding into the same split partials.
+//
 // 64-bit offsets for every global index that can exceed 2^31 (N*C, C*D, N*D); C < 2^31.
 #pragma once
 
@@ -138,17 +162,28 @@ enum class DType : int32_t {
   kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3, kFloat32Tf32 = 4
 };
 
+// The largest sub-center count K the kernels take: the backward keeps each cosine's winning
+// sub-center in 8 bits, and the 1 / ‖w‖ of a tile's K sub-centers in shared memory
+// (K x 128 x 4 bytes beside the GEMM's stages, which sm_80's 163 KiB per block must hold).
+constexpr int64_t kMaxSubcenters = 128;
+
 // What both passes are given: the problem (inputs, margin), the device and the workspace.
 // Pointers are device pointers; "Acc" = float, or double when dtype is kFloat64.
 // csrc/cuda/launch_params.h fills these fields from tensors (fill_problem).
 struct ProblemParams {
   DType dtype;
   int64_t n;                // rows of x, >= 1
-  int64_t c;                // classes (rows of weight), 1 <= c < 2^31
+  int64_t c;                // classes, 1 <= c < 2^31
   int64_t d;                // feature dimension, >= 1
   const void* x;            // (n, d) T
-  const void* weight;       // (c, d) T
+  const void* weight;       // (R, d) T: class j is row r_j (r_j = class_index[j], or j)
   const int64_t* labels;    // (n,)
+  const int64_t* class_index;  // (c,) distinct physical classes r_j, or nullptr (r_j = j)
+  int64_t subcenters;       // K in [1, kMaxSubcenters]: class j has W's rows r_j·K + k, k < K
+  // (n,) Acc, together or both nullptr: CurricularFace's hard examples, the non-target
+  // logit s_i·c·(hard_t_i + c) where c > hard_threshold_i (hard_example in margin_math.h)
+  const void* hard_threshold;
+  const void* hard_t;
   MarginParams margin;      // finalize()d
   void* workspace;          // {forward,backward}_workspace_bytes(*this) bytes, 256-byte aligned
   int num_sms;              // multiprocessors of the device (sizes the grid)
@@ -161,6 +196,7 @@ struct ForwardParams : ProblemParams {
   void* target_logit;       // (n,) Acc out
   void* max_cos;            // (n,) Acc out
   int64_t* pred;            // (n,) out
+  void* nontarget_sum;      // (n,) Acc out
 };
 
 // margin_lse_backward.
@@ -168,8 +204,10 @@ struct BackwardParams : ProblemParams {
   const void* lse;                // (n,) Acc, from the forward
   const void* grad_lse;           // (n,) Acc
   const void* grad_target_logit;  // (n,) Acc
+  const void* grad_nontarget_sum; // (n,) Acc
   void* grad_x;                   // (n, d) T out
-  void* grad_weight;              // (c, d) T out
+  void* grad_weight;              // (R, d) T out; rows no class reads are left untouched
+                                  // (the caller zeroes them)
 };
 
 // Workspace sizes; they read only dtype, n, c, d and num_sms.

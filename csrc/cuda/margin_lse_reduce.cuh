@@ -88,6 +88,14 @@ __device__ __forceinline__ void merge_best(A& b, int32_t& i, A ob, int32_t oi) {
   }
 }
 
+// Whether a later sub-center's cosine `cand` replaces the running maximum `best` of a
+// class: when larger (the first sub-center stays on ties), or NaN over a number (the
+// maximum is NaN as in torch.max).
+template <class A>
+__device__ __forceinline__ bool sub_center_wins(A cand, A best) {
+  return cand > best || (cand != cand && best == best);
+}
+
 // merge_best over the lanes that differ from the caller's in lane bits [kLo, kHi).
 template <int kLo, int kHi, class A>
 __device__ __forceinline__ void lanes_best(A& b, int32_t& i) {

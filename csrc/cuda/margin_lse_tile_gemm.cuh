@@ -87,8 +87,9 @@ struct Cfg<T, false> {
 };
 
 // ------------------------------------------------------------------------------------
-// Global -> shared tile copy: smem[r * pitch + c] = g[(r0 + r) * ld + c0 + c] for
-// r < ROWS, c < COLS, zero where r0 + r >= r_lim or c0 + c >= c_lim. 16-byte cp.async when
+// Global -> shared tile copy: smem[r * pitch + c] = g[row(r0 + r) * ld + c0 + c] for
+// r < ROWS, c < COLS, zero where r0 + r >= r_lim or c0 + c >= c_lim; row(q) = index[q], or q
+// when index is nullptr (the stored rows of a gathered operand). 16-byte cp.async when
 // `vec` (ld and the base pointer 16-byte aligned, c0 a multiple of 16 bytes) and the chunk
 // is fully inside; a synchronous scalar copy for partial chunks or !vec. `pitch` * sizeof(T)
 // must be a multiple of 16.
@@ -96,7 +97,7 @@ struct Cfg<T, false> {
 template <class T, int ROWS, int COLS>
 __device__ __forceinline__ void load_tile(T* smem, int pitch, const T* __restrict__ g, int64_t ld,
                                           int64_t r0, int64_t c0, int64_t r_lim, int64_t c_lim,
-                                          bool vec) {
+                                          bool vec, const int64_t* __restrict__ index) {
   constexpr int V = 16 / int(sizeof(T));
   constexpr int kChunksPerRow = COLS / V;
   constexpr int kChunks = ROWS * kChunksPerRow;
@@ -109,7 +110,7 @@ __device__ __forceinline__ void load_tile(T* smem, int pitch, const T* __restric
     T* dst = smem + r * pitch + c;
     const int64_t gr = r0 + r, gc = c0 + c;
     if (gr < r_lim && gc < c_lim) {
-      const T* src = g + gr * ld + gc;
+      const T* src = g + (index != nullptr ? index[gr] : gr) * ld + gc;
       if (vec && gc + V <= c_lim) {
         cp_async16(dst, src);
       } else {
@@ -123,7 +124,9 @@ __device__ __forceinline__ void load_tile(T* smem, int pitch, const T* __restric
 }
 
 // One GEMM operand in global memory. For A, "mn" is M (the tile's rows); for B, N (its
-// columns). kTrans: stored [K][MN] (MN contiguous), else [MN][K] (K contiguous).
+// columns). kTrans: stored [K][MN] (MN contiguous), else [MN][K] (K contiguous). Stored row
+// q starts at ptr + row(q) * ld, row(q) = index[q] when `index` is given (W's rows of the
+// classes of class_index, read in place), else q.
 template <class T>
 struct Operand {
   const T* ptr;
@@ -132,6 +135,12 @@ struct Operand {
   int64_t mn_lim;  // M (or N) indices >= mn_lim read as zero
   int64_t k_lim;   // K indices >= k_lim read as zero
   bool vec;        // 16-byte copies allowed (ld and ptr 16-byte aligned)
+  const int64_t* index = nullptr;  // stored row -> row of ptr; nullptr: identity
+
+  // The address of stored row q (q within the operand's limits).
+  __device__ __forceinline__ const T* row(int64_t q) const {
+    return ptr + (index != nullptr ? index[q] : q) * ld;
+  }
 };
 
 struct NoExtra {
@@ -173,21 +182,27 @@ struct TileGemm {
     static constexpr int kChunksPerRow = COLS / V;
     static constexpr int kIters = ROWS * kChunksPerRow / kThreads;
     static_assert(COLS % V == 0 && (ROWS * kChunksPerRow) % kThreads == 0, "tile vs. threads");
-    const T* base[kIters];  // chunk address at k = 0 (dereferenced only for interior tiles)
+    // Chunk address at k = 0 (dereferenced only for interior tiles). Stored rows are K
+    // indices when kKRows: a gathered operand (op.index) then has no fixed base, and its
+    // chunk addresses are formed per load.
+    const T* base[kIters];
     int64_t k_stride;       // elements per unit of k
     bool mn_interior;       // the tile's MN range is entirely below mn_lim
     int pitch;
 
     __device__ __forceinline__ Copier(const Operand<T>& op, int pitch_) : pitch(pitch_) {
+      mn_interior = op.mn0 + (kKRows ? COLS : ROWS) <= op.mn_lim;
 #pragma unroll
       for (int it = 0; it < kIters; ++it) {
         const int q = int(threadIdx.x) + it * kThreads;
         const int r = q / kChunksPerRow, c = (q % kChunksPerRow) * V;
-        base[it] = kKRows ? op.ptr + int64_t(r) * op.ld + op.mn0 + c
-                          : op.ptr + (op.mn0 + r) * op.ld + c;
+        if constexpr (kKRows) {
+          base[it] = op.ptr + int64_t(r) * op.ld + op.mn0 + c;
+        } else {  // rows past mn_lim are never read through base: no index lookup for them
+          base[it] = op.mn0 + r < op.mn_lim ? op.row(op.mn0 + r) + c : op.ptr;
+        }
       }
       k_stride = kKRows ? op.ld : 1;
-      mn_interior = op.mn0 + (kKRows ? COLS : ROWS) <= op.mn_lim;
     }
 
     __device__ __forceinline__ void load(T* smem, const Operand<T>& op, int64_t k) const {
@@ -196,15 +211,21 @@ struct TileGemm {
 #pragma unroll
         for (int it = 0; it < kIters; ++it) {
           const int q = int(threadIdx.x) + it * kThreads;
-          cp_async16(smem + (q / kChunksPerRow) * pitch + (q % kChunksPerRow) * V,
-                     base[it] + k * k_stride);
+          const int r = q / kChunksPerRow, c = (q % kChunksPerRow) * V;
+          const T* src;
+          if constexpr (kKRows) {
+            src = op.index != nullptr ? op.row(k + r) + op.mn0 + c : base[it] + k * k_stride;
+          } else {
+            src = base[it] + k;
+          }
+          cp_async16(smem + r * pitch + c, src);
         }
       } else if constexpr (kKRows) {
         load_tile<T, ROWS, COLS>(smem, pitch, op.ptr, op.ld, k, op.mn0, op.k_lim, op.mn_lim,
-                                 op.vec);
+                                 op.vec, op.index);
       } else {
         load_tile<T, ROWS, COLS>(smem, pitch, op.ptr, op.ld, op.mn0, k, op.mn_lim, op.k_lim,
-                                 op.vec);
+                                 op.vec, op.index);
       }
     }
   };
@@ -438,17 +459,48 @@ struct WeightNorm {
   }
 };
 
+// The factor F(c) of a non-target logit s·F(c) and its slope: CurricularFace's
+// hard_example (margin_math.h) in the kernels instantiated for hard examples (kHard), c
+// itself in the others (which then carry no per-row threshold and t).
+template <bool kHard, class A>
+__device__ __forceinline__ TargetMargin<A> nontarget_factor(A c, A threshold, A t) {
+  if constexpr (kHard) {
+    return hard_example(c, threshold, t);
+  } else {
+    return {c, A(1)};
+  }
+}
+
 // ------------------------------------------------------------------------------------
-// The cosine tile of both passes, from their inputs x (n, d) and W (c, d) as given
-// (K-contiguous, never normalized in memory).
+// The cosine tile of both passes, from their inputs x (n, d) and W (R, d) as given
+// (K-contiguous, never normalized in memory). Class j has the K = `subcenters` rows
+// r_j·K + k, k < K, of W (r_j = class_index[j], or j).
 // ------------------------------------------------------------------------------------
 template <class T>
 struct ProblemInputs {
+  using Acc = AccOf<T>;
   const T* x;              // (n, d)
-  const T* weight;         // (c, d)
+  const T* weight;         // (R, d)
   const int64_t* labels;   // (n,)
+  const int64_t* class_index;  // (c,) or nullptr
+  const Acc* hard_threshold;   // (n,) or nullptr (then hard_t is too)
+  const Acc* hard_t;           // (n,) or nullptr
   int64_t n, c, d;
-  bool x_vec, w_vec;       // 16-byte row copies allowed (rows_vec)
+  int64_t subcenters;      // K >= 1
+  bool x_vec, w_vec;       // 16-byte row copies allowed (rows_vec; then also for a row stride K·d)
+
+  // Sub-center `sub`'s W rows of classes [c0, c0 + ...) as a GEMM operand stored
+  // [class][d]: tile columns from mn0 (relative to c0), K = d; consecutive classes are
+  // K·d elements apart.
+  __device__ __forceinline__ Operand<T> weight_rows(int64_t c0, int64_t mn0, int64_t sub) const {
+    Operand<T> b{weight + sub * d, subcenters * d, mn0, c - c0, d, w_vec};
+    if (class_index != nullptr) {
+      b.index = class_index + c0;
+    } else {
+      b.ptr += c0 * subcenters * d;
+    }
+    return b;
+  }
 };
 
 // The inputs of either pass (host side).
@@ -458,9 +510,13 @@ ProblemInputs<T> problem_inputs(const ProblemParams& p) {
   in.x = static_cast<const T*>(p.x);
   in.weight = static_cast<const T*>(p.weight);
   in.labels = p.labels;
+  in.class_index = p.class_index;
+  in.hard_threshold = static_cast<const AccOf<T>*>(p.hard_threshold);
+  in.hard_t = static_cast<const AccOf<T>*>(p.hard_t);
   in.n = p.n;
   in.c = p.c;
   in.d = p.d;
+  in.subcenters = p.subcenters;
   in.x_vec = rows_vec(in.x, p.d);
   in.w_vec = rows_vec(in.weight, p.d);
   return in;
@@ -481,38 +537,81 @@ struct CosineTile {
   Acc inv[C::BN];       // 1 / max(‖w_c‖, eps), by tile column (products)
   Acc xinv[C::BM];      // 1 / max(‖x_i‖, eps), by tile row (load_rows)
   Acc scale[C::BM];     // s_i: prep's scale
+  Acc hard_thr[C::BM];  // hard_threshold_i, or 2 (above every cosine: no modulation)
+  Acc hard_t[C::BM];    // hard_t_i (0 without)
   int32_t label[C::BM];  // y_i when it is a class in [0, c), else -1
 
-  // The row factors of rows [row0, row0 + BM) (0, 0, -1 past n); visible after a barrier.
+  // The row factors of rows [row0, row0 + BM) (0, 0, 2, 0, -1 past n); visible after a
+  // barrier.
   __device__ __forceinline__ void load_rows(const ProblemInputs<T>& in, int64_t row0,
                                             const Acc* x_norm, const Acc* row_scale) {
     for (int r = threadIdx.x; r < C::BM; r += kThreads) {
       const int64_t gr = row0 + r;
-      Acc sc = Acc(0), xi = Acc(0);
+      Acc sc = Acc(0), xi = Acc(0), thr = Acc(2), ht = Acc(0);
       int32_t y = -1;
       if (gr < in.n) {
         sc = row_scale[gr];
         xi = inverse_norm(x_norm[gr]);
         const int64_t lab = in.labels[gr];
         if (lab >= 0 && lab < in.c) y = int32_t(lab);
+        if (in.hard_threshold != nullptr) {
+          thr = in.hard_threshold[gr];
+          ht = in.hard_t[gr];
+        }
       }
       scale[r] = sc;
       xinv[r] = xi;
+      hard_thr[r] = thr;
+      hard_t[r] = ht;
       label[r] = y;
     }
   }
 
-  // acc = the products x_i · w_c of the tile at (row0, col0) (zero past n and c), and from
-  // the same W stages `inv` and, when `norm` is not nullptr, norm[column] = ‖w_c‖. Ends
-  // with a barrier.
+  // acc = the products x_i · w_c of the tile at (row0, col0) (zero past n and c) with
+  // sub-center `sub`'s rows of W, and from the same W stages `inv` and, when `norm` is not
+  // nullptr, norm[column] = ‖w_c‖ of those rows. Ends with a barrier.
   __device__ __forceinline__ void products(Acc (&acc)[C::TR][C::TC], const ProblemInputs<T>& in,
-                                           int64_t row0, int64_t col0, T* smem, Acc* norm) {
+                                           int64_t row0, int64_t col0, T* smem, Acc* norm,
+                                           int64_t sub = 0) {
     const Operand<T> a{in.x, in.d, row0, in.n, in.d, in.x_vec};
-    const Operand<T> b{in.weight, in.d, col0, in.c, in.d, in.w_vec};
+    const Operand<T> b = in.weight_rows(0, col0, sub);
     WeightNorm<T> wnorm;
     Gemm::run(acc, a, b, 0, (in.d + C::BK - 1) / C::BK * C::BK, smem, wnorm);
     wnorm.finish(norm, inv);
     __syncthreads();
+  }
+
+  // The (unclamped) cosine of the thread's accumulator entry (ri, ci) of the last
+  // products().
+  __device__ __forceinline__ Acc raw_cosine(const Acc (&acc)[C::TR][C::TC], int ri, int ci,
+                                            int lane, int wm0, int wn0) const {
+    return acc[ri][ci] * xinv[wm0 + C::row(ri, lane)] * inv[wn0 + C::col(ci, lane)];
+  }
+
+  // K > 1: acc = the clamped cosines of the tile's classes, each the largest over its
+  // sub-centers (the first on ties, NaN wins as in torch.max: sub_center_wins), by K
+  // products() passes. Ends with a barrier; `inv` is then the last sub-center's.
+  __device__ __forceinline__ void max_cosines(Acc (&acc)[C::TR][C::TC], const ProblemInputs<T>& in,
+                                              int64_t row0, int64_t col0, T* smem) {
+    const auto [lane, warp_m, warp_n, wm0, wn0] = warp_place<C>();
+    products(acc, in, row0, col0, smem, nullptr, 0);
+#pragma unroll
+    for (int ri = 0; ri < C::TR; ++ri) {
+#pragma unroll
+      for (int ci = 0; ci < C::TC; ++ci) acc[ri][ci] = clamp_unit(raw_cosine(acc, ri, ci, lane, wm0, wn0));
+    }
+    for (int64_t sub = 1; sub < in.subcenters; ++sub) {
+      Acc part[C::TR][C::TC];
+      products(part, in, row0, col0, smem, nullptr, sub);
+#pragma unroll
+      for (int ri = 0; ri < C::TR; ++ri) {
+#pragma unroll
+        for (int ci = 0; ci < C::TC; ++ci) {
+          const Acc cs = clamp_unit(raw_cosine(part, ri, ci, lane, wm0, wn0));
+          if (sub_center_wins(cs, acc[ri][ci])) acc[ri][ci] = cs;
+        }
+      }
+    }
   }
 
   // The tile column of row r's target in the tile of classes from col0, or -1 when the

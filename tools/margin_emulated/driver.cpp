@@ -81,16 +81,21 @@ Guarded output(at::IntArrayRef sizes, at::ScalarType dtype) {
   return Guarded(elements(sizes) * int64_t(c10::elementSize(dtype)), 0xff);
 }
 
-// Checks the arguments as the glue does (but for the device) and fills the fields both
-// passes share from guarded copies of x, w, y, which it returns (the caller keeps them
-// alive until the launch ends).
+// Checks the arguments as the glue does (but for the device) and, when there are rows (the
+// glue launches nothing without), fills the fields both passes share from guarded copies of
+// x, w, y and the options, which it returns (the caller keeps them alive until the launch
+// ends).
 cuda::LaunchInputs fill_problem(cuda::ProblemParams& p, const at::Tensor& x, const at::Tensor& w,
-                                const at::Tensor& y, const std::string& margin, double s,
-                                double m1, double m2, double m3, double lamb, bool feature_scale,
-                                bool detach, bool tf32, int64_t num_sms) {
+                                const at::Tensor& y, const cuda::ProblemOptions& options,
+                                const std::string& margin, double s, double m1, double m2,
+                                double m3, double lamb, bool feature_scale, bool detach, bool tf32,
+                                int64_t num_sms) {
   margin_ops::check_inputs(x, w, y);
+  margin_ops::check_options(x, w, options.subcenters, options.class_index, options.hard_threshold,
+                            options.hard_t);
   const auto mp = margin_ops::make_params(margin, s, m1, m2, m3, lamb, feature_scale, detach);
-  return cuda::fill_problem(p, x, w, y, mp, tf32, int(num_sms), /*deterministic=*/false,
+  if (x.size(0) == 0) return {};
+  return cuda::fill_problem(p, x, w, y, options, mp, tf32, int(num_sms), /*deterministic=*/false,
                             guarded_input);
 }
 
@@ -98,7 +103,7 @@ cuda::LaunchInputs fill_problem(cuda::ProblemParams& p, const at::Tensor& x, con
 // rows nothing is launched, as in the glue.
 template <class Params>
 void launch(Params& p, const char* what) {
-  if (p.n == 0) return;
+  if (p.n == 0) return;  // p is unfilled (zero) then
   const Guarded ws(int64_t(cuda::workspace_bytes(p)), 0xff);
   p.workspace = ws.data;
   const cudaError_t err = cuda::launch(p, nullptr);
@@ -107,52 +112,65 @@ void launch(Params& p, const char* what) {
   ws.check((std::string(what) + " workspace").c_str());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const std::string& margin,
     double s, double m1, double m2, double m3, double lamb, bool feature_scale, bool detach,
-    bool tf32, int64_t num_sms) {
+    bool tf32, int64_t subcenters, const std::optional<at::Tensor>& class_index,
+    const std::optional<at::Tensor>& hard_threshold, const std::optional<at::Tensor>& hard_t,
+    int64_t num_sms) {
+  const cuda::ProblemOptions options{subcenters, class_index, hard_threshold, hard_t};
   cuda::ForwardParams p{};
-  const cuda::LaunchInputs inputs =  // alive until the launch ends
-      fill_problem(p, x, w, y, margin, s, m1, m2, m3, lamb, feature_scale, detach, tf32, num_sms);
   const int64_t n = x.size(0);
+  const cuda::LaunchInputs inputs =  // alive until the launch ends
+      fill_problem(p, x, w, y, options, margin, s, m1, m2, m3, lamb, feature_scale, detach, tf32,
+                   num_sms);
   const auto acc = cuda::accumulation_type(x.scalar_type());
   const Guarded lse = output({n}, acc), target = output({n}, acc), max_cos = output({n}, acc),
-                pred = output({n}, at::kLong);
+                pred = output({n}, at::kLong), nts = output({n}, acc);
   p.lse = lse.data;
   p.target_logit = target.data;
   p.max_cos = max_cos.data;
   p.pred = reinterpret_cast<int64_t*>(pred.data);
+  p.nontarget_sum = nts.data;
   launch(p, "forward");
   lse.check("lse");
   target.check("target_logit");
   max_cos.check("max_cos");
   pred.check("pred");
+  nts.check("nontarget_sum");
   return {lse.view({n}, acc), target.view({n}, acc), max_cos.view({n}, acc),
-          pred.view({n}, at::kLong)};
+          pred.view({n}, at::kLong), nts.view({n}, acc)};
 }
 
 std::tuple<at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_lse, const at::Tensor& grad_target, const at::Tensor& x,
-    const at::Tensor& w, const at::Tensor& y, const at::Tensor& lse, const std::string& margin,
-    double s, double m1, double m2, double m3, double lamb, bool feature_scale, bool detach,
-    bool tf32, int64_t num_sms) {
+    const at::Tensor& grad_lse, const at::Tensor& grad_target, const at::Tensor& grad_sum,
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& lse,
+    const std::string& margin, double s, double m1, double m2, double m3, double lamb,
+    bool feature_scale, bool detach, bool tf32, int64_t subcenters,
+    const std::optional<at::Tensor>& class_index, const std::optional<at::Tensor>& hard_threshold,
+    const std::optional<at::Tensor>& hard_t, int64_t num_sms) {
+  const cuda::ProblemOptions options{subcenters, class_index, hard_threshold, hard_t};
   cuda::BackwardParams p{};
+  const int64_t n = x.size(0);
   const cuda::LaunchInputs inputs =  // alive until the launch ends
-      fill_problem(p, x, w, y, margin, s, m1, m2, m3, lamb, feature_scale, detach, tf32, num_sms);
+      fill_problem(p, x, w, y, options, margin, s, m1, m2, m3, lamb, feature_scale, detach, tf32,
+                   num_sms);
   const auto acc = cuda::accumulation_type(x.scalar_type());
   auto per_row = [&](const at::Tensor& t, const char* name) {
     margin_ops::check_per_row(t, name, x);
     return guarded_input(t.to(acc));
   };
   const auto g_lse = per_row(grad_lse, "grad_lse"), g_t = per_row(grad_target, "grad_target_logit"),
-             lse_c = per_row(lse, "lse");
+             g_s = per_row(grad_sum, "grad_nontarget_sum"), lse_c = per_row(lse, "lse");
   const Guarded gx = output(x.sizes(), x.scalar_type()), gw = output(w.sizes(), w.scalar_type());
   p.lse = lse_c.data_ptr();
   p.grad_lse = g_lse.data_ptr();
   p.grad_target_logit = g_t.data_ptr();
+  p.grad_nontarget_sum = g_s.data_ptr();
   p.grad_x = gx.data;
   p.grad_weight = gw.data;
-  if (p.n == 0) std::memset(gw.data, 0, size_t(gw.bytes));  // no rows: dW = 0, as the glue
+  // Rows no class reads (outside class_index; all of them without rows): dW = 0, as the glue
+  if (class_index || n == 0) std::memset(gw.data, 0, size_t(gw.bytes));
   launch(p, "backward");
   gx.check("grad_x");
   gw.check("grad_weight");
@@ -167,7 +185,8 @@ at::Tensor probe_ldmatrix(bool trans, const at::Tensor& image, const at::Tensor&
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "The CUDA kernels of margin_ops run by a host emulator of the CUDA execution model";
-  m.def("forward", &forward, "margin_lse forward: (lse, target_logit, max_cos, pred)");
+  m.def("forward", &forward,
+        "margin_lse forward: (lse, target_logit, max_cos, pred, nontarget_sum)");
   m.def("backward", &backward, "margin_lse backward: (grad_x, grad_weight)");
   m.def("probe_mma", &probe_mma, "one emulated mma.sync: kind 0 bf16, 1 fp16, 2 tf32");
   m.def("probe_ldmatrix", &probe_ldmatrix, "one emulated ldmatrix.x4 (.trans)");
