@@ -84,3 +84,31 @@ def test_external_margin_with_the_target_as_only_class():
     assert all(t.isfinite().all() for t in got[5:])
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not margin_ops.triton.INTERPRETED, reason="runs the kernels on CPU tensors (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("subcenters", [1, 2])
+def test_backward_over_several_class_chunks(monkeypatch, subcenters):
+    """The backward's dS' scratch holds one chunk of classes at a time: with the bound shrunk
+    to one CHUNK_ALIGN-class chunk, C = 600 (and class_index, hard examples, feature scale
+    with K = 2) takes three chunks, whose dx̂ partials and feature-scale sums accumulate across
+    launches; every output must stay the float64 reference's, and bitwise equal to the
+    one-chunk backward up to the order of the chunk sums (float64 rounding)."""
+    from margin_ops.triton import margin_lse_backward as bwd
+    x, _, _ = make_inputs(21, 24, 1, F64, requires_grad=False)
+    weight = torch.randn(700 * subcenters, 24, dtype=F64)
+    class_index = torch.randperm(700)[:600] if subcenters > 1 else None
+    labels = torch.randint(0, 600, (21,))
+    labels[3] = -100
+    options = (None, subcenters, class_index,
+               *((torch.rand(21, dtype=F64) * 0.6 - 0.3, torch.rand(21, dtype=F64)) if subcenters > 1 else ()))
+    args = (("sphereface", 1.0, 4.0, 0.0, 0.0, 5.0, True, False) if subcenters > 1 else PRIMITIVE_ARGS[0])
+    if class_index is None:
+        weight = weight[:600]
+    one_chunk = _forward_backward(torch.ops.margin.margin_lse_triton, x, weight, labels, *args, *options)
+    monkeypatch.setattr(bwd, "SCRATCH_BYTES", 21 * subcenters * 8 * bwd.CHUNK_ALIGN)
+    chunked = _forward_backward(torch.ops.margin.margin_lse_triton, x, weight, labels, *args, *options)
+    expected = _forward_backward(margin_ops.reference.margin_lse, x, weight, labels, *args, *options)
+    for a, b, c in zip(chunked, one_chunk, expected):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)

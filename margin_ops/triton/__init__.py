@@ -18,7 +18,9 @@ running at the same time in other threads are not excluded.
 
 Files: ``margin.py`` (φ, dφ/dc and the hard-example modulation in Triton), ``tiles.py``
 (cosine / logit / gradient tiles), ``margin_lse.py`` (forward), ``margin_lse_backward.py``
-(backward), ``problem.py`` (host-side argument checks, prologue and launch sizes).
+(backward: one cosine recompute per class chunk, then the dW and dX GEMMs), ``problem.py``
+(host-side argument checks, prologue, class splits), ``launch.py`` (the launch table keyed
+on dtype, N and D buckets, and the opt-in autotune ``MARGIN_OPS_TRITON_AUTOTUNE=1``).
 """
 
 import functools

@@ -17,15 +17,10 @@ import triton
 import triton.language as tl
 
 from .margin import EXTERNAL
-from .problem import Tiles, class_splits, device_guard, prepare
+from .launch import choose
+from .problem import class_splits, device_guard, prepare
 from .tiles import class_cosine_tile, first_weight_rows, load_hard, logits, lse_logits, margin_tile, split_blocks
 
-#: Tiles per (input element size, K > 1 sub-centers). Untuned (no GPU was at hand): chosen so
-#: that sm_80 / sm_90a builds (triton.compile offline, tests/test_triton_compile.py) spill no
-#: registers and fit shared memory. With sub-centers a tile holds the best cosines and the
-#: next sub-center's: half the classes per tile.
-TILES = {(2, False): Tiles(64, 64, 64, 0, 4), (4, False): Tiles(64, 64, 32, 0, 4), (8, False): Tiles(32, 32, 32, 0, 4),
-         (2, True): Tiles(64, 32, 64, 0, 4), (4, True): Tiles(64, 32, 32, 0, 4), (8, True): Tiles(32, 32, 32, 0, 4)}
 #: Most class groups: the partials are 5 x groups x N numbers.
 MAX_SPLITS = 1024
 
@@ -127,19 +122,23 @@ def margin_lse(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, de
     if n == 0:
         return (target, target.clone(), target.clone(), torch.zeros(0, dtype=torch.int64, device=x.device),
                 target.clone())
-    launch = TILES[x.element_size(), subcenters > 1].launch(n, dim)
-    row_blocks = triton.cdiv(n, launch["BLOCK_M"])
-    splits, per_split = class_splits(row_blocks, triton.cdiv(p.num_classes, launch["BLOCK_C"]), x.device,
-                                     MAX_SPLITS)
-    part_max, part_sum, part_cos, part_nontarget = torch.empty(4, splits, n, dtype=p.acc, device=x.device)
-    part_pred = torch.empty(splits, n, dtype=torch.int64, device=x.device)
-    with device_guard(x):
-        margin_lse_kernel[(row_blocks, splits)](
-            x, weight, p.labels, p.inv_x_norm, p.scale, *p.options,
-            target, part_max, part_sum, part_cos, part_pred, part_nontarget,
-            n, p.num_classes, dim, *p.strides(), per_split, *p.margin_args,
-            **p.constexprs, **launch,
-        )
+
+    def run(launch):
+        sizes = launch.constexprs("forward", (n, p.num_classes, dim))
+        row_blocks = triton.cdiv(n, sizes["BLOCK_M"])
+        splits, per_split = class_splits(row_blocks, triton.cdiv(p.num_classes, sizes["BLOCK_C"]), x.device,
+                                         MAX_SPLITS)
+        parts = torch.empty(4, splits, n, dtype=p.acc, device=x.device)
+        part_pred = torch.empty(splits, n, dtype=torch.int64, device=x.device)
+        with device_guard(x):
+            margin_lse_kernel[(row_blocks, splits)](
+                x, weight, p.labels, p.inv_x_norm, p.scale, *p.options, target, *parts[:3], part_pred, parts[3],
+                n, p.num_classes, dim, *p.strides(), per_split, *p.margin_args, **p.constexprs, **sizes,
+            )
+        return parts, part_pred
+
+    launch = choose("forward", x.dtype, n, dim, x.device, subcenters, run, outputs=(target,))
+    (part_max, part_sum, part_cos, part_nontarget), part_pred = run(launch)
     global_max = part_max.amax(0)
     # −inf when lse has no logits at all (margin "external" with one class): then lse = −inf, not NaN.
     shift = torch.where(global_max == -torch.inf, 0, global_max)

@@ -1,23 +1,30 @@
 """Backward pass of the fused primitive: ``margin_lse_backward`` with Triton kernels.
 
-Both kernels recompute their cosine tiles (nothing N x C is stored between the passes)
-and form dlogit / dcos in registers (:func:`tiles.logit_grad_tile`):
+The cosines are recomputed once (nothing N x C outlives a chunk), as in the CUDA backend
+(csrc/cuda/margin_lse_kernels.cuh). The classes are processed in chunks of up to
+SCRATCH_BYTES of dS' (N x chunk·K numbers of the input dtype, 16 MiB: e.g. 16,384 classes
+at N = 512 in bfloat16); per chunk, three launches in stream order:
 
-* :func:`grad_weight_kernel`: one program per block of classes (and of D, and sub-center),
-  looping over all N rows, so each dW row has a single owner: no atomics, deterministic.
-  dW rows are written in place at the W rows the classes read (through class_index).
-* :func:`grad_x_kernel`: dx̂ is a sum over all C classes. One program per (row block,
-  group of class blocks) accumulates its group's share in registers and writes it to a
-  (groups, N, D) partial buffer; torch sums the groups in a fixed order (deterministic).
+* :func:`grad_tile_kernel` (row block x class tile): recomputes the cosine tile (K GEMMs
+  with sub-centers, as the forward), forms dlogit / dcos in registers
+  (:func:`tiles.logit_grad_tile`) and stores dS' = dcos / ‖w‖ to the scratch (one column
+  per sub-center, 0 where the sub-center does not win), the radial sums Σ_i dcos·c per
+  (row block, column), ‖w‖ and the feature-scale sums.
+* :func:`grad_weight_kernel`: dW (chunk) = dS'ᵀ x̂ − w R / ‖w‖², a GEMM over N. Each dW
+  row has one owner that writes it once, at the W row the class reads (through
+  class_index): no atomics.
+* :func:`grad_x_kernel`: dx̂ += dS' W (chunk), split over the chunk's columns into a fixed
+  number of splits; each (split, rows, columns) partial has one owner, stored by the first
+  chunk and added to by the next ones (stream order): no atomics.
 
-A few torch ops on (N, D) then pull dx̂ back through x̂ = x / max(‖x‖, eps) and add the
-feature-scale term, exactly as csrc/cpu/margin_lse_cpu.cpp does.
+Executed work: 2NCDK (the recompute) + 4NCDK (two gradient GEMMs) for 6NCDK useful plus
+2NCDK. torch then sums the dx̂ partials in split order (deterministic), pulls dx̂ back
+through x̂ = x / max(‖x‖, eps) and adds the feature-scale term, as
+csrc/cpu/margin_lse_cpu.cpp does.
 
-Precision: the gradient GEMMs take the dcos tile rounded to the input dtype (as
-FlashAttention's dS, or eager autocast's N x C logit gradient), where the CPU kernel keeps
-it in float32: bfloat16 gradients are off by up to ~1e-2 of their largest entry against
-float64, not ~3e-3. Splitting dcos into two bfloat16 terms (a second tl.dot on the
-remainder) would buy that back for 1.5x the backward's tensor-core work.
+Precision: the gradient GEMMs take dS' and x̂ rounded to the input dtype (as the CUDA
+backend's), where the CPU kernel keeps dcos in float32: bfloat16 gradients are off by up
+to ~1e-2 of their largest entry against float64, not ~3e-3.
 """
 
 from __future__ import annotations
@@ -28,25 +35,15 @@ import triton.language as tl
 
 from .. import spec
 from .margin import NORM_EPS
-from .problem import Tiles, class_splits, device_guard, prepare
-from .tiles import (class_cosine_tile, first_weight_rows, inverse_norm, load_hard, logit_grad_tile, mma, split_blocks,
-                    weight_norms)
+from .launch import choose
+from .problem import class_splits, device_guard, prepare
+from .tiles import class_cosine_tile, first_weight_rows, inverse_norm, load_hard, logit_grad_tile, mma, weight_norms
 
-#: Tiles per (input element size, K > 1 sub-centers). Untuned (no GPU was at hand): chosen so
-#: that sm_80 / sm_90a builds (triton.compile offline, tests/test_triton_compile.py) spill no
-#: registers and fit shared memory. A (rows or classes) x block_d float32 accumulator lives in
-#: registers; past block_d columns of D the kernels split D over programs, each recomputing its
-#: cosine tiles. With sub-centers the winners and the per-sub-center operands take registers:
-#: fewer classes or columns per program.
-GRAD_W_TILES = {(2, False): Tiles(32, 32, 64, 512, 8), (4, False): Tiles(32, 32, 32, 256, 8),
-                (8, False): Tiles(32, 32, 32, 128, 8),
-                (2, True): Tiles(32, 32, 64, 512, 8), (4, True): Tiles(32, 32, 32, 256, 8),
-                (8, True): Tiles(32, 32, 32, 64, 8)}
-GRAD_X_TILES = {(2, False): Tiles(32, 64, 64, 512, 8), (4, False): Tiles(32, 64, 32, 256, 8),
-                (8, False): Tiles(32, 32, 32, 128, 8),
-                (2, True): Tiles(32, 64, 64, 256, 8), (4, True): Tiles(32, 32, 32, 256, 8),
-                (8, True): Tiles(32, 32, 32, 64, 8)}
-#: Bound on the dx̂ partials: groups x N x D accumulation-dtype numbers.
+#: Bound on the dS' scratch of one class chunk: N x (classes x K) input-dtype numbers (CUDA's bound).
+SCRATCH_BYTES = 16 << 20
+#: Classes of a chunk are a multiple of this (the widest class tile of any launch candidate).
+CHUNK_ALIGN = 256
+#: Bound on the dx̂ partials: splits x N x D accumulation-dtype numbers.
 MAX_PARTIAL_BYTES = 32 << 20
 
 
@@ -65,125 +62,159 @@ def load_rows(rows, row_mask, labels_ptr, inv_x_norm_ptr, scale_ptr, lse_ptr, gr
 
 
 @triton.jit
-def grad_weight_kernel(
+def grad_tile_kernel(
     x_ptr, w_ptr, labels_ptr, inv_x_norm_ptr, scale_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr, grad_sum_ptr,
-    class_index_ptr, hard_threshold_ptr, hard_t_ptr, grad_w_ptr,
-    N, C, D, stride_xn, stride_xd, stride_wc, stride_wd, stride_gc, stride_gd,
-    m1: tl.float64, m2: tl.float64, m3: tl.float64, lamb: tl.float64,
-    cos_m: tl.float64, sin_m: tl.float64, threshold: tl.float64, sphere_m,
-    MARGIN: tl.constexpr, DETACH: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    SUBCENTERS: tl.constexpr, INDEXED: tl.constexpr, HARD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """dW of sub-center pid2 of classes [pid0·BLOCK_C, +BLOCK_C), columns [pid1·BLOCK_D, +BLOCK_D).
-
-    x (N, D), w (R, D): input dtype, strided; labels (N,) int64; inv_x_norm, scale, lse,
-    grad_lse, grad_target, grad_sum (N,) ACC; class_index, hard_threshold, hard_t as
-    :func:`margin_lse.margin_lse_kernel`'s. Writes the W rows r = r_j·K + pid2 of grad_w
-    (R, D) (w's dtype, strided): dw = (dŵ − ŵ (ŵ·dŵ)) / ‖w‖ above the norm floor, dŵ / eps
-    on it, with dŵ_r = Σ_i dcos_ij x̂_i and ŵ_r·dŵ_r = Σ_i dcos_ij c_ij over the (i, j)
-    whose winning sub-center is r. With K > 1 each program recomputes all K cosine tiles
-    to find the winners (K programs per class block: K² cosine GEMMs for K gradient GEMMs).
-    """
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    col_mask = cols < C
-    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
-    d_mask = ds < D
-    subcenter = tl.program_id(2)
-    first_rows = first_weight_rows(class_index_ptr, cols, col_mask, SUBCENTERS, INDEXED)
-    own_rows = first_rows + subcenter
-    acc_dtype = scale_ptr.dtype.element_ty
-    w_norm = weight_norms(w_ptr, own_rows, col_mask, D, stride_wc, stride_wd, acc_dtype, BLOCK_C, BLOCK_K)
-    grad_w_hat = tl.zeros((BLOCK_C, BLOCK_D), acc_dtype)
-    radial = tl.zeros((BLOCK_C,), acc_dtype)
-    for m0 in range(0, N, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        row_mask = rows < N
-        labels, inv_x_norm, scale, lse, grad_lse, grad_target, grad_sum = load_rows(
-            rows, row_mask, labels_ptr, inv_x_norm_ptr, scale_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr,
-            grad_sum_ptr)
-        hard_threshold, hard_t = load_hard(rows, row_mask, hard_threshold_ptr, hard_t_ptr, acc_dtype, HARD)
-        cos, winner, _ = class_cosine_tile(x_ptr, w_ptr, rows, first_rows, row_mask, col_mask, inv_x_norm,
-                                           D, stride_xn, stride_xd, stride_wc, stride_wd, SUBCENTERS,
-                                           BLOCK_M, BLOCK_C, BLOCK_K, INPUT_PRECISION, UPCAST)
-        _, dcos, _ = logit_grad_tile(cos, cols, col_mask, labels, scale, lse, grad_lse, grad_target, grad_sum,
-                                     hard_threshold, hard_t, m1, m2, m3, lamb, cos_m, sin_m, threshold, sphere_m,
-                                     MARGIN, DETACH, HARD)
-        if SUBCENTERS > 1:
-            dcos = tl.where(winner == subcenter, dcos, 0.0)
-        radial += tl.sum(dcos * cos, axis=0)
-        x = tl.load(x_ptr + rows[:, None] * stride_xn + ds[None, :] * stride_xd,
-                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        # x̂ = x / ‖x‖: the row factor goes on the (small) gradient operand, not on x.
-        dcos_rows = (dcos * inv_x_norm[:, None]).to(x.dtype)
-        grad_w_hat = mma(tl.trans(dcos_rows), x, grad_w_hat, INPUT_PRECISION, UPCAST)
-    inv_w_norm = inverse_norm(w_norm)
-    radial = tl.where(w_norm > NORM_EPS, radial, 0.0)
-    mask = col_mask[:, None] & d_mask[None, :]
-    w = tl.load(w_ptr + own_rows[:, None] * stride_wc + ds[None, :] * stride_wd, mask=mask, other=0.0)
-    grad_w = inv_w_norm[:, None] * grad_w_hat - (radial * inv_w_norm * inv_w_norm)[:, None] * w.to(acc_dtype)
-    tl.store(grad_w_ptr + own_rows[:, None] * stride_gc + ds[None, :] * stride_gd,
-             grad_w.to(grad_w_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def grad_x_kernel(
-    x_ptr, w_ptr, labels_ptr, inv_x_norm_ptr, scale_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr, grad_sum_ptr,
-    class_index_ptr, hard_threshold_ptr, hard_t_ptr, part_grad_ptr, part_scale_grad_ptr,
-    N, C, D, stride_xn, stride_xd, stride_wc, stride_wd, blocks_per_split,
+    class_index_ptr, hard_threshold_ptr, hard_t_ptr, scratch_ptr, part_radial_ptr, w_norm_ptr, part_scale_grad_ptr,
+    N, C, D, stride_xn, stride_xd, stride_wc, stride_wd, stride_s, chunk_first, accumulate,
     m1: tl.float64, m2: tl.float64, m3: tl.float64, lamb: tl.float64,
     cos_m: tl.float64, sin_m: tl.float64, threshold: tl.float64, sphere_m,
     MARGIN: tl.constexpr, DETACH: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     SUBCENTERS: tl.constexpr, INDEXED: tl.constexpr, HARD: tl.constexpr, FEATURE_SCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Class group pid1's share of dx̂ for rows [pid0·BLOCK_M, +BLOCK_M), columns [pid2·BLOCK_D, +BLOCK_D).
+    """The one recompute: rows [pid0·BLOCK_M, +BLOCK_M) x chunk classes [pid1·BLOCK_C, +BLOCK_C).
 
-    Inputs as :func:`grad_weight_kernel`. Writes part_grad (groups, N, D) ACC at
-    [pid1, rows, columns]: Σ_j dcos_ij ŵ_r over the group, r the winning sub-center row of
-    class j (one gradient GEMM per sub-center, on the entries it wins); with FEATURE_SCALE
-    (pid2 = 0 only) part_scale_grad (groups, N) ACC: Σ_j dlogit_ij u_ij, the gradient of
-    the row's loss through s_i = ‖x_i‖ (logit = s_i·u).
+    Chunk class j (0 ≤ j < min(C − chunk_first, stride_s / K)) is class chunk_first + j; its
+    sub-center k is scratch column q = j·K + k. Inputs as :func:`margin_lse.margin_lse_kernel`'s,
+    plus lse, grad_lse, grad_target, grad_sum (N,) ACC. Writes, for the tile's entries:
+
+    * scratch (N, stride_s) input dtype: dS'_iq = dcos_ij / max(‖w_r‖, eps) where k wins
+      c_ij, else 0 (r = r_j·K + k, the W row of column q);
+    * part_radial (row blocks, stride_s) ACC at [pid0, q]: Σ_i dcos_ij c_ij over the rows
+      where k wins;
+    * w_norm (stride_s,) ACC at q: ‖w_r‖ (programs pid0 = 0 only);
+    * with FEATURE_SCALE, part_scale_grad (class tiles of a chunk, N) ACC at [pid1, rows]:
+      Σ_j dlogit_ij u_ij (stored for the first chunk, added to after: ``accumulate``).
     """
-    split = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    pid_m = tl.program_id(0)
+    tile = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_mask = rows < N
-    ds = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
-    d_mask = ds < D
+    local = tile * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    cols = chunk_first + local
+    col_mask = (cols < C) & (local * SUBCENTERS < stride_s)
     labels, inv_x_norm, scale, lse, grad_lse, grad_target, grad_sum = load_rows(
         rows, row_mask, labels_ptr, inv_x_norm_ptr, scale_ptr, lse_ptr, grad_lse_ptr, grad_target_ptr, grad_sum_ptr)
     acc_dtype = inv_x_norm.dtype
     hard_threshold, hard_t = load_hard(rows, row_mask, hard_threshold_ptr, hard_t_ptr, acc_dtype, HARD)
-    grad_x_hat = tl.zeros((BLOCK_M, BLOCK_D), acc_dtype)
-    scale_grad = tl.zeros((BLOCK_M,), acc_dtype)
-    first_block, last_block = split_blocks(split, blocks_per_split, C, BLOCK_C)
-    for block in range(first_block, last_block):
-        cols = block * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-        col_mask = cols < C
-        first_rows = first_weight_rows(class_index_ptr, cols, col_mask, SUBCENTERS, INDEXED)
-        cos, winner, inv_w_norm = class_cosine_tile(x_ptr, w_ptr, rows, first_rows, row_mask, col_mask, inv_x_norm,
-                                                    D, stride_xn, stride_xd, stride_wc, stride_wd, SUBCENTERS,
-                                                    BLOCK_M, BLOCK_C, BLOCK_K, INPUT_PRECISION, UPCAST)
-        dlogit, dcos, u = logit_grad_tile(cos, cols, col_mask, labels, scale, lse, grad_lse, grad_target, grad_sum,
-                                          hard_threshold, hard_t, m1, m2, m3, lamb, cos_m, sin_m, threshold,
-                                          sphere_m, MARGIN, DETACH, HARD)
-        if FEATURE_SCALE:
-            scale_grad += tl.sum(dlogit * u, axis=1)
-        # ŵ = w / ‖w‖: the winner's column factor goes on the gradient operand, not on W.
-        dcos = dcos * inv_w_norm
-        for k in tl.static_range(SUBCENTERS):
-            w = tl.load(w_ptr + (first_rows + k)[:, None] * stride_wc + ds[None, :] * stride_wd,
-                        mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-            dcos_k = dcos
-            if SUBCENTERS > 1:
-                dcos_k = tl.where(winner == k, dcos, 0.0)
-            grad_x_hat = mma(dcos_k.to(w.dtype), w, grad_x_hat, INPUT_PRECISION, UPCAST)
-    part = split.to(tl.int64) * N + rows
-    tl.store(part_grad_ptr + part[:, None] * D + ds[None, :], grad_x_hat,
-             mask=row_mask[:, None] & d_mask[None, :])
+    first_rows = first_weight_rows(class_index_ptr, cols, col_mask, SUBCENTERS, INDEXED)
+    cos, winner, inv_w_norm = class_cosine_tile(x_ptr, w_ptr, rows, first_rows, row_mask, col_mask, inv_x_norm,
+                                                D, stride_xn, stride_xd, stride_wc, stride_wd, SUBCENTERS,
+                                                BLOCK_M, BLOCK_C, BLOCK_K, INPUT_PRECISION, UPCAST)
+    dlogit, dcos, u = logit_grad_tile(cos, cols, col_mask, labels, scale, lse, grad_lse, grad_target, grad_sum,
+                                      hard_threshold, hard_t, m1, m2, m3, lamb, cos_m, sin_m, threshold, sphere_m,
+                                      MARGIN, DETACH, HARD)
+    # ŵ = w / ‖w‖: the winner's column factor goes on the gradient operand, not on W.
+    scaled = dcos * inv_w_norm
+    tile_mask = row_mask[:, None] & col_mask[None, :]
+    for k in tl.static_range(SUBCENTERS):
+        q = local * SUBCENTERS + k
+        dcos_k = dcos
+        scaled_k = scaled
+        if SUBCENTERS > 1:
+            dcos_k = tl.where(winner == k, dcos, 0.0)
+            scaled_k = tl.where(winner == k, scaled, 0.0)
+        tl.store(scratch_ptr + rows[:, None] * stride_s + q[None, :], scaled_k.to(scratch_ptr.dtype.element_ty),
+                 mask=tile_mask)
+        tl.store(part_radial_ptr + pid_m.to(tl.int64) * stride_s + q, tl.sum(dcos_k * cos, axis=0), mask=col_mask)
+        if pid_m == 0:
+            tl.store(w_norm_ptr + q, weight_norms(w_ptr, first_rows + k, col_mask, D, stride_wc, stride_wd, acc_dtype,
+                                                  BLOCK_C, BLOCK_K), mask=col_mask)
     if FEATURE_SCALE:
-        if tl.program_id(2) == 0:
-            tl.store(part_scale_grad_ptr + part, scale_grad, mask=row_mask)
+        scale_grad = tl.sum(dlogit * u, axis=1)
+        part = part_scale_grad_ptr + tile.to(tl.int64) * N + rows
+        if accumulate:
+            scale_grad += tl.load(part, mask=row_mask, other=0.0)
+        tl.store(part, scale_grad, mask=row_mask)
+
+
+@triton.jit
+def scratch_weight_rows(class_index_ptr, q, q_mask, chunk_first, SUBCENTERS: tl.constexpr, INDEXED: tl.constexpr):
+    """The W rows r_j·K + k of scratch columns q = j·K + k (int64, with their mask)."""
+    classes = chunk_first + q // SUBCENTERS
+    return first_weight_rows(class_index_ptr, classes, q_mask, SUBCENTERS, INDEXED) + q % SUBCENTERS
+
+
+@triton.jit
+def grad_weight_kernel(
+    x_hat_ptr, w_ptr, class_index_ptr, scratch_ptr, part_radial_ptr, w_norm_ptr, grad_w_ptr,
+    N, D, stride_wc, stride_wd, stride_gc, stride_gd, stride_s, chunk_first, chunk_columns, row_blocks,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SUBCENTERS: tl.constexpr, INDEXED: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dW of scratch columns [pid0·BLOCK_C, +BLOCK_C), W columns [pid1·BLOCK_D, +BLOCK_D).
+
+    x_hat (N, D) input dtype, contiguous: x̂ = x / max(‖x‖, eps). scratch, part_radial
+    (``row_blocks`` rows), w_norm as :func:`grad_tile_kernel` wrote them; columns past
+    ``chunk_columns`` are not the chunk's. Writes grad_w (R, D) (w's dtype, strided) at the
+    columns' W rows r: dw_r = Σ_i dS'_ir x̂_i − w_r R_r / ‖w_r‖² (R_r the radial sums, left
+    out on the norm floor, where dS' already carries 1/eps): each row written once, by
+    one program, summing over N in a fixed order.
+    """
+    q = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    q_mask = q < chunk_columns
+    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    d_mask = ds < D
+    acc_dtype = part_radial_ptr.dtype.element_ty
+    grad = tl.zeros((BLOCK_C, BLOCK_D), acc_dtype)
+    for m0 in range(0, N, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_mask = rows < N
+        scratch_t = tl.load(scratch_ptr + q[:, None] + rows[None, :] * stride_s,
+                            mask=q_mask[:, None] & row_mask[None, :], other=0.0)
+        x_hat = tl.load(x_hat_ptr + rows[:, None] * D + ds[None, :], mask=row_mask[:, None] & d_mask[None, :],
+                        other=0.0)
+        grad = mma(scratch_t, x_hat, grad, INPUT_PRECISION, UPCAST)
+    radial = tl.zeros((BLOCK_C,), acc_dtype)
+    for block in range(row_blocks):
+        radial += tl.load(part_radial_ptr + block * stride_s + q, mask=q_mask, other=0.0)
+    w_norm = tl.load(w_norm_ptr + q, mask=q_mask, other=1.0)
+    inv_w_norm = inverse_norm(w_norm)
+    radial = tl.where(w_norm > NORM_EPS, radial, 0.0)
+    w_rows = scratch_weight_rows(class_index_ptr, q, q_mask, chunk_first, SUBCENTERS, INDEXED)
+    mask = q_mask[:, None] & d_mask[None, :]
+    w = tl.load(w_ptr + w_rows[:, None] * stride_wc + ds[None, :] * stride_wd, mask=mask, other=0.0)
+    grad -= (radial * inv_w_norm * inv_w_norm)[:, None] * w.to(acc_dtype)
+    tl.store(grad_w_ptr + w_rows[:, None] * stride_gc + ds[None, :] * stride_gd,
+             grad.to(grad_w_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def grad_x_kernel(
+    w_ptr, class_index_ptr, scratch_ptr, part_grad_ptr,
+    N, D, stride_wc, stride_wd, stride_s, chunk_first, chunk_columns, columns_per_split, accumulate,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SUBCENTERS: tl.constexpr, INDEXED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Split pid2's share of dx̂ = dS' W for rows [pid0·BLOCK_M, +BLOCK_M), columns [pid1·BLOCK_D, +BLOCK_D).
+
+    The split owns scratch columns [pid2·columns_per_split, +columns_per_split) of the
+    chunk (a multiple of BLOCK_C). part_grad (splits, N, D) ACC at [pid2, rows, columns]:
+    stored for the first chunk, added to after (``accumulate``): one owner, chunks in order.
+    """
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_mask = rows < N
+    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    d_mask = ds < D
+    split = tl.program_id(2)
+    acc_dtype = part_grad_ptr.dtype.element_ty
+    grad = tl.zeros((BLOCK_M, BLOCK_D), acc_dtype)
+    first = split * columns_per_split
+    last = tl.minimum(first + columns_per_split, chunk_columns)
+    for q0 in range(first, last, BLOCK_C):
+        q = q0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        q_mask = q < last
+        scratch = tl.load(scratch_ptr + rows[:, None] * stride_s + q[None, :],
+                          mask=row_mask[:, None] & q_mask[None, :], other=0.0)
+        w_rows = scratch_weight_rows(class_index_ptr, q, q_mask, chunk_first, SUBCENTERS, INDEXED)
+        w = tl.load(w_ptr + w_rows[:, None] * stride_wc + ds[None, :] * stride_wd,
+                    mask=q_mask[:, None] & d_mask[None, :], other=0.0)
+        grad = mma(scratch, w, grad, INPUT_PRECISION, UPCAST)
+    part = part_grad_ptr + (split.to(tl.int64) * N + rows)[:, None] * D + ds[None, :]
+    mask = row_mask[:, None] & d_mask[None, :]
+    if accumulate:
+        grad += tl.load(part, mask=mask, other=0.0)
+    tl.store(part, grad, mask=mask)
 
 
 def margin_lse_backward(grad_lse, grad_target_logit, grad_nontarget_sum, x, weight, labels, lse, margin, s, m1,
@@ -204,27 +235,65 @@ def margin_lse_backward(grad_lse, grad_target_logit, grad_nontarget_sum, x, weig
     grad_weight = torch.empty_like(weight) if class_index is None else torch.zeros_like(weight)
     if n == 0:
         return grad_x, grad_weight.zero_()
+    num_classes, dtype, device = p.num_classes, x.dtype, x.device
     rows = (p.labels, p.inv_x_norm, p.scale,
             *(t.to(p.acc).contiguous() for t in (lse, grad_lse, grad_target_logit, grad_nontarget_sum)), *p.options)
-    grad_w_launch = GRAD_W_TILES[x.element_size(), subcenters > 1].launch(n, dim)
-    grad_x_launch = GRAD_X_TILES[x.element_size(), subcenters > 1].launch(n, dim)
-    row_blocks = triton.cdiv(n, grad_x_launch["BLOCK_M"])
-    splits, per_split = class_splits(row_blocks, triton.cdiv(p.num_classes, grad_x_launch["BLOCK_C"]), x.device,
-                                     max(1, MAX_PARTIAL_BYTES // (n * dim * p.scale.element_size())))
-    part_grad = torch.empty(splits, n, dim, dtype=p.acc, device=x.device)
-    part_scale_grad = torch.empty(splits, n, dtype=p.acc, device=x.device)
-    with device_guard(x):
-        grid = (triton.cdiv(p.num_classes, grad_w_launch["BLOCK_C"]), triton.cdiv(dim, grad_w_launch["BLOCK_D"]),
-                subcenters)
-        grad_weight_kernel[grid](
-            x, weight, *rows, grad_weight, n, p.num_classes, dim, *p.strides(), *grad_weight.stride(),
-            *p.margin_args, **p.constexprs, **grad_w_launch,
-        )
-        grid = (row_blocks, splits, triton.cdiv(dim, grad_x_launch["BLOCK_D"]))
-        grad_x_kernel[grid](
-            x, weight, *rows, part_grad, part_scale_grad, n, p.num_classes, dim, *p.strides(), per_split,
-            *p.margin_args, **p.constexprs, FEATURE_SCALE=bool(feature_scale), **grad_x_launch,
-        )
+    # The chunk: as many classes as the scratch bound allows, a multiple of CHUNK_ALIGN.
+    fit = SCRATCH_BYTES // (n * subcenters * x.element_size()) // CHUNK_ALIGN * CHUNK_ALIGN
+    chunk = min(num_classes, max(CHUNK_ALIGN, fit))
+    columns = chunk * subcenters
+    scratch = torch.empty(n, columns, dtype=dtype, device=device)
+    part_radial = torch.empty(triton.cdiv(n, 16), columns, dtype=p.acc, device=device)
+    w_norm = torch.empty(columns, dtype=p.acc, device=device)
+    part_scale_grad = torch.empty(triton.cdiv(chunk, 16), n, dtype=p.acc, device=device)
+    x_hat_operand = (x.to(p.acc) * p.inv_x_norm.unsqueeze(1)).to(dtype).contiguous()
+    part_grads = {}
+
+    def run_tile(launch, first):
+        sizes = launch.constexprs("grad_tile", (n, chunk, dim))
+        grid = (triton.cdiv(n, sizes["BLOCK_M"]), triton.cdiv(chunk, sizes["BLOCK_C"]))
+        with device_guard(x):
+            grad_tile_kernel[grid](
+                x, weight, *rows, scratch, part_radial, w_norm, part_scale_grad, n, num_classes, dim, *p.strides(),
+                columns, first, first > 0, *p.margin_args, **p.constexprs, FEATURE_SCALE=bool(feature_scale),
+                **sizes)
+
+    def run_weight(launch, first, tile_rows):
+        sizes = launch.constexprs("grad_weight", (columns, dim, n))
+        grid = (triton.cdiv(columns, sizes["BLOCK_C"]), triton.cdiv(dim, sizes["BLOCK_D"]))
+        with device_guard(x):
+            grad_weight_kernel[grid](
+                x_hat_operand, weight, p.options[0], scratch, part_radial, w_norm, grad_weight, n, dim, *weight.stride(),
+                *grad_weight.stride(), columns, first, min(chunk, num_classes - first) * subcenters, tile_rows,
+                **gemm_constexprs, **sizes)
+
+    def run_x(launch, first):
+        sizes = launch.constexprs("grad_x", (n, dim, columns))
+        row_blocks, d_blocks = triton.cdiv(n, sizes["BLOCK_M"]), triton.cdiv(dim, sizes["BLOCK_D"])
+        splits, per_split = class_splits(row_blocks * d_blocks, triton.cdiv(columns, sizes["BLOCK_C"]), device,
+                                         max(1, MAX_PARTIAL_BYTES // (n * dim * p.scale.element_size())))
+        if splits not in part_grads:
+            part_grads[splits] = torch.empty(splits, n, dim, dtype=p.acc, device=device)
+        with device_guard(x):
+            grad_x_kernel[(row_blocks, d_blocks, splits)](
+                weight, p.options[0], scratch, part_grads[splits], n, dim, *weight.stride(), columns, first,
+                min(chunk, num_classes - first) * subcenters, per_split * sizes["BLOCK_C"], first > 0,
+                **gemm_constexprs, **sizes)
+        return part_grads[splits]
+
+    gemm_constexprs = {key: p.constexprs[key] for key in ("INPUT_PRECISION", "UPCAST", "SUBCENTERS", "INDEXED")}
+    tile_launch = choose("grad_tile", dtype, n, dim, device, subcenters, lambda launch: run_tile(launch, 0),
+                         outputs=(part_scale_grad,))
+    tile_sizes = tile_launch.constexprs("grad_tile", (n, chunk, dim))
+    tile_rows, tiles = triton.cdiv(n, tile_sizes["BLOCK_M"]), triton.cdiv(chunk, tile_sizes["BLOCK_C"])
+    for first in range(0, num_classes, chunk):
+        run_tile(tile_launch, first)
+        if first == 0:
+            weight_launch = choose("grad_weight", dtype, n, dim, device, subcenters,
+                                   lambda launch: run_weight(launch, 0, tile_rows), outputs=(grad_weight,))
+            x_launch = choose("grad_x", dtype, n, dim, device, subcenters, lambda launch: run_x(launch, 0))
+        run_weight(weight_launch, first, tile_rows)
+        part_grad = run_x(x_launch, first)
 
     # Through x̂ = x / max(‖x‖, eps): the tangent projection (I − x̂x̂ᵀ) / ‖x‖ above the floor, I / eps on it.
     x_hat = x.to(p.acc) * p.inv_x_norm.unsqueeze(1)
@@ -235,6 +304,6 @@ def margin_lse_backward(grad_lse, grad_target_logit, grad_nontarget_sum, x, weig
     if feature_scale:
         # d‖x‖/dx = x / ‖x‖ = x̂ where ‖x‖ > 0, and 0 at x = 0 (as torch.norm's backward).
         direction = torch.where((p.x_norm > 0).unsqueeze(1), x.to(p.acc) / p.x_norm.unsqueeze(1), 0)
-        grad += part_scale_grad.sum(0).unsqueeze(1) * direction
+        grad += part_scale_grad[:tiles].sum(0).unsqueeze(1) * direction
     grad_x.copy_(grad)
     return grad_x, grad_weight

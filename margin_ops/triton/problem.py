@@ -12,7 +12,6 @@ import contextlib
 from typing import NamedTuple
 
 import torch
-import triton
 from triton.runtime.interpreter import InterpretedFunction
 
 from .. import backends, checks, spec
@@ -98,28 +97,6 @@ def prepare(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detac
     )
     return Problem(x, weight, labels, checks.num_classes(weight, subcenters, class_index), x_norm, inv_x_norm,
                    scale, options, host_params(margin, m1, m2, m3, lamb), constexprs)
-
-
-class Tiles(NamedTuple):
-    """A kernel's tile sizes (powers of two ≥ 16, as tl.dot needs) and warps."""
-
-    block_m: int    #: most rows per tile (fewer for a smaller N)
-    block_c: int    #: classes per tile
-    block_k: int    #: most columns of D per tl.dot step (fewer for a smaller D)
-    block_d: int    #: most columns of D per gradient accumulator (0: the kernel has none)
-    num_warps: int
-
-    def launch(self, n: int, dim: int) -> dict:
-        """The kernel's BLOCK_* constexprs and num_warps for N = n, D = dim."""
-        sizes = dict(BLOCK_M=_pow2(n, self.block_m), BLOCK_C=self.block_c, BLOCK_K=_pow2(dim, self.block_k),
-                     num_warps=self.num_warps)
-        if self.block_d:
-            sizes["BLOCK_D"] = _pow2(dim, self.block_d)
-        return sizes
-
-
-def _pow2(n: int, high: int) -> int:
-    return max(16, min(high, triton.next_power_of_2(n)))
 
 
 def class_splits(row_blocks: int, class_blocks: int, device: torch.device, max_splits: int) -> tuple[int, int]:
