@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import math
 import os
+import unittest.mock
 from typing import NamedTuple
 
 import pytest
@@ -230,34 +231,29 @@ def cancellation_scales(name: str, x, weight, labels, upstream=None, **kwargs) -
 
     dx_i = P_i (Σ_c dc_ic ŵ_c) / ‖x_i‖ (P_i: projection off x̂_i) and likewise for dw_c, with
     dc = dloss/dcos. When the terms cancel (D = 1, |cos| = 1: x̂ ∥ ŵ, the projection removes
-    everything), the result is rounding noise of the size of max_i Σ_c |dc_ic| / ‖x_i‖ times
-    the working precision, however small the exact gradient. Returns those two maxima
-    (rows of x, rows of weight), computed from the reference's dc.
+    everything; a zero row, whose 1/eps factor magnifies the sum's rounding), the result is
+    rounding noise of the size of max_i Σ_c |dc_ic| / ‖x_i‖ times the working precision,
+    however small the exact gradient. Returns those two maxima (rows of x, rows of weight),
+    with dc taken from the reference loss of op ``name`` itself: its cosine matrix (every
+    weight row's, sub-centers included) is made a leaf for the autograd call.
     """
-    reduction = kwargs.pop("reduction", "mean")
-    ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
-    margin = spec_for(name, **kwargs)
     x64, w64 = x.detach().double(), weight.detach().double()
-    c = reference.cosine(x64, w64).detach().requires_grad_(True)
-    has_target = (labels >= 0) & (labels < w64.shape[0])
-    column = torch.where(has_target, labels, 0).unsqueeze(1)
-    c_target = c.gather(1, column)
-    phi = reference.target_margin(c_target, margin)
-    if margin.detach_margin_grad:
-        phi = c_target + (phi - c_target).detach()
-    phi = torch.where(has_target.unsqueeze(1), phi, c_target)
-    scale = x64.norm(dim=1, keepdim=True) if margin.feature_scale else margin.s
-    logits = c.scatter(1, column, phi) * scale
-    target_logit = torch.where(has_target, logits.gather(1, column).squeeze(1), 0)
-    loss = reference.loss_from_lse(logits.logsumexp(1), target_logit, labels, margin.gamma, reduction,
-                                   ignore_index)
-    grad_out = torch.ones_like(loss) if upstream is None or reduction != "none" else upstream.to(loss)
-    (dc,) = torch.autograd.grad(loss, c, grad_out)
+    leaves = []
+    cosine = reference.cosine
+
+    def leaf_cosine(a, b):
+        leaves.append(cosine(a, b).detach().requires_grad_(True))
+        return leaves[-1]
+
+    with unittest.mock.patch.object(reference, "cosine", leaf_cosine):
+        loss = REFERENCE_FNS[name](x64, w64, labels, **kwargs)
+    if not loss.numel():
+        return 0.0, 0.0
+    grad_out = torch.ones_like(loss) if loss.dim() == 0 or upstream is None else upstream.to(loss)
+    (dc,) = torch.autograd.grad(loss, leaves, grad_out)
     x_norm = x64.norm(dim=1).clamp_min(spec.NORM_EPS)
     w_norm = w64.norm(dim=1).clamp_min(spec.NORM_EPS)
-    sx = (dc.abs().sum(1) / x_norm).max().item() if dc.numel() else 0.0
-    sw = (dc.abs().sum(0) / w_norm).max().item() if dc.numel() else 0.0
-    return sx, sw
+    return (dc.abs().sum(1) / x_norm).max().item(), (dc.abs().sum(0) / w_norm).max().item()
 
 
 def _absmax(t: torch.Tensor) -> float:
