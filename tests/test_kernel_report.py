@@ -1,0 +1,247 @@
+"""tools/kernel_report.py: SASS / ptxas parsing, loop and hot-path analysis, the time model.
+
+Fast: canned SASS and ptxas text, and one tiny .cu (a loop of two mma.sync per iteration)
+compiled for sm_80 and sm_90a when nvcc is available (a few seconds), never the full kernels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("kernel_report", ROOT / "tools" / "kernel_report.py")
+kr = importlib.util.module_from_spec(_spec)
+sys.modules["kernel_report"] = kr
+_spec.loader.exec_module(kr)
+
+# A function in cuobjdump -sass form: a prologue, a loop [0x40, 0x120] whose body has a
+# vector-copy path (LDGSTS) and a slow scalar path, 2 HMMA, then an epilogue with a rare
+# branch and an EXIT, and the trailing self-branch ptxas emits.
+CANNED = """
+	code for sm_90a
+		Function : _Z6canned
+	.headerflags	@"EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                 /* 0x0000 */
+                                                                           /* 0x0000 */
+        /*0010*/                   S2R R0, SR_TID.X ;                     /* 0x0000 */
+        /*0020*/                   ISETP.GE.AND P0, PT, R0, 0x1, PT ;     /* 0x0000 */
+        /*0030*/               @P0 EXIT ;                                 /* 0x0000 */
+        /*0040*/              @!P1 BRA 0x80 ;                             /* 0x0000 */
+        /*0050*/                   LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64] ;  /* 0x0 */
+        /*0060*/                   BRA 0xd0 ;                             /* 0x0000 */
+        /*0070*/                   NOP ;                                  /* 0x0000 */
+        /*0080*/                   LDG.E.U16 R6, desc[UR4][R4.64] ;       /* 0x0000 */
+        /*0090*/                   LDG.E.U16 R7, desc[UR4][R4.64+0x2] ;   /* 0x0000 */
+        /*00a0*/                   STS.U16 [R2], R6 ;                     /* 0x0000 */
+        /*00b0*/                   STS.U16 [R2+0x2], R7 ;                 /* 0x0000 */
+        /*00c0*/                   IADD3 R4, R4, 0x4, RZ ;                /* 0x0000 */
+        /*00d0*/                   LDSM.16.M88.4 R8, [R3] ;               /* 0x0000 */
+        /*00e0*/                   HMMA.16816.F32.BF16 R12, R8, R10, R12 ; /* 0x0000 */
+        /*00f0*/                   HMMA.16816.F32.BF16 R16, R8, R11, R16 ; /* 0x0000 */
+        /*0100*/                   IADD3 R0, R0, 0x1, RZ ;                /* 0x0000 */
+        /*0110*/                   ISETP.GE.AND P0, PT, R0, c[0x0][0x210], PT ; /* 0x0 */
+        /*0120*/              @!P0 BRA 0x40 ;                             /* 0x0000 */
+        /*0130*/                   MUFU.EX2 R20, R12 ;                    /* 0x0000 */
+        /*0140*/               @P2 BRA 0x180 ;                            /* 0x0000 */
+        /*0150*/                   MUFU.EX2 R21, R13 ;                    /* 0x0000 */
+        /*0160*/                   FADD R20, R20, R21 ;                   /* 0x0000 */
+        /*0170*/                   BRA 0x190 ;                            /* 0x0000 */
+        /*0180*/                   MOV R20, RZ ;                          /* 0x0000 */
+        /*0190*/                   STG.E desc[UR4][R2.64], R20 ;          /* 0x0000 */
+        /*01a0*/                   EXIT ;                                 /* 0x0000 */
+        /*01b0*/                   BRA 0x1b0;                             /* 0x0000 */
+		..........
+"""
+
+PTXAS = """\
+ptxas info    : 272 bytes gmem
+ptxas info    : Compiling entry function '_Z6canned' for 'sm_90a'
+ptxas info    : Function properties for _Z6canned
+    16 bytes stack frame, 12 bytes spill stores, 20 bytes spill loads
+ptxas info    : Used 128 registers, used 1 barriers, 16 bytes cumulative stack size, 13408 bytes smem
+ptxas info    : Compile time = 1.0 ms
+ptxas info    : Function properties for helper
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Compiling entry function '_Z5other' for 'sm_90a'
+ptxas info    : Function properties for _Z5other
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 30 registers, used 0 barriers
+"""
+
+
+def test_parse_sass_counts_and_predicates():
+    funcs = kr.parse_sass(CANNED)
+    assert list(funcs) == ["_Z6canned"]
+    insts = funcs["_Z6canned"]
+    assert len(insts) == 28
+    assert insts[3].pred == "@P0" and insts[3].base == "EXIT" and insts[3].conditional
+    assert insts[4].branch_target == 0x80 and insts[4].conditional
+    assert insts[6].branch_target == 0xD0 and not insts[6].conditional
+    call = kr.parse_sass("Function : f\n /*0010*/ @P0 CALL.REL.NOINC 0x40 ;\n /*0020*/ CALL.REL 0x80 ;\n")["f"]
+    assert call[0].branch_target == 0x40 and call[0].conditional  # ptxas' loop exit
+    assert call[1].branch_target is None  # a subroutine call returns: not a jump
+    c = kr.count_ops(insts)
+    assert (c["HMMA"], c["LDGSTS"], c["LDSM"], c["MUFU"], c["EX2"], c["MMA"]) == (2, 1, 1, 2, 2, 2)
+
+
+def test_mainloop_and_hot_paths_of_canned_sass():
+    insts = kr.parse_sass(CANNED)["_Z6canned"]
+    loops = kr.find_loops(insts)
+    ml = kr.find_mainloop(insts, loops)
+    assert (insts[ml.start].addr, insts[ml.end].addr) == (0x40, 0x120)
+    assert ml.size == 15
+    hot = kr.hot_path(insts, ml.start, ml.end)
+    # 0x40, 0x50 (LDGSTS), 0x60 (BRA), then 0xd0..0x120: the vector path, not the scalar one
+    assert (hot.insts, hot.mma, hot.copies) == (9, 2, 2)
+    worst = kr.hot_path(insts, ml.start, ml.end, worst=True)
+    assert worst.insts == 12  # 0x40, 0x80..0x120 (the scalar path falls through)
+    a = kr.analyze_function(insts)
+    assert a["outer_kind"] == "exit" and a["main"].insts == 9 and a["main_static"] == 15
+    # epilogue: 0x130..0x1a0 with the most MUFU.EX2: 0x130 0x140 0x150 0x160 0x170 0x190 0x1a0
+    assert (a["epi"].insts, a["epi"].ex2) == (7, 2)
+    # the function's hot path: 0x0..0x30, the loop once (9), the epilogue (7)
+    assert a["func"].insts == 4 + 9 + 7
+    # with one exponential per element (cap 1), the second MUFU.EX2 branch is no hotter:
+    # 0x130 0x140 -> 0x180 0x190 0x1a0
+    epi = kr.hot_path(insts, ml.end + 1, len(insts) - 1, ends_at_exit=True, ex2_cap=1)
+    assert (epi.insts, epi.ex2) == (5, 1)
+
+
+def test_parse_ptxas():
+    res = kr.parse_ptxas(PTXAS)
+    assert set(res) == {"_Z6canned", "_Z5other"}
+    r = res["_Z6canned"]
+    assert (r.registers, r.stack, r.spill_stores, r.spill_loads, r.smem) == (128, 16, 12, 20, 13408)
+    assert (res["_Z5other"].registers, res["_Z5other"].smem) == (30, 0)
+
+
+def test_kernel_id_from_demangled_names():
+    k = kr.kernel_id("void margin_ops::cuda::(anonymous namespace)::fwd_main_kernel<__nv_bfloat16,"
+                     " true, false>(margin_ops::cuda::(anonymous namespace)::FwdArgs<__nv_bfloat16>)")
+    assert (k.name, k.dtype, k.sub, k.hard, k.label) == ("fwd_main", "bf16", True, False,
+                                                         "fwd_main<bf16, K>1>")
+    k = kr.kernel_id("void margin_ops::cuda::(anonymous namespace)::bwd_dx_kernel<margin_ops::cuda::"
+                     "dev::Tf32>(margin_ops::cuda::(anonymous namespace)::DxArgs<margin_ops::cuda::dev::Tf32>)")
+    assert (k.name, k.dtype, k.sub, k.hard) == ("bwd_dx", "tf32", False, False)
+
+
+def test_dynamic_smem_mirrors_tile_gemm():
+    bf = kr.KernelId("fwd_main", "bf16")
+    assert kr.dynamic_smem(bf) == 3 * (128 * 40 + 128 * 40) * 2  # TileGemm<bf16, false, false>
+    assert kr.dynamic_smem(kr.KernelId("bwd_dw", "bf16")) == 3 * (32 * 136 * 2) * 2
+    assert kr.dynamic_smem(kr.KernelId("bwd_tile", "bf16", sub=True), subcenters=2) == 61440 + 1024
+
+
+def test_gpu_shapes_read_from_contenders():
+    shapes = kr.parse_gpu_shapes()
+    assert shapes["ms1mv2"] == (512, 512, 85_742)
+    assert shapes["1m-small-batch"] == (128, 512, 1_000_000)
+    assert len(shapes) == 5
+
+
+def test_launch_model_arithmetic():
+    m = kr.Machine()
+    # 264 CTAs -> 2 per SM; 8 warps x 1000 slots / 4 per clock = 2000 clk per CTA
+    lm = kr.LaunchModel("x", 1, 264, 1000, 0, 0, 0)
+    t, bound = lm.time(m)
+    assert bound == "issue"
+    assert t == pytest.approx(2 * 2000 / (m.clock_ghz * 1e9) + m.launch_us * 1e-6)
+    # tensor: 2 CTAs of 2560 * 1000 FLOP at 2560 FLOP/clk (0.625 of 4096): 2000 clocks
+    lm = kr.LaunchModel("y", 3, 264, 0, 2560 * 1000, 0, 0)
+    t, bound = lm.time(m)
+    assert bound == "tensor"
+    assert t == pytest.approx(3 * (2000 / (m.clock_ghz * 1e9) + 3e-6))
+    lm = kr.LaunchModel("z", 1, 1, 0, 0, 0, 3e9)  # 3 GB of HBM at 3 TB/s
+    assert lm.time(m) == (pytest.approx(1e-3 + 3e-6), "HBM")
+
+
+def _synthetic_report(name, main_insts, tile_insts):
+    r = kr.KernelReport(name, name, kr.KernelId(name, "bf16"), "x.cu", kr.Resources(),
+                        {k: 0 for k in (*kr.COUNTED, "MMA", "EX2")} | {"HMMA": 32}, 0)
+    r.main = kr.HotPath(main_insts, 32, 0, 0)
+    r.tile = kr.HotPath(tile_insts, 32, 0, 0)
+    r.func = kr.HotPath(tile_insts + 10, 32, 0, 0)
+    r.epi = kr.HotPath(tile_insts - main_insts, 0, 0, 0)
+    return r
+
+
+def test_model_shape_counts_launches_and_work():
+    reps = {k: _synthetic_report(k, 200, 2200) for k in ("fwd_main", "bwd_tile", "bwd_dw", "bwd_dx")}
+    m = kr.Machine()
+    res = kr.model_shape(reps, 512, 512, 1_000_000, m)
+    lay = res["layout"]
+    assert lay["cc"] == 16384 and lay["chunks"] == math.ceil(1_000_000 / 16384) == 62
+    fwd = {x[0]: x for x in res["fwd"]}
+    bwd = {x[0]: x for x in res["bwd"]}
+    assert fwd["fwd_main"][1] == 1 and bwd["bwd_tile"][1] == 62 and bwd["bwd_dx"][1] == 62
+    # forward: 4 row tiles x 66 splits; 7813 class tiles, 119 per split
+    assert fwd["fwd_main"][2] == 4 * 66
+    # tensor term of the forward: 2 CTAs per SM x 119 tiles x 2*128*128*512 FLOP at 2560/clk
+    tensor = 2 * 119 * 2 * 128 * 128 * 512 / 2560 / (m.clock_ghz * 1e9)
+    assert fwd["fwd_main"][5]["tensor"] == pytest.approx(tensor)
+    # issue term: 8 warps x (10 fixed + 119 x (2000 + 16 iterations x 200)) / 4 per clock
+    issue = 2 * 8 * (10 + 119 * (2000 + 16 * 200)) / 4 / (m.clock_ghz * 1e9)
+    assert fwd["fwd_main"][5]["issue"] == pytest.approx(issue)
+    assert res["useful_tflops"] == pytest.approx(6 * 512 * 512 * 1e6 / res["total_s"] / 1e12)
+
+
+TINY = r"""
+// A known loop: 2 mma.sync.m16n8k16 (bf16) per iteration, not unrolled.
+__global__ void tiny_mma(const unsigned* a, const unsigned* b, float* c, int n) {
+  float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+  unsigned a0 = a[threadIdx.x], a1 = a[threadIdx.x + 32], a2 = a[threadIdx.x + 64],
+           a3 = a[threadIdx.x + 96], b0 = b[threadIdx.x], b1 = b[threadIdx.x + 32];
+#pragma unroll 1
+  for (int i = 0; i < n; ++i) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%9,%8}, {%0,%1,%2,%3};\n"
+        : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  c[threadIdx.x] = d0 + d1 + d2 + d3;
+}
+"""
+
+
+def _have_tools():
+    try:
+        kr.find_tool("nvcc")
+        kr.find_tool("cuobjdump")
+        return True
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _have_tools(), reason="needs nvcc and cuobjdump")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_tiny_mma_loop_compiled(arch, tmp_path):
+    src = tmp_path / "tiny.cu"
+    src.write_text(TINY)
+    c = kr.compile_one(src, arch, tmp_path / "cache", includes=[])
+    reports = kr.report_kernels([c])
+    assert len(reports) == 1
+    r = reports[0]
+    assert r.kid.name == "tiny_mma"
+    assert r.counts["HMMA"] == 2 and r.counts["HGMMA"] == 0
+    assert r.res.registers > 0 and r.res.spill_stores == 0
+    # the loop body, independently: the one backward BRA of the listing (not the trailing
+    # self-branch), its span in 16-byte instructions
+    pairs = re.findall(r"/\*([0-9a-f]{4})\*/\s+(?:@!?P\d\s+)?BRA\s+0x([0-9a-f]+)", c.sass)
+    back = [(int(a, 16), int(t, 16)) for a, t in pairs if int(t, 16) < int(a, 16)]
+    assert len(back) == 1
+    span = (back[0][0] - back[0][1]) // 16 + 1
+    assert 4 <= span <= 16
+    assert r.main.mma == 2 and r.main_static == span
+    assert r.main.insts == span  # straight-line body: the hot path is all of it
+    assert r.main_per_mma == pytest.approx(span / 2)
+    assert r.outer_kind == "exit"
