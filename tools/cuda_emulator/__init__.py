@@ -8,8 +8,8 @@ to swap (its PTX wrappers for thin forwards to emulated_ptx.cuh) and its Python 
 points (e.g. tools/margin_emulated for margin_ops).
 """
 
-from .build import (HERE, TORCH_CUDA_DEFINES, build_extension, cuda_include_dir, rewrite_header,
+from .build import (HERE, TORCH_CUDA_DEFINES, build_extension, build_hopper_probe, cuda_include_dir, rewrite_header,
                     rewrite_kernel_source, stage_sources)
 
-__all__ = ["HERE", "TORCH_CUDA_DEFINES", "build_extension", "cuda_include_dir", "rewrite_header",
+__all__ = ["HERE", "TORCH_CUDA_DEFINES", "build_extension", "build_hopper_probe", "cuda_include_dir", "rewrite_header",
            "rewrite_kernel_source", "stage_sources"]

@@ -138,3 +138,23 @@ def build_extension(name: str, *, src_root: Path, build_root: Path, sources: Ite
         build_directory=str(obj),
         verbose=verbose,
     )
+
+
+def build_hopper_probe(build_root: Path, verbose: bool = False):
+    """Compiles (incrementally) and imports hopper_probe.cpp with emulator.cpp: the probes of
+    the emulated sm_90a instructions (mbarrier, bulk copies, wgmma) that
+    tests/test_emulator_hopper.py checks, independently of any project's kernels."""
+    include = cuda_include_dir()
+    if include is None:
+        raise RuntimeError("CUDA headers not found (set CUDA_HOME)")
+    from torch.utils import cpp_extension
+
+    build_root.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name="cuda_emulator_hopper_probe",
+        sources=[str(HERE / "hopper_probe.cpp"), str(HERE / "emulator.cpp")],
+        extra_include_paths=[str(HERE), str(include)],
+        extra_cflags=["-O2", "-std=c++17", "-Wno-unknown-pragmas", *(f"-D{d}" for d in TORCH_CUDA_DEFINES)],
+        build_directory=str(build_root),
+        verbose=verbose,
+    )

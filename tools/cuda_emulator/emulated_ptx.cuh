@@ -174,5 +174,71 @@ inline uint32_t to_tf32(float v) {
   return (bits + 0x1000u) & 0xffffe000u;
 }
 
+// ---- sm_90a: mbarrier, bulk copies, wgmma (emulator.h has the semantics) ----
+
+inline uint32_t smem_address(const void* p) { return emu::smem_address(p); }
+inline void mbarrier_init(uint64_t* bar, unsigned count) { emu::mbarrier_init(bar, count); }
+inline void mbarrier_inval(uint64_t* bar) { emu::mbarrier_inval(bar); }
+inline uint64_t mbarrier_arrive(uint64_t* bar) { return emu::mbarrier_arrive(bar, 1); }
+inline uint64_t mbarrier_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
+  return emu::mbarrier_arrive_expect_tx(bar, bytes);
+}
+inline void mbarrier_expect_tx(uint64_t* bar, unsigned bytes) { emu::mbarrier_expect_tx(bar, bytes); }
+inline bool mbarrier_try_wait_parity(uint64_t* bar, unsigned parity) {
+  return emu::mbarrier_try_wait_parity(bar, parity);
+}
+inline void mbarrier_wait_parity(uint64_t* bar, unsigned parity) {
+  while (!emu::mbarrier_try_wait_parity(bar, parity)) {
+  }
+}
+inline void bulk_copy_g2s(void* smem_dst, const void* gmem_src, unsigned bytes, uint64_t* bar) {
+  emu::bulk_copy_g2s(smem_dst, gmem_src, bytes, bar);
+}
+inline void tma_load_2d(void* smem_dst, const void* tensor_map, int x, int y, uint64_t* bar) {
+  emu::tma_load_2d(smem_dst, tensor_map, x, y, bar);
+}
+// fence.proxy.async.shared::cta and fence.mbarrier_init: ordering only, nothing to emulate
+// (the emulator does not model proxies: a missing proxy fence goes unnoticed).
+inline void fence_proxy_async() {}
+inline void fence_barrier_init() {}
+
+// wgmma.fence.sync.aligned, wgmma.commit_group.sync.aligned, wgmma.wait_group.sync.aligned N.
+inline void wgmma_fence() { emu::wgmma_fence(); }
+inline void wgmma_commit_group() { emu::wgmma_commit_group(); }
+template <int N>
+inline void wgmma_wait_group() {
+  emu::wgmma_wait_group(N);
+}
+// The compiler-level register fence CUTLASS calls warpgroup_fence_operand: here it fails if
+// a wgmma still in flight writes these registers.
+template <int kCount>
+inline void wgmma_fence_operand(float (&d)[kCount]) {
+  emu::wgmma_check_registers(d, kCount);
+}
+
+// wgmma.mma_async.sync.aligned.m64n{N}k16.f32.{bf16,f16}.{bf16,f16}: D (64 x N, fp32; thread
+// t = 32 w + 4 g + q of the warpgroup holds d[i] = D(16 w + g + 8 ((i/2)%2), 8 (i/4) + 2 q + i%2))
+// = A (64 x 16) B^T (B: N x 16) + (scale_d ? D : 0), A and B negated by scale_a, scale_b = -1,
+// products summed in double and rounded once. A and B from shared memory through 64-bit
+// matrix descriptors (tnsp 0: K-major, 1: MN-major), or A from four registers per thread
+// (t holds in register j the pair (16 w + g + 8 (j%2), 2 q + 8 (j/2) + {0,1}), low half first).
+// The results are written at the wgmma.wait_group that covers the instruction's group: the
+// registers read as NaN until then; writing them meanwhile, or overwriting a shared-memory
+// operand, fails at that wait; so does issuing without a wgmma.fence since the last wait.
+template <class T, int N>
+inline void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int scale_d, int tnsp_a = 0,
+                     int tnsp_b = 0, int scale_a = 1, int scale_b = 1) {
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  static_assert(kBf16 || std::is_same_v<T, __half>, "wgmma: bf16 or fp16 inputs");
+  emu::wgmma_mma_async(kBf16 ? 0 : 1, N, d, nullptr, desc_a, desc_b, scale_d, scale_a, scale_b, tnsp_a, tnsp_b);
+}
+template <class T, int N>
+inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b, int scale_d, int tnsp_b = 0,
+                     int scale_a = 1, int scale_b = 1) {
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  static_assert(kBf16 || std::is_same_v<T, __half>, "wgmma: bf16 or fp16 inputs");
+  emu::wgmma_mma_async(kBf16 ? 0 : 1, N, d, a, 0, desc_b, scale_d, scale_a, scale_b, 0, tnsp_b);
+}
+
 }  // namespace ptx
 }  // namespace emu

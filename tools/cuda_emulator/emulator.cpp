@@ -1,8 +1,13 @@
 // The scheduler behind emulator.h: fibers (ucontext) for the threads of one block at a time,
 // block and warp barriers, cp.async bookkeeping, and the two CUDA runtime calls the kernels'
 // launchers make.
+// <memory> before emulator.h: libstdc++ spells __attribute__((__noinline__)), which the
+// emulator's __noinline__ macro (for kernel code) would break.
+#include <memory>
+
 #include "emulator.h"
 
+#include <cuda.h>  // CUtensorMap and cuTensorMapEncodeTiled
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -26,6 +31,45 @@ struct PendingCopy {
   unsigned char data[16];
 };
 
+// One thread's share of an in-flight wgmma: its accumulator registers (NaN until the
+// wait_group that covers it) and their future value; the warpgroup's thread 0 also keeps
+// the shared-memory operand bits it read, to check that nothing overwrote them meanwhile.
+struct PendingWgmma {
+  float* d = nullptr;
+  int count = 0;
+  std::vector<float> value;
+  bool superseded = false;  // a later wgmma on the same registers carries its result on
+  std::vector<std::pair<uint32_t, uint16_t>> operands;
+};
+
+struct Fiber;
+
+struct Mbarrier {
+  unsigned expected = 0, pending = 0;  // arrivals per phase, still to come in this one
+  long long tx = 0;                    // transaction bytes still to come in this phase
+  uint64_t phase = 0;                  // completed phases
+  std::vector<Fiber*> waiting;
+};
+
+struct BulkCopy {
+  void* dst;
+  std::vector<unsigned char> data;
+  const void* bar;
+};
+
+// What cuTensorMapEncodeTiled records, inside the 128-byte CUtensorMap (2-D tiled maps only).
+struct TensorMap2d {
+  uint64_t magic;
+  const unsigned char* base;
+  uint64_t dims[2];
+  uint64_t stride;  // bytes from one dim-1 index to the next
+  uint32_t box[2];
+  uint32_t elem_bytes;
+  uint32_t swizzle_bytes;  // 0 (none), 32, 64, 128
+};
+constexpr uint64_t kTensorMapMagic = 0x656d752d746d6170ull;
+static_assert(sizeof(TensorMap2d) <= sizeof(CUtensorMap), "fits the opaque map");
+
 struct Fiber {
   ucontext_t context;
   unsigned char* stack = nullptr;  // mmap'ed, lowest page a guard
@@ -34,6 +78,10 @@ struct Fiber {
   bool done = false;
   std::vector<PendingCopy> open_group;              // issued, not yet committed
   std::deque<std::vector<PendingCopy>> committed;  // oldest first
+  bool wgmma_fenced = false;                        // wgmma.fence since the last wait_group
+  std::vector<std::shared_ptr<PendingWgmma>> wgmma_open;               // not yet committed
+  std::deque<std::vector<std::shared_ptr<PendingWgmma>>> wgmma_groups;  // oldest first
+  Mbarrier* waiting_on = nullptr;
 };
 
 struct Barrier {
@@ -48,6 +96,16 @@ struct Warp {
   unsigned char slots[32][kWarpSlotBytes];
 };
 
+constexpr int kWarpGroupSlotBytes = 64;
+
+struct WarpGroup {
+  Barrier barrier;
+  bool computed = false;
+  unsigned char slots[128][kWarpGroupSlotBytes];
+  std::vector<double> product;  // 64 x N, row-major: A B of the rendezvous in progress
+  std::vector<std::pair<uint32_t, uint16_t>> operands;
+};
+
 struct State {
   ucontext_t scheduler;
   std::vector<Fiber> fibers;  // stacks reused across blocks and launches
@@ -60,7 +118,12 @@ struct State {
   std::deque<Fiber*> runnable;
   std::vector<std::deque<Fiber*>> runnable_by_warp;
   int queued = 0;
-  std::vector<unsigned char> smem;
+  std::vector<unsigned char> smem_storage;  // smem: its first 1024-byte boundary
+  unsigned char* smem = nullptr;
+  size_t smem_size = 0;
+  std::vector<WarpGroup> warpgroups;
+  std::map<const void*, Mbarrier> mbarriers;  // of the running block, by address
+  std::deque<BulkCopy> bulk_in_flight;        // issued, not yet landed
   const std::function<void()>* body = nullptr;
   bool failed = false;
   std::string error;       // of the running launch
@@ -132,7 +195,7 @@ void land(std::vector<PendingCopy>& group) {
 void check_shared(const void* p, const char* what) {
   State& s = state();
   const auto* b = static_cast<const unsigned char*>(p);
-  if (b < s.smem.data() || b + 16 > s.smem.data() + s.smem.size()) {
+  if (b < s.smem || b + 16 > s.smem + s.smem_size) {
     fail(std::string(what) + ": address outside the block's dynamic shared memory");
   }
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail(std::string(what) + ": address not 16-byte aligned");
@@ -146,6 +209,8 @@ void fiber_main() {
   for (const auto& g : f.committed) {
     if (!g.empty()) fail("cp.async group never waited for (cp.async.wait_group) before exit");
   }
+  if (!f.wgmma_open.empty()) fail("wgmma.mma_async issued but never committed and waited for");
+  if (!f.wgmma_groups.empty()) fail("wgmma group never waited for (wgmma.wait_group) before exit");
   f.done = true;
   --s.live;
   Warp& w = s.warps[f.linear / 32];
@@ -175,6 +240,10 @@ void init_fiber(Fiber& f) {
   f.done = false;
   f.open_group.clear();
   f.committed.clear();
+  f.wgmma_fenced = false;
+  f.wgmma_open.clear();
+  f.wgmma_groups.clear();
+  f.waiting_on = nullptr;
 }
 
 // Removes and returns the next thread to run under the current schedule.
@@ -212,6 +281,218 @@ cudaError_t launch_failed(cudaError_t code, const std::string& why) {
   s.cuda_error = code;
   return code;
 }
+
+
+// ---- mbarrier and bulk copies ----
+
+Mbarrier& mbarrier_at(const void* bar, const char* what) {
+  State& s = state();
+  if (reinterpret_cast<uintptr_t>(bar) % 8 != 0) fail(std::string(what) + ": mbarrier address not 8-byte aligned");
+  auto it = s.mbarriers.find(bar);
+  if (it == s.mbarriers.end()) fail(std::string(what) + ": mbarrier not initialised (mbarrier.init) in this block");
+  return it->second;
+}
+
+// Completes the current phase if its arrivals and transaction bytes are all in.
+void maybe_complete(Mbarrier& m) {
+  if (m.pending != 0 || m.tx != 0) return;
+  ++m.phase;
+  m.pending = m.expected;
+  for (Fiber* f : m.waiting) {
+    f->waiting_on = nullptr;
+    make_runnable(f);
+  }
+  m.waiting.clear();
+}
+
+// Records a failure found outside any thread (by the scheduler landing bulk copies).
+void fail_outside(const std::string& what) {
+  State& s = state();
+  if (!s.failed) {
+    s.failed = true;
+    s.error = what;
+  }
+}
+
+void complete_tx(Mbarrier& m, long long bytes) {
+  m.tx -= bytes;
+  if (m.tx < -((1ll << 20) - 1)) {
+    fail_outside("mbarrier: tx-count below its range (more bytes completed than expected)");
+    return;
+  }
+  maybe_complete(m);
+}
+
+// Lands the in-flight bulk copies that signal `bar` (all of them for nullptr), oldest first;
+// true if there were any.
+bool land_bulk_copies(const void* bar) {
+  State& s = state();
+  bool any = false;
+  for (size_t i = 0; i < s.bulk_in_flight.size();) {
+    BulkCopy& c = s.bulk_in_flight[i];
+    if (bar != nullptr && c.bar != bar) {
+      ++i;
+      continue;
+    }
+    BulkCopy done = std::move(c);
+    s.bulk_in_flight.erase(s.bulk_in_flight.begin() + long(i));
+    std::memcpy(done.dst, done.data.data(), done.data.size());
+    auto it = s.mbarriers.find(done.bar);
+    if (it == s.mbarriers.end()) {
+      fail_outside("a bulk copy completes on an mbarrier that is no longer initialised");
+      return false;
+    }
+    complete_tx(it->second, (long long)done.data.size());
+    any = true;
+  }
+  return any;
+}
+
+uint32_t shared_offset(const void* p, size_t bytes, const char* what) {
+  State& s = state();
+  const auto* b = static_cast<const unsigned char*>(p);
+  if (b < s.smem || b + bytes > s.smem + s.smem_size) {
+    fail(std::string(what) + ": address outside the block's dynamic shared memory");
+  }
+  return uint32_t(b - s.smem);
+}
+
+// ---- wgmma ----
+
+struct WgmmaArgs {
+  uint64_t a_desc, b_desc;
+  uint32_t a_regs[4];
+  int32_t type, n, scale_d, scale_a, scale_b, tnsp_a, tnsp_b, a_in_regs;
+};
+static_assert(sizeof(WgmmaArgs) <= kWarpGroupSlotBytes, "wgmma arguments fit a slot");
+
+// Byte address in shared memory of element (mn, k) of a 16-bit operand tile described by
+// the wgmma matrix descriptor `desc` (PTX ISA, "Matrix Descriptor Format"; CuTe's
+// GmmaDescriptor): bits 0-13 start address >> 4, 16-29 leading byte offset >> 4, 32-45
+// stride byte offset >> 4, 49-51 base offset, 62-63 layout (0 none, 1 128B, 2 64B, 3 32B
+// swizzle). The canonical layouts, in 16-byte units (T = 8 elements):
+//   K-major,  none:   ((8,m),(T,2)) : ((1T,SBO),(1,LBO))
+//   K-major,  W x16B: ((8,m),(T,2)) : ((W T,SBO),(1,T))        (LBO unused)
+//   MN-major, none:   ((T,1,m),(8,k)) : ((1,T,SBO),(1T,LBO))
+//   MN-major, W x16B: ((T,W,m),(8,k)) : ((1,T,LBO),(W T,SBO))
+// and the swizzle of W x 16 B (W = 2, 4, 8) XORs address bits [4, 4+log2 W) with bits
+// [7, 7+log2 W) of the shared-memory address (CuTe's Swizzle<log2 W,4,3>).
+uint32_t operand_address(uint64_t desc, bool mn_major, int mn, int k) {
+  const uint32_t start = uint32_t(desc & 0x3fff) << 4;
+  const uint32_t lbo = uint32_t((desc >> 16) & 0x3fff) << 4;
+  const uint32_t sbo = uint32_t((desc >> 32) & 0x3fff) << 4;
+  const unsigned base = unsigned((desc >> 49) & 7);
+  const unsigned mode = unsigned(desc >> 62);
+  if (base != 0) fail("wgmma descriptor: a nonzero base offset is not modelled");
+  const unsigned log_w = mode == 0 ? 0 : mode == 1 ? 3 : mode == 2 ? 2 : 1;
+  const uint32_t w = 1u << log_w;
+  uint32_t off;
+  if (!mn_major) {
+    const uint32_t r = mn % 8, i = mn / 8, c = k / 8, e = k % 8;
+    off = mode == 0 ? r * 16 + i * sbo + c * lbo + e * 2 : r * 16 * w + i * sbo + c * 16 + e * 2;
+  } else {
+    const uint32_t e = mn % 8, blk = mn / 8, kr = k % 8, kg = k / 8;
+    off = mode == 0 ? blk * sbo + kr * 16 + kg * lbo + e * 2
+                    : (blk % w) * 16 + (blk / w) * lbo + kr * 16 * w + kg * sbo + e * 2;
+  }
+  uint32_t addr = start + off;
+  if (log_w != 0) addr ^= ((addr >> 7) & (w - 1)) << 4;
+  return addr;
+}
+
+double b16_value(uint16_t bits, bool bf16) {
+  if (bf16) {
+    const uint32_t f = uint32_t(bits) << 16;
+    float v;
+    std::memcpy(&v, &f, 4);
+    return v;
+  }
+  __half h;
+  std::memcpy(static_cast<void*>(&h), &bits, 2);
+  return double(__half2float(h));
+}
+
+// A (64 x 16) B^T (16 x N) of the warpgroup's gathered arguments, into g.product; the
+// shared-memory operand bits read into g.operands.
+void wgmma_product(WarpGroup& g) {
+  State& s = state();
+  WgmmaArgs args[128];
+  for (int t = 0; t < 128; ++t) std::memcpy(&args[t], g.slots[t], sizeof(WgmmaArgs));
+  const WgmmaArgs& a0 = args[0];
+  for (int t = 1; t < 128; ++t) {
+    const WgmmaArgs& a = args[t];
+    if (a.type != a0.type || a.n != a0.n || a.b_desc != a0.b_desc || a.scale_d != a0.scale_d ||
+        a.scale_a != a0.scale_a || a.scale_b != a0.scale_b || a.tnsp_a != a0.tnsp_a || a.tnsp_b != a0.tnsp_b ||
+        a.a_in_regs != a0.a_in_regs || (!a0.a_in_regs && a.a_desc != a0.a_desc)) {
+      fail("wgmma.mma_async: threads of one warpgroup give different descriptors, shapes or flags");
+    }
+  }
+  const bool bf16 = a0.type == 0;
+  const int n = a0.n;
+  g.operands.clear();
+  auto load = [&](uint64_t desc, bool mn_major, int mn, int k) {
+    const uint32_t addr = operand_address(desc, mn_major, mn, k);
+    if (addr % 2 != 0 || size_t(addr) + 2 > s.smem_size) {
+      fail("wgmma.mma_async: descriptor addresses an element outside the block's dynamic shared memory");
+    }
+    uint16_t bits;
+    std::memcpy(&bits, s.smem + addr, 2);
+    g.operands.emplace_back(addr, bits);
+    return b16_value(bits, bf16);
+  };
+  std::vector<double> a(64 * 16), b(size_t(n) * 16);
+  if (a0.a_in_regs) {
+    // A fragment (ALayout_64x16): thread t = 32 w + 4 g + q holds in register j the pair
+    // (row 16 w + g + 8 (j % 2), columns 2 q + 8 (j / 2) + {0, 1}), low half first.
+    for (int t = 0; t < 128; ++t) {
+      const int w = t / 32, gr = (t % 32) / 4, q = t % 4;
+      for (int j = 0; j < 4; ++j) {
+        const int row = 16 * w + gr + 8 * (j % 2), col = 2 * q + 8 * (j / 2);
+        a[row * 16 + col] = b16_value(uint16_t(args[t].a_regs[j] & 0xffffu), bf16);
+        a[row * 16 + col + 1] = b16_value(uint16_t(args[t].a_regs[j] >> 16), bf16);
+      }
+    }
+  } else {
+    for (int m = 0; m < 64; ++m) {
+      for (int k = 0; k < 16; ++k) a[m * 16 + k] = load(a0.a_desc, a0.tnsp_a != 0, m, k);
+    }
+  }
+  for (int col = 0; col < n; ++col) {
+    for (int k = 0; k < 16; ++k) b[col * 16 + k] = load(a0.b_desc, a0.tnsp_b != 0, col, k);
+  }
+  const double sign = double(a0.scale_a) * double(a0.scale_b);
+  g.product.assign(size_t(64) * n, 0.0);
+  for (int m = 0; m < 64; ++m) {
+    for (int col = 0; col < n; ++col) {
+      double acc = 0;
+      for (int k = 0; k < 16; ++k) acc += a[m * 16 + k] * b[col * 16 + k];
+      g.product[size_t(m) * n + col] = sign * acc;
+    }
+  }
+}
+
+std::shared_ptr<PendingWgmma> pending_for(Fiber& f, const float* d) {
+  for (auto it = f.wgmma_open.rbegin(); it != f.wgmma_open.rend(); ++it) {
+    if ((*it)->d == d && !(*it)->superseded) return *it;
+  }
+  for (auto g = f.wgmma_groups.rbegin(); g != f.wgmma_groups.rend(); ++g) {
+    for (auto it = g->rbegin(); it != g->rend(); ++it) {
+      if ((*it)->d == d && !(*it)->superseded) return *it;
+    }
+  }
+  return nullptr;
+}
+
+bool overlaps_pending(Fiber& f, const float* p, int count) {
+  auto hit = [&](const std::shared_ptr<PendingWgmma>& r) {
+    return !r->superseded && p < r->d + r->count && r->d < p + count;
+  };
+  for (auto& r : f.wgmma_open) if (hit(r)) return true;
+  for (auto& g : f.wgmma_groups) for (auto& r : g) if (hit(r)) return true;
+  return false;
+}
+
+constexpr uint32_t kNanBits = 0xffffffffu;
 
 }  // namespace
 
@@ -256,8 +537,8 @@ void poison_shared(void* variable, size_t bytes) {
   }
 }
 
-unsigned char* dynamic_smem() { return state().smem.data(); }
-size_t dynamic_smem_bytes() { return state().smem.size(); }
+unsigned char* dynamic_smem() { return state().smem; }
+size_t dynamic_smem_bytes() { return state().smem_size; }
 
 void cp_async16(void* smem, const void* gmem) {
   check_shared(smem, "cp.async destination");
@@ -280,6 +561,219 @@ void cp_async_wait(int pending_groups_allowed) {
   while (int(f.committed.size()) > pending_groups_allowed) {
     land(f.committed.front());
     f.committed.pop_front();
+  }
+}
+
+
+// ---- Hopper asynchronous operations ----
+
+uint32_t smem_address(const void* p) { return shared_offset(p, 1, "shared address"); }
+
+void* smem_pointer(uint32_t address) {
+  State& s = state();
+  if (size_t(address) >= s.smem_size) fail("shared address outside the block's dynamic shared memory");
+  return s.smem + address;
+}
+
+void mbarrier_init(void* bar, unsigned count) {
+  State& s = state();
+  if (reinterpret_cast<uintptr_t>(bar) % 8 != 0) fail("mbarrier.init: address not 8-byte aligned");
+  if (count < 1 || count > (1u << 20) - 1) fail("mbarrier.init: count out of range [1, 2^20 - 1]");
+  Mbarrier& m = s.mbarriers[bar];
+  if (!m.waiting.empty()) fail("mbarrier.init of an mbarrier that threads wait on");
+  m = Mbarrier{};
+  m.expected = m.pending = count;
+  std::memset(bar, 0, 8);  // the object's bits are opaque; only the emulator's state counts
+}
+
+void mbarrier_inval(void* bar) {
+  Mbarrier& m = mbarrier_at(bar, "mbarrier.inval");
+  if (!m.waiting.empty()) fail("mbarrier.inval of an mbarrier that threads wait on");
+  state().mbarriers.erase(bar);
+}
+
+uint64_t mbarrier_arrive(void* bar, unsigned count) {
+  Mbarrier& m = mbarrier_at(bar, "mbarrier.arrive");
+  if (count < 1 || count > m.pending) {
+    fail("mbarrier.arrive: " + std::to_string(count) + " arrivals where the phase awaits " +
+         std::to_string(m.pending) + (m.pending == 0 ? " (all in, tx bytes outstanding): a wait on the wrong phase?" : ""));
+  }
+  const uint64_t token = m.phase;
+  m.pending -= count;
+  maybe_complete(m);
+  return token;
+}
+
+void mbarrier_expect_tx(void* bar, unsigned tx_bytes) {
+  Mbarrier& m = mbarrier_at(bar, "mbarrier.expect_tx");
+  m.tx += tx_bytes;
+  if (m.tx > (1ll << 20) - 1) fail("mbarrier.expect_tx: tx-count above 2^20 - 1");
+}
+
+uint64_t mbarrier_arrive_expect_tx(void* bar, unsigned tx_bytes) {
+  mbarrier_expect_tx(bar, tx_bytes);
+  return mbarrier_arrive(bar, 1);
+}
+
+bool mbarrier_test_wait_parity(void* bar, unsigned parity) {
+  Mbarrier& m = mbarrier_at(bar, "mbarrier.test_wait");
+  return (m.phase & 1) != (parity & 1);
+}
+
+bool mbarrier_try_wait_parity(void* bar, unsigned parity) {
+  Mbarrier& m = mbarrier_at(bar, "mbarrier.try_wait");
+  if ((m.phase & 1) != (parity & 1)) return true;  // the phase of that parity is complete
+  land_bulk_copies(bar);
+  if (state().failed) fail(state().error);
+  if ((m.phase & 1) != (parity & 1)) return true;
+  Fiber& f = running();
+  f.waiting_on = &m;
+  m.waiting.push_back(&f);
+  to_scheduler();  // resumed when the phase completes (or never: a deadlock)
+  return true;
+}
+
+void bulk_copy_g2s(void* smem_dst, const void* gmem_src, unsigned bytes, void* bar) {
+  State& s = state();
+  shared_offset(smem_dst, bytes, "cp.async.bulk destination");
+  if (reinterpret_cast<uintptr_t>(smem_dst) % 16 != 0 || reinterpret_cast<uintptr_t>(gmem_src) % 16 != 0) {
+    fail("cp.async.bulk: addresses must be 16-byte aligned");
+  }
+  if (bytes == 0 || bytes % 16 != 0) fail("cp.async.bulk: size must be a nonzero multiple of 16");
+  mbarrier_at(bar, "cp.async.bulk");
+  BulkCopy c;
+  c.dst = smem_dst;
+  c.data.assign(static_cast<const unsigned char*>(gmem_src), static_cast<const unsigned char*>(gmem_src) + bytes);
+  c.bar = bar;
+  std::memset(smem_dst, 0xff, bytes);  // reads as NaN until the copy lands
+  s.bulk_in_flight.push_back(std::move(c));
+}
+
+
+void tma_load_2d(void* smem_dst, const void* tensor_map, int x, int y, void* bar) {
+  State& s = state();
+  TensorMap2d m;
+  std::memcpy(&m, tensor_map, sizeof(m));
+  if (m.magic != kTensorMapMagic) fail("cp.async.bulk.tensor: not a tensor map made by cuTensorMapEncodeTiled");
+  const uint32_t row_bytes = m.box[0] * m.elem_bytes, total = row_bytes * m.box[1];
+  const uint32_t dst = shared_offset(smem_dst, total, "cp.async.bulk.tensor destination");
+  if (dst % 128 != 0) fail("cp.async.bulk.tensor: shared-memory destination not 128-byte aligned");
+  mbarrier_at(bar, "cp.async.bulk.tensor");
+  // The box lands row after row (dim 0 fastest), row_bytes apart; with a swizzle the
+  // 16-byte chunk c of the row at shared address a goes to chunk c ^ ((a >> 7) & (span/16 - 1)),
+  // i.e. CuTe's Swizzle<log2(span/16),4,3> on the shared-memory byte address. Elements
+  // outside the tensor are filled with zeros (CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE).
+  const uint32_t mask = m.swizzle_bytes == 0 ? 0 : m.swizzle_bytes / 16 - 1;
+  BulkCopy c;
+  c.dst = smem_dst;
+  c.data.assign(total, 0);
+  c.bar = bar;
+  for (uint32_t j = 0; j < m.box[1]; ++j) {
+    for (uint32_t i = 0; i < m.box[0]; ++i) {
+      const uint32_t a = dst + j * row_bytes + i * m.elem_bytes;
+      const uint32_t swizzled = a ^ (((a >> 7) & mask) << 4);
+      const long long gx = (long long)x + i, gy = (long long)y + j;
+      if (gx < 0 || gy < 0 || uint64_t(gx) >= m.dims[0] || uint64_t(gy) >= m.dims[1]) continue;
+      std::memcpy(&c.data[swizzled - dst], m.base + uint64_t(gy) * m.stride + uint64_t(gx) * m.elem_bytes,
+                  m.elem_bytes);
+    }
+  }
+  std::memset(smem_dst, 0xff, total);  // reads as NaN until the copy lands
+  s.bulk_in_flight.push_back(std::move(c));
+}
+
+void wgmma_fence() { running().wgmma_fenced = true; }
+
+void wgmma_mma_async(int type, int n, float* d, const uint32_t* a_regs, uint64_t a_desc, uint64_t b_desc,
+                     int scale_d, int scale_a, int scale_b, int tnsp_a, int tnsp_b) {
+  State& s = state();
+  Fiber& f = running();
+  if (s.warpgroups.empty() || int(s.warps.size()) % 4 != 0) {
+    fail("wgmma.mma_async: the block is not made of whole warpgroups (128 threads)");
+  }
+  if (n < 8 || n > 256 || n % 8 != 0) fail("wgmma.mma_async: N must be a multiple of 8 in [8, 256]");
+  if ((scale_a != 1 && scale_a != -1) || (scale_b != 1 && scale_b != -1)) fail("wgmma.mma_async: imm-scale must be +-1");
+  if (a_regs != nullptr && tnsp_a != 0) fail("wgmma.mma_async: A from registers cannot be transposed");
+  if (!f.wgmma_fenced) {
+    fail("wgmma.mma_async without a wgmma.fence since the thread's start or its last wgmma.wait_group");
+  }
+  const int group = f.linear / 128;
+  for (int w = 4 * group; w < 4 * group + 4; ++w) {
+    if (s.warps[w].live != 32) fail("wgmma.mma_async in a warpgroup with exited threads");
+  }
+  WarpGroup& g = s.warpgroups[group];
+  WgmmaArgs mine{};
+  mine.a_desc = a_desc;
+  mine.b_desc = b_desc;
+  if (a_regs != nullptr) std::memcpy(mine.a_regs, a_regs, sizeof(mine.a_regs));
+  mine.type = type, mine.n = n, mine.scale_d = scale_d, mine.scale_a = scale_a, mine.scale_b = scale_b;
+  mine.tnsp_a = tnsp_a, mine.tnsp_b = tnsp_b, mine.a_in_regs = a_regs != nullptr;
+  std::memcpy(g.slots[f.linear % 128], &mine, sizeof(mine));
+  arrive(g.barrier, 128);
+  if (!g.computed) {
+    wgmma_product(g);
+    g.computed = true;
+  }
+  // This thread's accumulator fragment (CLayout_64xN): thread t = 32 w + 4 g + q holds
+  // d[i] = D(16 w + g + 8 ((i / 2) % 2), 8 (i / 4) + 2 q + i % 2).
+  const int t = f.linear % 128, w = t / 32, gr = (t % 32) / 4, q = t % 4, count = n / 2;
+  std::shared_ptr<PendingWgmma> prior = pending_for(f, d);
+  if (prior == nullptr && overlaps_pending(f, d, count)) {
+    fail("wgmma.mma_async: accumulator registers overlap those of an in-flight wgmma");
+  }
+  auto rec = std::make_shared<PendingWgmma>();
+  rec->d = d;
+  rec->count = count;
+  rec->value.resize(count);
+  for (int i = 0; i < count; ++i) {
+    const int row = 16 * w + gr + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * q + i % 2;
+    const double c = scale_d == 0 ? 0.0 : prior != nullptr ? double(prior->value[i]) : double(d[i]);
+    rec->value[i] = float(c + g.product[size_t(row) * n + col]);
+  }
+  if (prior != nullptr) {
+    if (prior->count != count) fail("wgmma.mma_async: in-flight accumulators reused with another N");
+    prior->superseded = true;
+    rec->operands = std::move(prior->operands);
+  }
+  if (t == 0) rec->operands.insert(rec->operands.end(), g.operands.begin(), g.operands.end());
+  for (int i = 0; i < count; ++i) std::memcpy(&d[i], &kNanBits, 4);  // NaN until waited for
+  f.wgmma_open.push_back(rec);
+  if (g.barrier.arrived + 1 == 128) g.computed = false;  // the last reader resets
+  arrive(g.barrier, 128);
+}
+
+void wgmma_commit_group() {
+  Fiber& f = running();
+  f.wgmma_groups.push_back(std::move(f.wgmma_open));
+  f.wgmma_open.clear();
+}
+
+void wgmma_wait_group(int pending_groups_allowed) {
+  State& s = state();
+  Fiber& f = running();
+  while (int(f.wgmma_groups.size()) > pending_groups_allowed) {
+    for (auto& r : f.wgmma_groups.front()) {
+      if (r->superseded) continue;
+      for (int i = 0; i < r->count; ++i) {
+        uint32_t bits;
+        std::memcpy(&bits, &r->d[i], 4);
+        if (bits != kNanBits) fail("accumulator registers of an in-flight wgmma were written before its wait_group");
+      }
+      std::memcpy(r->d, r->value.data(), sizeof(float) * size_t(r->count));
+      for (const auto& [addr, bits] : r->operands) {
+        uint16_t now;
+        std::memcpy(&now, s.smem + addr, 2);
+        if (now != bits) fail("shared-memory operand of an in-flight wgmma was overwritten before its wait_group");
+      }
+    }
+    f.wgmma_groups.pop_front();
+  }
+  f.wgmma_fenced = false;  // registers now belong to other instructions until the next fence
+}
+
+void wgmma_check_registers(const float* d, int count) {
+  if (overlaps_pending(running(), d, count)) {
+    fail("accumulator registers read while a wgmma on them is in flight (no wgmma.wait_group)");
   }
 }
 
@@ -338,7 +832,12 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, const void* kerne
         s.runnable.clear();
         s.runnable_by_warp.assign(threads / 32, {});
         s.queued = 0;
-        s.smem.assign(smem_bytes, 0xff);
+        s.smem_storage.assign(smem_bytes + 1024, 0xff);
+        s.smem = s.smem_storage.data() + (1024 - reinterpret_cast<uintptr_t>(s.smem_storage.data()) % 1024) % 1024;
+        s.smem_size = smem_bytes;
+        s.warpgroups.assign(threads / 128, WarpGroup{});
+        s.mbarriers.clear();
+        s.bulk_in_flight.clear();
         for (int t = 0; t < threads; ++t) {
           Fiber& f = s.fibers[t];
           init_fiber(f);
@@ -349,7 +848,9 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, const void* kerne
           f.coords.grid_dim = grid;
           make_runnable(&f);
         }
-        while (s.queued > 0 && !s.failed) {
+        while (!s.failed) {
+          // No thread can run: the bulk copies in flight land (their waiters may wake).
+          if (s.queued == 0 && !(land_bulk_copies(nullptr) && !s.failed && s.queued > 0)) break;
           s.current = next_runnable();
           swapcontext(&s.scheduler, &s.current->context);
         }
@@ -363,10 +864,13 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, const void* kerne
               break;
             }
           }
+          int at_mbarriers = 0;
+          for (int t = 0; t < threads; ++t) at_mbarriers += s.fibers[t].waiting_on != nullptr;
           return launch_failed(cudaErrorLaunchFailure,
                                "deadlock: " + std::to_string(s.live) + " threads wait forever (first: " +
                                    who + ", " + std::to_string(s.block_barrier.arrived) +
-                                   " at the block barrier)");
+                                   " at the block barrier, " + std::to_string(at_mbarriers) +
+                                   " at mbarrier waits)");
         }
       }
     }
@@ -393,4 +897,51 @@ extern "C" cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttri
   }
   emu::state().smem_opt_in[func] = value;
   return cudaSuccess;
+}
+
+// cuTensorMapEncodeTiled for the emulator: 2-D tiled maps of 1-, 2-, 4- or 8-byte elements,
+// element strides 1, no interleave, swizzle none / 32B / 64B / 128B (the box's inner
+// dimension exactly the swizzle span), out-of-bounds elements read as zeros.
+extern "C" CUresult cuTensorMapEncodeTiled(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t rank,
+                                           void* global, const cuuint64_t* dims, const cuuint64_t* strides,
+                                           const cuuint32_t* box, const cuuint32_t* element_strides,
+                                           CUtensorMapInterleave interleave, CUtensorMapSwizzle swizzle,
+                                           CUtensorMapL2promotion, CUtensorMapFloatOOBfill oob_fill) {
+  auto refuse = [](const std::string& why) {
+    emu::state().last_error = "cuTensorMapEncodeTiled: " + why;
+    return CUDA_ERROR_INVALID_VALUE;
+  };
+  uint32_t elem = 0;
+  switch (type) {
+    case CU_TENSOR_MAP_DATA_TYPE_UINT8: elem = 1; break;
+    case CU_TENSOR_MAP_DATA_TYPE_UINT16: case CU_TENSOR_MAP_DATA_TYPE_FLOAT16:
+    case CU_TENSOR_MAP_DATA_TYPE_BFLOAT16: elem = 2; break;
+    case CU_TENSOR_MAP_DATA_TYPE_UINT32: case CU_TENSOR_MAP_DATA_TYPE_INT32:
+    case CU_TENSOR_MAP_DATA_TYPE_FLOAT32: elem = 4; break;
+    case CU_TENSOR_MAP_DATA_TYPE_FLOAT64: case CU_TENSOR_MAP_DATA_TYPE_INT64:
+    case CU_TENSOR_MAP_DATA_TYPE_UINT64: elem = 8; break;
+    default: return refuse("data type not modelled");
+  }
+  if (rank != 2) return refuse("only rank 2 is modelled");
+  if (interleave != CU_TENSOR_MAP_INTERLEAVE_NONE) return refuse("interleave not modelled");
+  if (oob_fill != CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) return refuse("NaN out-of-bounds fill not modelled");
+  if (reinterpret_cast<uintptr_t>(global) % 16 != 0) return refuse("global address not 16-byte aligned");
+  if (strides[0] % 16 != 0 || strides[0] < dims[0] * elem) return refuse("stride not a multiple of 16 covering a row");
+  if (element_strides[0] != 1 || element_strides[1] != 1) return refuse("element strides other than 1 not modelled");
+  if (box[0] == 0 || box[1] == 0 || box[0] > 256 || box[1] > 256) return refuse("box dimensions must be in [1, 256]");
+  if (box[0] * elem % 16 != 0) return refuse("inner box dimension not a multiple of 16 bytes");
+  uint32_t span = 0;
+  switch (swizzle) {
+    case CU_TENSOR_MAP_SWIZZLE_NONE: span = 0; break;
+    case CU_TENSOR_MAP_SWIZZLE_32B: span = 32; break;
+    case CU_TENSOR_MAP_SWIZZLE_64B: span = 64; break;
+    case CU_TENSOR_MAP_SWIZZLE_128B: span = 128; break;
+    default: return refuse("swizzle mode not modelled");
+  }
+  if (span != 0 && box[0] * elem != span) return refuse("inner box bytes other than the swizzle span not modelled");
+  emu::TensorMap2d m{emu::kTensorMapMagic, static_cast<const unsigned char*>(global), {dims[0], dims[1]},
+                     strides[0], {box[0], box[1]}, elem, span};
+  std::memset(map, 0, sizeof(*map));
+  std::memcpy(map, &m, sizeof(m));
+  return CUDA_SUCCESS;
 }

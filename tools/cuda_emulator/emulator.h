@@ -14,6 +14,9 @@
 //   * cp.async copies are snapshots of the source, landed only by the cp.async.wait_group
 //     that covers their group; the destination reads as 0xff bytes until then, so a read
 //     before the wait (or a copy into a stage another warp still reads) shows up as NaN.
+//   * sm_90a: mbarriers with phases and transaction counts, bulk and 2-D TMA copies landing
+//     on them, wgmma with shared-memory matrix descriptors and its fence / commit / wait
+//     rules (the Hopper section below; docs/design.md §3.3.1).
 // What it reports as a launch failure (cudaGetLastError, then emu::last_error()): a
 // deadlock, a diverged or partial warp at a warp-synchronous operation, a misaligned or
 // non-shared address given to cp.async / ldmatrix, a cp.async group never waited for,
@@ -70,6 +73,47 @@ void poison_shared(void* variable, size_t bytes);
 void cp_async16(void* smem, const void* gmem);
 void cp_async_commit();
 void cp_async_wait(int pending_groups_allowed);
+
+// ---- Hopper (sm_90a) asynchronous operations; emulated_ptx.cuh has the PTX-named wrappers ----
+
+// The shared-memory address (__cvta_generic_to_shared) of a pointer into the block's dynamic
+// shared memory, and back. The emulated dynamic shared memory starts at address 0, 1024-byte
+// aligned on the host too (the swizzle modes depend on address bits 4..9).
+uint32_t smem_address(const void* p);
+void* smem_pointer(uint32_t address);
+
+// mbarrier (PTX ISA "Parallel Synchronization and Communication Instructions: mbarrier"):
+// a phase completes when its pending arrival count and its tx-count both reach zero; then
+// the phase number advances, the arrival count is reset to the init count, tx to zero.
+// try_wait.parity(p) passes when the phase of parity p is complete, i.e. the current
+// phase's parity differs from p; otherwise the thread blocks until it does (a wait that can
+// never pass is reported as a deadlock, not a hang). Bulk copies land, completing their
+// bytes, when a thread waits on their mbarrier's incomplete phase or when no thread can run.
+void mbarrier_init(void* bar, unsigned count);
+void mbarrier_inval(void* bar);
+uint64_t mbarrier_arrive(void* bar, unsigned count = 1);  // returns the phase's token
+void mbarrier_expect_tx(void* bar, unsigned tx_bytes);
+uint64_t mbarrier_arrive_expect_tx(void* bar, unsigned tx_bytes);
+bool mbarrier_test_wait_parity(void* bar, unsigned parity);  // never blocks
+bool mbarrier_try_wait_parity(void* bar, unsigned parity);   // blocks until true
+// cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes: the source is read at
+// issue, the destination reads as 0xff bytes until the copy lands.
+void bulk_copy_g2s(void* smem_dst, const void* gmem_src, unsigned bytes, void* bar);
+// cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes of the box
+// at element coordinates (x: dim 0, y: dim 1) of a tensor map made by the emulator's
+// cuTensorMapEncodeTiled (emulator.cpp: 2-D, swizzle none/32B/64B/128B, OOB -> zeros);
+// completes box bytes on `bar` when it lands (as bulk_copy_g2s).
+void tma_load_2d(void* smem_dst, const void* tensor_map, int x, int y, void* bar);
+
+// wgmma (warpgroup = 4 consecutive warps, threads 128 g .. 128 g + 127): see emulated_ptx.cuh.
+// type 0 bf16, 1 f16; a_regs nullptr: A from shared memory through a_desc.
+void wgmma_fence();
+void wgmma_mma_async(int type, int n, float* d, const uint32_t* a_regs, uint64_t a_desc, uint64_t b_desc,
+                     int scale_d, int scale_a, int scale_b, int tnsp_a, int tnsp_b);
+void wgmma_commit_group();
+void wgmma_wait_group(int pending_groups_allowed);
+// Fails if a wgmma still in flight writes any of d[0..count) (for a kernel's operand fence).
+void wgmma_check_registers(const float* d, int count);
 
 // Records a failure of the running launch (the first one wins) and stops it.
 [[noreturn]] void fail(const std::string& what);

@@ -1,0 +1,344 @@
+"""The CUDA emulator's sm_90a instructions (tools/cuda_emulator: emulated_ptx.cuh, emulator.cpp)
+checked on their own, through the probe kernels of tools/cuda_emulator/hopper_probe.cpp,
+before any kernel uses them: wgmma.mma_async with shared-memory matrix descriptors in every
+swizzle mode, K- and MN-major, A from shared memory or registers; wgmma.fence /
+commit_group / wait_group; mbarrier phases with arrive / expect_tx / try_wait.parity and
+bulk copies completing transaction bytes.
+
+The operands are laid out, and the descriptors built, by a transcription written here of
+CuTe's GMMA layout atoms and make_gmma_desc (cute/atom/mma_traits_sm90_gmma.hpp, CUTLASS
+3.x), and the register fragments by its ALayout_64x16 / CLayout_64xN, as (shape, stride)
+data; the results are compared with a plain matmul. A kernel that lays out its tiles the
+way CuTe does therefore cannot share a misunderstanding with the emulator unless CuTe has
+it too. The negative tests show the emulator failing on the mistakes a Hopper kernel makes:
+no wgmma.fence, reading or writing accumulators before wgmma.wait_group, overwriting an
+operand in flight, a descriptor with the wrong swizzle, an mbarrier wait on the wrong
+phase, an expect_tx that never completes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+if str(TOOLS) not in sys.path:
+    sys.path.insert(0, str(TOOLS))
+
+import cuda_emulator  # noqa: E402
+from backends_under_test import _missing_emulator  # noqa: E402
+
+BF16, F16 = torch.bfloat16, torch.float16
+_probe = None
+
+
+@pytest.fixture(scope="module")
+def probe():
+    global _probe
+    missing = _missing_emulator()  # raises where MARGIN_OPS_REQUIRE_EMULATOR is set (CI)
+    if missing:
+        pytest.skip(missing)
+    if _probe is None:
+        _probe = cuda_emulator.build_hopper_probe(TOOLS.parent / "build" / "cuda_emulator_hopper")
+    return _probe
+
+
+# ---------------------------------------------------------------------------------------
+# CuTe, transcribed. A layout (shape, stride) maps a coordinate to an index; a flat index
+# decomposes first-mode-fastest (colexicographic), as CuTe's does.
+
+
+def _cute(shape, stride, i):
+    index = 0
+    for s, d in zip(shape, stride):
+        index += (i % s) * d
+        i //= s
+    return index
+
+
+def _swizzle(b, m, s, offset):
+    """CuTe's Swizzle<B,M,S>: offset ^ ((offset & yyy_msk) >> S), yyy_msk = ((1<<B)-1) << (M+S).
+    With smem_ptr_flag the GMMA atoms apply it to the shared-memory byte address."""
+    yyy = ((1 << b) - 1) << (m + s)
+    return offset ^ ((offset & yyy) >> s)
+
+
+#: GMMA::Layout_{MN,K}_{INTER,SW32,SW64,SW128}_Atom_Bits: (Swizzle B, (shape), (stride)) in
+#: bits, before upcast to the element type.
+_ATOMS_BITS = {
+    ("MN", "INTER"): (0, (128, 8), (1, 128)),
+    ("MN", "SW32"): (1, (256, 8), (1, 256)),
+    ("MN", "SW64"): (2, (512, 8), (1, 512)),
+    ("MN", "SW128"): (3, (1024, 8), (1, 1024)),
+    ("K", "INTER"): (0, (8, 128), (128, 1)),
+    ("K", "SW32"): (1, (8, 256), (256, 1)),
+    ("K", "SW64"): (2, (8, 512), (512, 1)),
+    ("K", "SW128"): (3, (8, 1024), (1024, 1)),
+}
+#: LayoutType of the descriptor (GmmaDescriptor bits 62-63).
+_LAYOUT_TYPE = {"INTER": 0, "SW128": 1, "SW64": 2, "SW32": 3}
+_W = {"INTER": 1, "SW32": 2, "SW64": 4, "SW128": 8}
+
+
+class SmemTile:
+    """An (MN, K) operand tile of 16-bit elements at byte address ``base`` (1024-aligned):
+    tile_to_shape(Layout_<major>_<swizzle>_Atom<16-bit>, (MN, K)), atoms repeated along MN
+    first (CuTe's default column-major tile order)."""
+
+    def __init__(self, major, swizzle, mn, k, base):
+        b, (s0, s1), (d0, d1) = _ATOMS_BITS[(major, swizzle)]
+        # upcast<16>: shapes and strides in bits / 16 (the stride-1 mode shrinks).
+        self.atom_shape = (s0 // 16, s1) if major == "MN" else (s0, s1 // 16)
+        self.atom_stride = (1, d1 // 16) if major == "MN" else (d0 // 16, 1)
+        self.b, self.major, self.swizzle, self.mn, self.k, self.base = b, major, swizzle, mn, k, base
+        assert mn % self.atom_shape[0] == 0 and k % self.atom_shape[1] == 0
+
+    def offset(self, mn, k):
+        """Element offset before the swizzle."""
+        am, ak = self.atom_shape
+        atom_size = am * ak
+        within = (mn % am) * self.atom_stride[0] + (k % ak) * self.atom_stride[1]
+        return within + ((mn // am) + (k // ak) * (self.mn // am)) * atom_size
+
+    def address(self, mn, k):
+        return _swizzle(self.b, 4, 3, self.base + 2 * self.offset(mn, k))
+
+    def place(self, image, bits):
+        for mn in range(self.mn):
+            for k in range(self.k):
+                image[self.address(mn, k) // 2] = bits[mn, k]
+
+    def descriptor(self, kblock, layout_type=None):
+        """make_gmma_desc<Major> of the (MN, 16) slice at k = 16 kblock, as CuTe's
+        DescriptorIterator gives it: the slice's strides in 16-byte units (unswizzled),
+        its start address >> 4 in bits 0-13, LBO 16-29, SBO 32-45, base offset 0, layout
+        type 62-63."""
+        u = lambda mn, k: 2 * self.offset(mn, k) // 16  # noqa: E731  (uint128_t units)
+        w = _W[self.swizzle]
+        if self.major == "K":
+            sbo = u(8, 0)
+            lbo = u(0, 8) if self.swizzle == "INTER" else 1
+        else:
+            stride_01, stride_11 = u(8 * w, 0) if self.mn > 8 * w else 0, u(0, 8)
+            if self.swizzle == "INTER":
+                stride_01 = u(8, 0)
+                sbo, lbo = stride_01, stride_11
+            else:
+                sbo, lbo = stride_11, stride_01
+        start = (self.base + 2 * self.offset(0, 16 * kblock)) >> 4
+        layout = _LAYOUT_TYPE[self.swizzle] if layout_type is None else layout_type
+        d = (start & 0x3FFF) | ((lbo & 0x3FFF) << 16) | ((sbo & 0x3FFF) << 32) | (layout << 62)
+        return d - (1 << 64) if d >= 1 << 63 else d
+
+
+# SM90::GMMA::CLayout_64xN and ALayout_64x16: (thread, value) -> index of the column-major
+# 64 x N (resp. 64 x 16) matrix, m + 64 n.
+def _c_layout(n):
+    return ((4, 8, 4), (128, 1, 16)), ((2, 2, n // 8), (64, 8, 512))
+
+
+_A_LAYOUT = (((4, 8, 4), (128, 1, 16)), ((2, 2, 2), (64, 8, 512)))
+
+
+def _bits(t):
+    return t.view(torch.int16)
+
+
+def _run_wgmma(probe, dtype, n, a_tile, b_tile, *, a_regs=False, k=64, scale_d=1, scale_a=1, scale_b=1,
+               mistake=0, b_layout_type=None, seed=0):
+    """Random A (64 x k), B (n x k), C (64 x n); returns (D as the probe gives it, per
+    (thread, value), and the same positions of A B^T + C computed by torch)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(64, k, generator=g).to(dtype)
+    b = torch.randn(n, k, generator=g).to(dtype)
+    c = torch.randn(64, n, generator=g)
+    size = max(a_tile.base + 2 * 64 * k, b_tile.base + 2 * n * k)
+    image = torch.full((size // 2,), -1, dtype=torch.int16)
+    b_tile.place(image, _bits(b))
+    kblocks = k // 16
+    if a_regs:
+        regs = torch.zeros(kblocks, 128, 4, dtype=torch.int64)
+        a_bits = _bits(a).long() & 0xFFFF
+        (thr, val) = _A_LAYOUT
+        for kb in range(kblocks):
+            for t in range(128):
+                for v in range(8):
+                    idx = _cute(*thr, t) + _cute(*val, v)
+                    regs[kb, t, v // 2] |= a_bits[idx % 64, 16 * kb + idx // 64] << (16 * (v % 2))
+        regs = torch.where(regs >= 2**31, regs - 2**32, regs).int()
+        desc_a = torch.zeros(kblocks, dtype=torch.int64)
+    else:
+        a_tile.place(image, _bits(a))
+        regs = torch.zeros(0, dtype=torch.int32)
+        desc_a = torch.tensor([a_tile.descriptor(kb) for kb in range(kblocks)], dtype=torch.int64)
+    desc_b = torch.tensor([b_tile.descriptor(kb, b_layout_type) for kb in range(kblocks)], dtype=torch.int64)
+    thr, val = _c_layout(n)
+    pos = torch.tensor([[_cute(*thr, t) + _cute(*val, v) for v in range(n // 2)] for t in range(128)])
+    rows, cols = pos % 64, pos // 64
+    c_in = c[rows, cols]
+    d = probe.probe_wgmma(0 if dtype == BF16 else 1, n, image, desc_a, desc_b, regs, c_in, scale_d,
+                          int(a_tile.major == "MN"), int(b_tile.major == "MN"), scale_a, scale_b, mistake)
+    want = (scale_a * scale_b) * (a.double() @ b.double().t()) + (c.double() if scale_d else 0)
+    return d, want[rows, cols]
+
+
+def _assert_matches(d, want):
+    torch.testing.assert_close(d.double(), want, rtol=1e-5, atol=1e-5)
+
+
+# (A major, A swizzle, B major, B swizzle, N, dtype): every swizzle mode on both operands,
+# both majors, N from 8 to 256.
+SS_CASES = [
+    ("K", "SW128", "K", "SW128", 64, BF16),
+    ("K", "SW128", "K", "SW128", 256, BF16),
+    ("K", "SW64", "K", "SW32", 128, F16),
+    ("K", "INTER", "K", "INTER", 64, BF16),
+    ("K", "SW32", "K", "INTER", 8, F16),
+    ("MN", "SW128", "MN", "SW128", 128, BF16),
+    ("K", "SW128", "MN", "SW64", 64, F16),
+    ("MN", "INTER", "MN", "SW32", 16, BF16),
+    ("MN", "SW64", "K", "SW64", 256, BF16),
+]
+
+
+@pytest.mark.parametrize("am, asw, bm, bsw, n, dtype", SS_CASES,
+                         ids=[f"A{c[0]}-{c[1]}_B{c[2]}-{c[3]}_n{c[4]}_{str(c[5])[6:]}" for c in SS_CASES])
+def test_wgmma_ss_matches_cute_atoms(probe, am, asw, bm, bsw, n, dtype):
+    """D = A B^T + C over four k-blocks (K = 64), A and B in shared memory as CuTe lays them
+    out, C and D in CLayout_64xN's (thread, value) order."""
+    a_tile = SmemTile(am, asw, 64, 64, base=0)
+    b_tile = SmemTile(bm, bsw, n, 64, base=8192)
+    _assert_matches(*_run_wgmma(probe, dtype, n, a_tile, b_tile))
+
+
+@pytest.mark.parametrize("n", [64, 256])
+def test_wgmma_rs_matches_cute_a_fragment(probe, n):
+    """A from registers in ALayout_64x16's (thread, value) order, B K-major 128B-swizzled."""
+    b_tile = SmemTile("K", "SW128", n, 64, base=0)
+    _assert_matches(*_run_wgmma(probe, BF16, n, SmemTile("K", "SW128", 64, 64, base=0), b_tile, a_regs=True))
+
+
+def test_wgmma_scale_flags_and_pipelined_groups(probe):
+    """scale-d = 0 ignores C; imm-scale-a = -1 negates A; one commit group per k-block with
+    wait_group<1> (the accumulators chained across groups in flight)."""
+    a_tile, b_tile = SmemTile("K", "SW128", 64, 64, base=0), SmemTile("K", "SW128", 128, 64, base=8192)
+    _assert_matches(*_run_wgmma(probe, BF16, 128, a_tile, b_tile, scale_d=0, scale_a=-1, mistake=6))
+
+
+def test_wrong_swizzle_in_the_descriptor_gives_wrong_results(probe):
+    """B laid out with the 128-byte swizzle but described as 64-byte (or none, or 32-byte):
+    the products come out wrong (a kernel's comparison with the reference catches it)."""
+    a_tile, b_tile = SmemTile("K", "SW128", 64, 64, base=0), SmemTile("K", "SW128", 64, 64, base=8192)
+    for wrong in (0, 2, 3):
+        d, want = _run_wgmma(probe, BF16, 64, a_tile, b_tile, b_layout_type=wrong)
+        assert not torch.allclose(d.double(), want, rtol=1e-3, atol=1e-3), wrong
+
+
+def test_missing_fence_fails(probe):
+    """No wgmma.fence before the first wgmma, or none after a wait_group before the next
+    (CUTLASS calls warpgroup_arrive, i.e. wgmma.fence, before every k-block's wgmmas)."""
+    a_tile, b_tile = SmemTile("K", "SW128", 64, 64, base=0), SmemTile("K", "SW128", 64, 64, base=8192)
+    for mistake in (1, 7):
+        with pytest.raises(RuntimeError, match="without a wgmma.fence"):
+            _run_wgmma(probe, BF16, 64, a_tile, b_tile, mistake=mistake)
+
+
+def test_reading_accumulators_before_wait_group(probe):
+    """Read before the wait: every value is NaN; with the operand fence (CUTLASS's
+    warpgroup_fence_operand) before the wait, the launch fails."""
+    a_tile, b_tile = SmemTile("K", "SW128", 64, 64, base=0), SmemTile("K", "SW128", 64, 64, base=8192)
+    d, _ = _run_wgmma(probe, BF16, 64, a_tile, b_tile, mistake=2)
+    assert torch.isnan(d).all()
+    with pytest.raises(RuntimeError, match="read while a wgmma on them is in flight"):
+        _run_wgmma(probe, BF16, 64, a_tile, b_tile, mistake=5)
+
+
+def test_writing_accumulators_or_operands_in_flight_fails(probe):
+    a_tile, b_tile = SmemTile("K", "SW128", 64, 64, base=0), SmemTile("K", "SW128", 64, 64, base=8192)
+    with pytest.raises(RuntimeError, match="written before its wait_group"):
+        _run_wgmma(probe, BF16, 64, a_tile, b_tile, mistake=3)
+    with pytest.raises(RuntimeError, match="operand of an in-flight wgmma was overwritten"):
+        _run_wgmma(probe, BF16, 64, a_tile, b_tile, mistake=4)
+
+
+# ---------------------------------------------------------------------------------------
+# mbarrier and bulk copies.
+
+
+def test_mbarrier_phase_semantics(probe):
+    """Step by step (PTX ISA, mbarrier): init(2); parity-0 wait pending, parity-1 passes
+    (the phase before the first); two arrivals complete phase 0; expect_tx(64) holds phase 1
+    open after both arrivals until the bulk copy's 64 bytes land, which only a wait makes
+    happen (the destination reads as 0xff bytes until then); then phase 2 is pending."""
+    src = torch.arange(16, dtype=torch.float32) + 0.5
+    log, landed = probe.probe_mbarrier_semantics(src)
+    assert log.tolist() == [0, 1, 0, 0, 1, 0, 1, 0, 1, 1, 1, 0]
+    assert torch.equal(landed, src)
+
+
+def _pipeline_data(iters=7, chunk=96):
+    return torch.randint(-50, 50, (iters, chunk)).float()  # integer sums: exact in any order
+
+
+@pytest.mark.parametrize("schedule", [0, 1, 2, 3])
+def test_mbarrier_pipeline_under_every_schedule(probe, schedule):
+    """A 2-stage ring: producer lane waits `empty` (parity phase ^ 1), arrive.expect_tx +
+    bulk copy on `full`; consumer warp waits `full` (parity phase), reads, arrives on
+    `empty`. Seven iterations: every stage's phases wrap more than once."""
+    data = _pipeline_data()
+    probe.set_schedule(schedule)
+    try:
+        out = probe.probe_pipeline(data, 2, 0, 0, 0)
+    finally:
+        probe.set_schedule(0)
+    assert torch.equal(out, data.sum(1))
+
+
+def test_consumer_waiting_on_the_wrong_phase_fails(probe):
+    """Parity flipped on `full`: the first wait passes at once (parity 1 names the phase
+    before the first, complete), the consumer reads a stage whose copy has not landed (NaN)
+    and frees it early; the producer then arrives on a `full` phase whose arrival is already
+    in (its bytes outstanding), which the emulator reports."""
+    with pytest.raises(RuntimeError, match="mbarrier.arrive.*a wait on the wrong phase"):
+        probe.probe_pipeline(_pipeline_data(), 2, 1, 0, 0)
+
+
+def test_producer_waiting_on_the_wrong_phase_deadlocks(probe):
+    """Parity flipped on `empty`: the producer waits for a phase no one completes; the
+    emulator reports a deadlock instead of hanging."""
+    with pytest.raises(RuntimeError, match="deadlock.*at mbarrier waits"):
+        probe.probe_pipeline(_pipeline_data(), 2, 0, 1, 0)
+
+
+def test_expect_tx_larger_than_the_copy_deadlocks(probe):
+    with pytest.raises(RuntimeError, match="deadlock"):
+        probe.probe_pipeline(_pipeline_data(), 2, 0, 0, 16)
+
+
+# ---------------------------------------------------------------------------------------
+# TMA: 2-D tensor maps. The box as it lands must be exactly CuTe's K-major atom layout of
+# the same swizzle (the layout a wgmma descriptor of that swizzle reads, checked above).
+
+
+@pytest.mark.parametrize("swizzle, box0", [(128, 64), (64, 32), (32, 16), (0, 24)])
+def test_tma_box_lands_in_the_cute_atom_layout(probe, swizzle, box0):
+    """A box of box0 x 16 bf16 at (x, y) = (56, 30) of a 40 x 100 tensor: partly outside the
+    tensor on both dimensions (those elements land as zeros), rows in CuTe's
+    Layout_K_<swizzle>_Atom order (no swizzle: plain rows, box0 elements apart)."""
+    rows, cols, box1, x, y = 40, 100, 16, 56, 30
+    tensor = torch.randint(-30000, 30000, (rows, cols + 4), dtype=torch.int16)[:, :cols]  # 208-byte rows
+    image = probe.probe_tma(tensor, box0, box1, x, y, swizzle)
+    want = torch.zeros(box1, box0, dtype=torch.int16)
+    inside = tensor[y:y + box1, x:x + box0]
+    want[:inside.shape[0], :inside.shape[1]] = inside
+    assert (want == 0).any() and (want != 0).any()
+    if swizzle == 0:
+        expected = want.reshape(-1)
+    else:
+        tile = SmemTile("K", {128: "SW128", 64: "SW64", 32: "SW32"}[swizzle], box1, box0, base=0)
+        expected = torch.full((box0 * box1,), -1, dtype=torch.int16)
+        tile.place(expected, want)
+    assert torch.equal(image, expected)

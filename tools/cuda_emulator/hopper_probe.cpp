@@ -1,0 +1,288 @@
+// Probe kernels for the emulator's sm_90a instructions (emulated_ptx.cuh: mbarrier, bulk
+// copies, wgmma), run one instruction sequence at a time on operands given from Python, so
+// that tests/test_emulator_hopper.py can check them against an independent transcription of
+// CuTe's GMMA layout atoms and MMA traits, and show that the expected mistakes fail. Built
+// with emulator.cpp alone (build.py: build_hopper_probe), independent of any project kernel.
+#include <torch/extension.h>  // before emulator.h, whose macros are for kernel code
+
+#include "emulator.h"
+#include "emulated_ptx.cuh"
+
+#include <cuda.h>  // CUtensorMap; cuTensorMapEncodeTiled is the emulator's (emulator.cpp)
+
+namespace {
+
+namespace ptx = emu::ptx;
+
+void check(cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "probe failed in the emulator: ", emu::last_error());
+}
+
+// ---- wgmma ----
+
+// What a probe does wrong on purpose (the negative tests).
+enum Mistake : int {
+  kNone = 0,
+  kNoFence = 1,            // no wgmma.fence before the first wgmma
+  kReadBeforeWait = 2,     // copies the accumulators out before wgmma.wait_group
+  kWriteBeforeWait = 3,    // zeroes an accumulator while the wgmma is in flight
+  kOverwriteOperand = 4,   // thread 0 overwrites the shared-memory operands in flight
+  kFenceOperandEarly = 5,  // the operand fence (wgmma_fence_operand) before the wait
+  kPipelined = 6,          // correct: one commit group per k-block, wait_group<1>
+  kPipelinedNoRefence = 7, // as 6 but without a wgmma.fence after each wait_group
+};
+
+struct WgmmaProbe {
+  int kind, n, kblocks, scale_d, tnsp_a, tnsp_b, scale_a, scale_b, mistake, a_in_regs;
+  const int16_t* image;
+  int64_t image_elems;
+  const int64_t* desc_a;  // (kblocks,)
+  const int64_t* desc_b;  // (kblocks,)
+  const int32_t* a_regs;  // (kblocks, 128, 4)
+  float* d;               // (128, n/2): in C, out D
+};
+
+template <class T, int N>
+void wgmma_kernel(const WgmmaProbe* p) {
+  if (threadIdx.x == 0) std::memcpy(emu::dynamic_smem(), p->image, size_t(p->image_elems) * 2);
+  __syncthreads();
+  const int t = int(threadIdx.x);
+  float acc[N / 2];
+  for (int i = 0; i < N / 2; ++i) acc[i] = p->d[t * (N / 2) + i];
+  if (p->mistake != kNoFence) ptx::wgmma_fence();
+  for (int kb = 0; kb < p->kblocks; ++kb) {
+    if (p->mistake == kPipelined && kb > 0) ptx::wgmma_fence();
+    const bool pipelined = p->mistake == kPipelined || p->mistake == kPipelinedNoRefence;
+    const int scale_d = kb == 0 ? p->scale_d : 1;
+    const uint64_t db = uint64_t(p->desc_b[kb]);
+    if (p->a_in_regs) {
+      uint32_t a[4];
+      for (int j = 0; j < 4; ++j) a[j] = uint32_t(p->a_regs[(kb * 128 + t) * 4 + j]);
+      ptx::wgmma_rs<T, N>(acc, a, db, scale_d, p->tnsp_b, p->scale_a, p->scale_b);
+    } else {
+      ptx::wgmma_ss<T, N>(acc, uint64_t(p->desc_a[kb]), db, scale_d, p->tnsp_a, p->tnsp_b, p->scale_a,
+                          p->scale_b);
+    }
+    if (pipelined) {
+      ptx::wgmma_commit_group();
+      ptx::wgmma_wait_group<1>();
+    }
+  }
+  if (p->mistake != kPipelined && p->mistake != kPipelinedNoRefence) ptx::wgmma_commit_group();
+  if (p->mistake == kReadBeforeWait) {
+    for (int i = 0; i < N / 2; ++i) p->d[t * (N / 2) + i] = acc[i];
+  }
+  if (p->mistake == kWriteBeforeWait && t == 5) acc[0] = 0.f;
+  if (p->mistake == kOverwriteOperand && t == 0) {
+    std::memset(emu::dynamic_smem(), 0, size_t(p->image_elems) * 2);
+  }
+  if (p->mistake == kFenceOperandEarly) ptx::wgmma_fence_operand(acc);
+  ptx::wgmma_wait_group<0>();
+  ptx::wgmma_fence_operand(acc);
+  if (p->mistake != kReadBeforeWait) {
+    for (int i = 0; i < N / 2; ++i) p->d[t * (N / 2) + i] = acc[i];
+  }
+}
+
+template <class T>
+cudaError_t launch_wgmma(const WgmmaProbe& p) {
+  const size_t smem = size_t(p.image_elems) * 2;
+  cudaFuncSetAttribute(wgmma_kernel<T, 8>, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 << 10);
+  switch (p.n) {
+#define EMU_PROBE_N(N)                                                                     \
+  case N:                                                                                  \
+    cudaFuncSetAttribute(wgmma_kernel<T, N>, cudaFuncAttributeMaxDynamicSharedMemorySize, \
+                         227 << 10);                                                       \
+    return emu::launch(dim3(1), dim3(128), smem, nullptr, wgmma_kernel<T, N>, &p);
+    EMU_PROBE_N(8)
+    EMU_PROBE_N(16)
+    EMU_PROBE_N(64)
+    EMU_PROBE_N(128)
+    EMU_PROBE_N(256)
+#undef EMU_PROBE_N
+  }
+  TORCH_CHECK(false, "probe_wgmma: N must be one of 8, 16, 64, 128, 256");
+}
+
+// ---- mbarrier + bulk copy pipeline ----
+
+struct PipelineProbe {
+  const float* data;  // (iters, chunk)
+  int iters, chunk, stages, consumer_flip, producer_flip, tx_extra;
+  float* out;  // (iters,)
+};
+
+void pipeline_kernel(const PipelineProbe* p) {
+  unsigned char* smem = emu::dynamic_smem();
+  const size_t stage_bytes = size_t(p->chunk) * 4;
+  auto* full = reinterpret_cast<uint64_t*>(smem + stage_bytes * p->stages);
+  uint64_t* empty = full + p->stages;
+  const int t = int(threadIdx.x), warp = t / 32, lane = t % 32;
+  if (t == 0) {
+    for (int s = 0; s < p->stages; ++s) {
+      ptx::mbarrier_init(&full[s], 1);
+      ptx::mbarrier_init(&empty[s], 32);
+    }
+    ptx::fence_barrier_init();
+  }
+  __syncthreads();
+  if (warp == 0) {  // producer: lane 0 alone
+    if (lane != 0) return;
+    for (int it = 0; it < p->iters; ++it) {
+      const int s = it % p->stages;
+      const unsigned phase = unsigned(it / p->stages) & 1u;
+      ptx::mbarrier_wait_parity(&empty[s], (phase ^ 1u) ^ unsigned(p->producer_flip));
+      ptx::mbarrier_arrive_expect_tx(&full[s], unsigned(stage_bytes) + unsigned(p->tx_extra));
+      ptx::bulk_copy_g2s(smem + stage_bytes * s, p->data + size_t(it) * p->chunk, unsigned(stage_bytes), &full[s]);
+    }
+  } else {  // consumer warp
+    for (int it = 0; it < p->iters; ++it) {
+      const int s = it % p->stages;
+      const unsigned phase = unsigned(it / p->stages) & 1u;
+      ptx::mbarrier_wait_parity(&full[s], phase ^ unsigned(p->consumer_flip));
+      const float* stage = reinterpret_cast<const float*>(smem + stage_bytes * s);
+      float sum = 0.f;
+      for (int i = lane; i < p->chunk; i += 32) sum += stage[i];
+      for (int m = 16; m >= 1; m /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, m);
+      if (lane == 0) p->out[it] = sum;
+      ptx::mbarrier_arrive(&empty[s]);
+    }
+  }
+}
+
+// ---- mbarrier phase semantics, step by step on one thread ----
+
+struct SemanticsProbe {
+  const float* src;  // 16 floats
+  int32_t* log;      // observations, in order
+  float* landed;     // 16 floats
+};
+
+void semantics_kernel(const SemanticsProbe* p) {
+  if (threadIdx.x != 0) return;
+  unsigned char* smem = emu::dynamic_smem();
+  auto* bar = reinterpret_cast<uint64_t*>(smem + 64);
+  int n = 0;
+  auto log = [&](int v) { p->log[n++] = v; };
+  ptx::mbarrier_init(bar, 2);
+  log(emu::mbarrier_test_wait_parity(bar, 0));  // 0: phase 0 in progress
+  log(emu::mbarrier_test_wait_parity(bar, 1));  // 1: "phase -1" (parity 1) counts as complete
+  log(int(ptx::mbarrier_arrive(bar)));          // token 0
+  log(emu::mbarrier_test_wait_parity(bar, 0));  // 0: one arrival of two
+  ptx::mbarrier_arrive(bar);
+  log(emu::mbarrier_test_wait_parity(bar, 0));  // 1: phase 0 complete
+  log(emu::mbarrier_test_wait_parity(bar, 1));  // 0: phase 1 in progress
+  ptx::mbarrier_expect_tx(bar, 64);
+  ptx::bulk_copy_g2s(smem, p->src, 64, bar);
+  ptx::mbarrier_arrive(bar);
+  log(int(ptx::mbarrier_arrive(bar)));          // token 1
+  log(emu::mbarrier_test_wait_parity(bar, 1));  // 0: 64 bytes still in flight
+  uint32_t first;
+  std::memcpy(&first, smem, 4);
+  log(first == 0xffffffffu);                    // 1: destination unreadable until landed
+  log(ptx::mbarrier_try_wait_parity(bar, 1));   // 1: the wait lands the copy
+  log(emu::mbarrier_test_wait_parity(bar, 1));  // 1
+  log(emu::mbarrier_test_wait_parity(bar, 0));  // 0: phase 2 (parity 0) in progress
+  std::memcpy(p->landed, smem, 64);
+}
+
+// ---- TMA: one 2-D box into shared memory ----
+
+struct TmaProbe {
+  const CUtensorMap* map;
+  int x, y, bytes;
+  int16_t* out;
+};
+
+void tma_kernel(const TmaProbe* p) {
+  unsigned char* smem = emu::dynamic_smem();
+  auto* bar = reinterpret_cast<uint64_t*>(smem + p->bytes);
+  if (threadIdx.x == 0) {
+    ptx::mbarrier_init(bar, 1);
+    ptx::fence_barrier_init();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    ptx::mbarrier_arrive_expect_tx(bar, unsigned(p->bytes));
+    ptx::tma_load_2d(smem, p->map, p->x, p->y, bar);
+  }
+  ptx::mbarrier_wait_parity(bar, 0);
+  if (threadIdx.x == 0) std::memcpy(p->out, smem, size_t(p->bytes));
+}
+
+}  // namespace
+
+// The shared-memory image (int16) of one TMA load of the box (box0 x box1 elements of 2
+// bytes, swizzle 0/32/64/128) at (x, y) of the 2-D int16 tensor `t` (rows = dim 1, row
+// stride a multiple of 8 elements).
+at::Tensor probe_tma(const at::Tensor& t, int64_t box0, int64_t box1, int64_t x, int64_t y, int64_t swizzle) {
+  TORCH_CHECK(t.stride(1) == 1, "rows must be contiguous");
+  const at::Tensor& tc = t;
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {cuuint64_t(tc.size(1)), cuuint64_t(tc.size(0))};
+  const cuuint64_t strides[1] = {cuuint64_t(tc.stride(0) * 2)};
+  const cuuint32_t box[2] = {cuuint32_t(box0), cuuint32_t(box1)};
+  const cuuint32_t ones[2] = {1, 1};
+  const CUtensorMapSwizzle sw = swizzle == 0 ? CU_TENSOR_MAP_SWIZZLE_NONE : swizzle == 32 ? CU_TENSOR_MAP_SWIZZLE_32B
+                                : swizzle == 64 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_128B;
+  const CUresult r = cuTensorMapEncodeTiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, tc.data_ptr(), dims, strides, box,
+                                            ones, CU_TENSOR_MAP_INTERLEAVE_NONE, sw, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(r == CUDA_SUCCESS, emu::last_error());
+  auto out = at::zeros({box0 * box1}, at::kShort);
+  TmaProbe p{&map, int(x), int(y), int(box0 * box1 * 2), out.data_ptr<int16_t>()};
+  check(emu::launch(dim3(1), dim3(32), size_t(p.bytes) + 8, nullptr, tma_kernel, &p));
+  return out;
+}
+
+// D (128, n/2) float32: the warpgroup's accumulators after `kblocks` wgmma.mma_async of
+// m64n{n}k16 (kind 0 bf16, 1 f16) over the shared-memory image (int16), with per-k-block
+// descriptors (int64) and, if a_regs is not empty, A from registers (kblocks, 128, 4) int32.
+at::Tensor probe_wgmma(int64_t kind, int64_t n, const at::Tensor& image, const at::Tensor& desc_a,
+                       const at::Tensor& desc_b, const at::Tensor& a_regs, const at::Tensor& c, int64_t scale_d,
+                       int64_t tnsp_a, int64_t tnsp_b, int64_t scale_a, int64_t scale_b, int64_t mistake) {
+  const auto ic = image.contiguous(), dac = desc_a.contiguous(), dbc = desc_b.contiguous();
+  const auto ac = a_regs.contiguous();
+  auto d = c.contiguous().clone();
+  TORCH_CHECK(d.numel() == 128 * n / 2, "C must be (128, n/2)");
+  WgmmaProbe p{int(kind), int(n), int(dbc.numel()), int(scale_d), int(tnsp_a), int(tnsp_b), int(scale_a),
+               int(scale_b), int(mistake), ac.numel() > 0, ic.data_ptr<int16_t>(), ic.numel(),
+               dac.data_ptr<int64_t>(), dbc.data_ptr<int64_t>(), ac.numel() > 0 ? ac.data_ptr<int32_t>() : nullptr,
+               d.data_ptr<float>()};
+  check(kind == 0 ? launch_wgmma<__nv_bfloat16>(p) : launch_wgmma<__half>(p));
+  return d;
+}
+
+// (iters,) float32: per iteration, the sum of data[it] as a consumer warp reads it from a
+// `stages`-deep shared-memory ring filled by bulk copies (producer lane, full/empty
+// mbarriers). The flips wait on the wrong parity; tx_extra expects more bytes than come.
+at::Tensor probe_pipeline(const at::Tensor& data, int64_t stages, int64_t consumer_flip, int64_t producer_flip,
+                          int64_t tx_extra) {
+  const auto dc = data.contiguous();
+  auto out = at::zeros({dc.size(0)}, at::kFloat);
+  PipelineProbe p{dc.data_ptr<float>(), int(dc.size(0)), int(dc.size(1)), int(stages), int(consumer_flip),
+                  int(producer_flip), int(tx_extra), out.data_ptr<float>()};
+  const size_t smem = size_t(dc.size(1)) * 4 * size_t(stages) + 16 * size_t(stages);
+  check(emu::launch(dim3(1), dim3(64), smem, nullptr, pipeline_kernel, &p));
+  return out;
+}
+
+// The observations of semantics_kernel (int32, 12) and the 16 floats its bulk copy landed.
+std::vector<at::Tensor> probe_mbarrier_semantics(const at::Tensor& src) {
+  const auto sc = src.contiguous();
+  auto log = at::full({12}, -1, at::kInt);
+  auto landed = at::zeros({16}, at::kFloat);
+  SemanticsProbe p{sc.data_ptr<float>(), log.data_ptr<int32_t>(), landed.data_ptr<float>()};
+  check(emu::launch(dim3(1), dim3(32), 128, nullptr, semantics_kernel, &p));
+  return {log, landed};
+}
+
+void set_schedule(int64_t schedule) { emu::set_schedule(emu::Schedule(schedule), 12345); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("probe_wgmma", &probe_wgmma);
+  m.def("probe_pipeline", &probe_pipeline);
+  m.def("probe_mbarrier_semantics", &probe_mbarrier_semantics);
+  m.def("probe_tma", &probe_tma);
+  m.def("set_schedule", &set_schedule);
+}
