@@ -199,8 +199,8 @@ def test_sphereface_schedule_does_not_advance_when_forward_raises():
                 head(x, bad)
         assert int(head.iteration) == 1
         loss = head(x, y)
-    assert int(head.iteration) == 2
-    assert torch.equal(loss, torch.ops.margin.sphereface(x, head.weight, y, m=4, lamb=_lamb(2)))
+        assert int(head.iteration) == 2
+        assert torch.equal(loss, torch.ops.margin.sphereface(x, head.weight, y, m=4, lamb=_lamb(2)))
 
 
 def test_module_float64_and_repr():
