@@ -19,6 +19,7 @@ from margin_ops import reference
 from backends_under_test import BY_NAME, TF32, emulator
 from conformance.cases import DTYPE_IDS, PRIMITIVE_ARGS
 from conftest import call_op, make_inputs, primitive_options, primitive_vs_reference
+from cute_layouts import cute_index
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 EMULATED = BY_NAME["cuda-emulated"]
@@ -222,16 +223,8 @@ def test_subcenters_beyond_the_kernels_limit_are_refused_by_name():
 
 # ---------------------------------------------------------------------------------------
 # The emulated PTX against fragment layouts written down independently: CUTLASS's CuTe
-# traits (mma_traits_sm80.hpp, copy_traits_sm75.hpp), as (shape, stride) data. A CuTe
-# layout maps a flat coordinate, decomposed first-mode-fastest, to an index.
-
-
-def _cute(shape, stride, i):
-    index = 0
-    for s, d in zip(shape, stride):
-        index += (i % s) * d
-        i //= s
-    return index
+# traits (mma_traits_sm80.hpp, copy_traits_sm75.hpp), as (shape, stride) data
+# (tests/cute_layouts.py).
 
 
 # Per MMA kind: (A thread, A value, A rows M), (B thread, B value, B rows N), (C thread,
@@ -269,20 +262,20 @@ def test_emulated_mma_matches_cute_layouts(kind):
     shift = 32 // per_reg
     for t in range(32):
         for v in range(4 * per_reg):
-            idx = _cute(*a_thr, t) + _cute(*a_val, v)
+            idx = cute_index(*a_thr, t) + cute_index(*a_val, v)
             regs_a[t, v // per_reg] |= a_bits[idx % 16, idx // 16] << (shift * (v % per_reg))
         for v in range(2 * per_reg):
-            idx = _cute(*b_thr, t) + _cute(*b_val, v)
+            idx = cute_index(*b_thr, t) + cute_index(*b_val, v)
             regs_b[t, v // per_reg] |= b_bits[idx % 8, idx // 8] << (shift * (v % per_reg))
         for v in range(4):
-            idx = _cute(*_C_LAYOUT[0], t) + _cute(*_C_LAYOUT[1], v)
+            idx = cute_index(*_C_LAYOUT[0], t) + cute_index(*_C_LAYOUT[1], v)
             c_in[t, v] = c[idx % 16, idx // 16]
     to_i32 = lambda r: torch.where(r >= 2**31, r - 2**32, r).int()  # noqa: E731
     d = emulator().probe_mma({"bf16": 0, "f16": 1, "tf32": 2}[kind], to_i32(regs_a), to_i32(regs_b), c_in)
     want = a @ b.t() + c.double()
     for t in range(32):
         for v in range(4):
-            idx = _cute(*_C_LAYOUT[0], t) + _cute(*_C_LAYOUT[1], v)
+            idx = cute_index(*_C_LAYOUT[0], t) + cute_index(*_C_LAYOUT[1], v)
             assert abs(d[t, v].item() - want[idx % 16, idx // 16].item()) <= 1e-5 * (1 + abs(want[idx % 16, idx // 16])), \
                 (kind, t, v)
 
@@ -303,7 +296,7 @@ def test_emulated_ldmatrix_matches_cute_layouts(trans):
     for t in range(32):
         for reg in range(4):
             for half in range(2):
-                bit = _cute(*thr, t) + _cute(*val, 16 * half + 32 * reg)
+                bit = cute_index(*thr, t) + cute_index(*val, 16 * half + 32 * reg)
                 src_lane, element = bit // 128, (bit % 128) // 16
                 want = int(image[row_offset[src_lane] + element]) & 0xFFFF
                 assert (int(regs[t, reg]) >> (16 * half)) & 0xFFFF == want, (trans, t, reg, half)

@@ -30,6 +30,7 @@ if str(TOOLS) not in sys.path:
 
 import cuda_emulator  # noqa: E402
 from backends_under_test import _missing_emulator  # noqa: E402
+from cute_layouts import cute_index  # noqa: E402
 
 BF16, F16 = torch.bfloat16, torch.float16
 _probe = None
@@ -47,16 +48,7 @@ def probe():
 
 
 # ---------------------------------------------------------------------------------------
-# CuTe, transcribed. A layout (shape, stride) maps a coordinate to an index; a flat index
-# decomposes first-mode-fastest (colexicographic), as CuTe's does.
-
-
-def _cute(shape, stride, i):
-    index = 0
-    for s, d in zip(shape, stride):
-        index += (i % s) * d
-        i //= s
-    return index
+# CuTe, transcribed (layouts as (shape, stride) data: tests/cute_layouts.py).
 
 
 def _swizzle(b, m, s, offset):
@@ -166,7 +158,7 @@ def _run_wgmma(probe, dtype, n, a_tile, b_tile, *, a_regs=False, k=64, scale_d=1
         for kb in range(kblocks):
             for t in range(128):
                 for v in range(8):
-                    idx = _cute(*thr, t) + _cute(*val, v)
+                    idx = cute_index(*thr, t) + cute_index(*val, v)
                     regs[kb, t, v // 2] |= a_bits[idx % 64, 16 * kb + idx // 64] << (16 * (v % 2))
         regs = torch.where(regs >= 2**31, regs - 2**32, regs).int()
         desc_a = torch.zeros(kblocks, dtype=torch.int64)
@@ -176,7 +168,7 @@ def _run_wgmma(probe, dtype, n, a_tile, b_tile, *, a_regs=False, k=64, scale_d=1
         desc_a = torch.tensor([a_tile.descriptor(kb) for kb in range(kblocks)], dtype=torch.int64)
     desc_b = torch.tensor([b_tile.descriptor(kb, b_layout_type) for kb in range(kblocks)], dtype=torch.int64)
     thr, val = _c_layout(n)
-    pos = torch.tensor([[_cute(*thr, t) + _cute(*val, v) for v in range(n // 2)] for t in range(128)])
+    pos = torch.tensor([[cute_index(*thr, t) + cute_index(*val, v) for v in range(n // 2)] for t in range(128)])
     rows, cols = pos % 64, pos // 64
     c_in = c[rows, cols]
     d = probe.probe_wgmma(0 if dtype == BF16 else 1, n, image, desc_a, desc_b, regs, c_in, scale_d,

@@ -45,18 +45,6 @@ inline uint16_t load_b16(const void* row, int element) {
 
 inline uint32_t pack(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
 
-inline float b16_to_float(uint16_t bits, bool bf16) {
-  if (bf16) {
-    const uint32_t f = uint32_t(bits) << 16;
-    float v;
-    std::memcpy(&v, &f, 4);
-    return v;
-  }
-  __half h;
-  std::memcpy(&h, &bits, 2);
-  return __half2float(h);
-}
-
 // One lane's A and B fragment registers.
 struct MmaOperands {
   uint32_t a[4], b[2];
@@ -126,8 +114,8 @@ inline void mma_16816(float& d0, float& d1, float& d2, float& d3, const uint32_t
   double am[16][16], bm[16][8];
   for (int l = 0; l < 32; ++l) {
     const int g = l >> 2, t = l & 3;
-    auto lo = [&](uint32_t w) { return detail::b16_to_float(uint16_t(w & 0xffffu), kBf16); };
-    auto hi = [&](uint32_t w) { return detail::b16_to_float(uint16_t(w >> 16), kBf16); };
+    auto lo = [&](uint32_t w) { return emu::b16_to_float(uint16_t(w & 0xffffu), kBf16); };
+    auto hi = [&](uint32_t w) { return emu::b16_to_float(uint16_t(w >> 16), kBf16); };
     const uint32_t* fa = all[l].a;
     am[g][2 * t] = lo(fa[0]), am[g][2 * t + 1] = hi(fa[0]);
     am[g + 8][2 * t] = lo(fa[1]), am[g + 8][2 * t + 1] = hi(fa[1]);

@@ -400,18 +400,6 @@ uint32_t operand_address(uint64_t desc, bool mn_major, int mn, int k) {
   return addr;
 }
 
-double b16_value(uint16_t bits, bool bf16) {
-  if (bf16) {
-    const uint32_t f = uint32_t(bits) << 16;
-    float v;
-    std::memcpy(&v, &f, 4);
-    return v;
-  }
-  __half h;
-  std::memcpy(static_cast<void*>(&h), &bits, 2);
-  return double(__half2float(h));
-}
-
 // A (64 x 16) B^T (16 x N) of the warpgroup's gathered arguments, into g.product; the
 // shared-memory operand bits read into g.operands.
 void wgmma_product(WarpGroup& g) {
@@ -438,7 +426,7 @@ void wgmma_product(WarpGroup& g) {
     uint16_t bits;
     std::memcpy(&bits, s.smem + addr, 2);
     g.operands.emplace_back(addr, bits);
-    return b16_value(bits, bf16);
+    return b16_to_float(bits, bf16);
   };
   std::vector<double> a(64 * 16), b(size_t(n) * 16);
   if (a0.a_in_regs) {
@@ -448,8 +436,8 @@ void wgmma_product(WarpGroup& g) {
       const int w = t / 32, gr = (t % 32) / 4, q = t % 4;
       for (int j = 0; j < 4; ++j) {
         const int row = 16 * w + gr + 8 * (j % 2), col = 2 * q + 8 * (j / 2);
-        a[row * 16 + col] = b16_value(uint16_t(args[t].a_regs[j] & 0xffffu), bf16);
-        a[row * 16 + col + 1] = b16_value(uint16_t(args[t].a_regs[j] >> 16), bf16);
+        a[row * 16 + col] = b16_to_float(uint16_t(args[t].a_regs[j] & 0xffffu), bf16);
+        a[row * 16 + col + 1] = b16_to_float(uint16_t(args[t].a_regs[j] >> 16), bf16);
       }
     }
   } else {

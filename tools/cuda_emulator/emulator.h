@@ -42,6 +42,20 @@
 
 namespace emu {
 
+// The value of a bfloat16 (bf16) or float16 bit pattern: the operands of the emulated
+// tensor-core instructions (mma.sync, wgmma).
+inline float b16_to_float(uint16_t bits, bool bf16) {
+  if (bf16) {
+    const uint32_t f = uint32_t(bits) << 16;
+    float v;
+    std::memcpy(&v, &f, 4);
+    return v;
+  }
+  __half h;
+  std::memcpy(static_cast<void*>(&h), &bits, 2);
+  return __half2float(h);
+}
+
 struct ThreadContext {
   uint3 thread_idx, block_idx;
   dim3 block_dim, grid_dim;
