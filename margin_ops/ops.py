@@ -74,6 +74,12 @@ def margin_loss(x, weight, labels, spec: MarginSpec, reduction="mean", ignore_in
     reduced as ``reduction`` says, and lse / pred (N,) from the same pass.
     """
     checks.check_loss_inputs(x, weight, labels, reduction, ignore_index, spec.subcenters)
+    return _fused_loss(x, weight, labels, spec, reduction, ignore_index, hard_threshold, hard_t)
+
+
+def _fused_loss(x, weight, labels, spec: MarginSpec, reduction, ignore_index, hard_threshold=None,
+                hard_t=None) -> MarginOutput:
+    """:func:`margin_loss` on arguments its caller has checked."""
     lse_fn = backends.margin_lse_for(x.device)
     lse, target_logit, _, pred, nontarget_sum = lse_fn(
         x, weight, labels, *spec.primitive_args(), None, spec.subcenters, None, hard_threshold, hard_t)
@@ -124,7 +130,7 @@ def curricular_loss(x, weight, labels, t, spec: MarginSpec, reduction="mean", ig
         # 2 > every cosine: a row without a target has no hard examples
         threshold = torch.where(has_target, reference.curricular_threshold(c_target, spec.m2), 2.0)
         hard_t = t.detach().reshape(()).to(acc).expand(x.shape[0]).contiguous()
-    return margin_loss(x, weight, labels, spec, reduction, ignore_index, threshold, hard_t)
+    return _fused_loss(x, weight, labels, spec, reduction, ignore_index, threshold, hard_t)
 
 
 def _run_loss(name: str, a: dict) -> MarginOutput:
