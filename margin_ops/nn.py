@@ -28,20 +28,6 @@ from .ops import margin_loss, with_stats
 from .spec import MarginSpec
 
 
-def _target_cosines(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                    has_target: torch.Tensor) -> torch.Tensor:
-    """clamp(x̂_i · ŵ_{y_i}, −1, 1): (N,) in the accumulation dtype, not differentiated.
-
-    One dot product per row (O(N·D), never N × C). Rows without a target (and labels out
-    of range, which the loss then refuses) read row 0.
-    """
-    with torch.no_grad():
-        index = torch.where(has_target, labels, 0).clamp(0, weight.shape[0] - 1)
-        rows = weight.index_select(0, index)
-        acc = reference.accumulation_dtype(x.dtype)
-        return (reference.normalize_rows(x).to(acc) * reference.normalize_rows(rows).to(acc)).sum(1).clamp(-1, 1)
-
-
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor):
     """(mean of ``values`` where ``mask``, count): the mean is 0 when the count is 0 (no host sync)."""
     count = mask.sum()
@@ -352,7 +338,7 @@ class ElasticFace(_Head):
         if not self.plus:
             return draws
         has_target = labels != self.ignore_index
-        c_target = _target_cosines(features, self.weight, labels, has_target)
+        c_target = reference.target_cosines(features, self.weight, labels, has_target)
         # The labelled rows by descending target cosine, and their draws ascending (ignored
         # rows sort last in both); the j-th labelled row gets ascending[order[j]], order[j]
         # counted among the labelled rows, as the official indexes its (labelled) rows.
@@ -399,7 +385,8 @@ class CurricularFace(_Head):
         t = self.t
         if self.training:
             has_target = labels != self.ignore_index
-            mean_target, count = _masked_mean(_target_cosines(features, self.weight, labels, has_target), has_target)
+            c_target = reference.target_cosines(features, self.weight, labels, has_target)
+            mean_target, count = _masked_mean(c_target, has_target)
             t = torch.where(count >= 1, mean_target * 0.01 + (1 - 0.01) * t, t)
         out = self._op_loss(torch.ops.margin.curricular, features, labels, return_stats, t=t, s=self.s, m=self.m)
         if self.training:

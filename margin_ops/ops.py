@@ -124,9 +124,8 @@ def curricular_loss(x, weight, labels, t, spec: MarginSpec, reduction="mean", ig
     checks.expect(t.device == x.device, ValueError, lambda: f"t must be on x's device {x.device}, got {t.device}")
     acc = reference.accumulation_dtype(x.dtype)
     has_target = labels != ignore_index
+    c_target = reference.target_cosines(x, weight, labels, has_target)
     with torch.no_grad():
-        rows = weight.index_select(0, torch.where(has_target, labels, 0))
-        c_target = (reference.normalize_rows(x).to(acc) * reference.normalize_rows(rows).to(acc)).sum(1).clamp(-1, 1)
         # 2 > every cosine: a row without a target has no hard examples
         threshold = torch.where(has_target, reference.curricular_threshold(c_target, spec.m2), 2.0)
         hard_t = t.detach().reshape(()).to(acc).expand(x.shape[0]).contiguous()

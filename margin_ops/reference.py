@@ -196,6 +196,21 @@ def adaptive_target(c, m_angle, m_add, angle_mode):
     return cos_tilde - m_add
 
 
+def target_cosines(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                   has_target: torch.Tensor) -> torch.Tensor:
+    """clamp(x̂_i · ŵ_{y_i}, −1, 1): (N,) in the accumulation dtype, not differentiated.
+
+    One dot product per row (O(N·D), never N × C): CurricularFace's threshold and its ``t``
+    update, ElasticFace+'s ordering. Rows without a target (and labels out of range, which
+    the loss then refuses) read row 0.
+    """
+    with torch.no_grad():
+        index = torch.where(has_target, labels, 0).clamp(0, weight.shape[0] - 1)
+        rows = weight.index_select(0, index)
+        acc = accumulation_dtype(x.dtype)
+        return (normalize_rows(x).to(acc) * normalize_rows(rows).to(acc)).sum(1).clamp(-1, 1)
+
+
 def curricular_threshold(c_target, m):
     """CurricularFace's per-row threshold cos(θ_iy + m), without ArcFace's fallback: the
     non-target cosines above it are hard examples. c_target (N,); not differentiated."""
@@ -277,7 +292,8 @@ def _smoothed_loss(logits, labels, reduction, ignore_index, label_smoothing):
     """The loss of the materialized logits (N, C) — ``F.cross_entropy``'s, except that an
     all-ignored batch gives 0 (see :func:`loss_from_lse`)."""
     has_target = labels != ignore_index
-    target_logit = torch.where(has_target, logits.gather(1, torch.where(has_target, labels, 0).unsqueeze(1)).squeeze(1), 0)
+    column = torch.where(has_target, labels, 0).unsqueeze(1)
+    target_logit = torch.where(has_target, logits.gather(1, column).squeeze(1), 0)
     return loss_from_lse(logits.logsumexp(dim=1), target_logit, labels, 0.0, reduction, ignore_index,
                          label_smoothing, logits.sum(dim=1) - target_logit, logits.shape[1])
 
