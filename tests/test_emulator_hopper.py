@@ -3,7 +3,9 @@ checked on their own, through the probe kernels of tools/cuda_emulator/hopper_pr
 before any kernel uses them: wgmma.mma_async with shared-memory matrix descriptors in every
 swizzle mode, K- and MN-major, A from shared memory or registers; wgmma.fence /
 commit_group / wait_group; mbarrier phases with arrive / expect_tx / try_wait.parity and
-bulk copies completing transaction bytes.
+bulk copies completing transaction bytes; the proxy fences (fence.proxy.async before a
+wgmma reads generic stores, fence.mbarrier_init before a bulk copy completes on a fresh
+mbarrier) and setmaxnreg's warpgroup rendezvous.
 
 The operands are laid out, and the descriptors built, by a transcription written here of
 CuTe's GMMA layout atoms and make_gmma_desc (cute/atom/mma_traits_sm90_gmma.hpp, CUTLASS
@@ -13,7 +15,8 @@ way CuTe does therefore cannot share a misunderstanding with the emulator unless
 it too. The negative tests show the emulator failing on the mistakes a Hopper kernel makes:
 no wgmma.fence, reading or writing accumulators before wgmma.wait_group, overwriting an
 operand in flight, a descriptor with the wrong swizzle, an mbarrier wait on the wrong
-phase, an expect_tx that never completes.
+phase, an expect_tx that never completes, a missing or misplaced proxy fence, setmaxnreg
+by part of a warpgroup or with differing counts.
 """
 
 from __future__ import annotations
@@ -334,3 +337,115 @@ def test_tma_box_lands_in_the_cute_atom_layout(probe, swizzle, box0):
         expected = torch.full((box0 * box1,), -1, dtype=torch.int16)
         tile.place(expected, want)
     assert torch.equal(image, expected)
+
+
+# ---------------------------------------------------------------------------------------
+# Proxies: shared memory written through the generic proxy (stores, cp.async) must be made
+# visible to the async proxy (wgmma operands) by fence.proxy.async; bytes landed by bulk /
+# TMA copies (async proxy) need no fence. Modes: hopper_probe.cpp's ProxyCase.
+
+PROXY_CORRECT = {0: "stores_fenced_by_writers", 1: "stores_fenced_by_reader_after_barrier", 2: "bulk_copy_landed"}
+PROXY_MISTAKES = {3: "stores_unfenced", 4: "fence_before_stores", 5: "store_after_bulk_copy", 6: "cp_async_unfenced"}
+
+
+def _run_proxy(probe, mode, schedule=0):
+    """One m64n8k16 bf16 wgmma on A (64 x 16) and B (8 x 16), K-major without swizzle,
+    placed in shared memory as `mode` says; returns (D per (thread, value), A B^T there)."""
+    g = torch.Generator().manual_seed(mode)
+    a = torch.randn(64, 16, generator=g).to(BF16)
+    b = torch.randn(8, 16, generator=g).to(BF16)
+    a_tile, b_tile = SmemTile("K", "INTER", 64, 16, base=0), SmemTile("K", "INTER", 8, 16, base=2048)
+    image = torch.zeros(2304 // 2, dtype=torch.int16)
+    a_tile.place(image, _bits(a))
+    b_tile.place(image, _bits(b))
+    probe.set_schedule(schedule)
+    try:
+        d = probe.probe_proxy(image, a_tile.descriptor(0), b_tile.descriptor(0), mode, b_tile.address(0, 0) // 2)
+    finally:
+        probe.set_schedule(0)
+    thr, val = _c_layout(8)
+    pos = torch.tensor([[cute_index(*thr, t) + cute_index(*val, v) for v in range(4)] for t in range(128)])
+    return d, (a.double() @ b.double().t())[pos % 64, pos // 64]
+
+
+@pytest.mark.parametrize("schedule", [0, 1, 2, 3])
+@pytest.mark.parametrize("mode", list(PROXY_CORRECT), ids=list(PROXY_CORRECT.values()))
+def test_fenced_or_async_landed_operands_pass(probe, mode, schedule):
+    """Stores then fence.proxy.async by every writer, or by one thread after a barrier that
+    orders the stores before it; or operands landed by a bulk copy, read after the mbarrier
+    wait with no fence: the wgmma reads them, under every schedule."""
+    _assert_matches(*_run_proxy(probe, mode, schedule))
+
+
+@pytest.mark.parametrize("mode", list(PROXY_MISTAKES), ids=list(PROXY_MISTAKES.values()))
+def test_generic_writes_read_by_wgmma_without_proxy_fence_fail(probe, mode):
+    """Stores, __syncthreads and the wgmma with no fence.proxy.async (the typical mistake);
+    the fence before the stores; a store into a bulk-landed operand after its wait; cp.async
+    (a generic-proxy write, PTX ISA) waited for but not fenced: the wgmma fails, naming
+    the operand element and its shared address."""
+    with pytest.raises(RuntimeError, match=r"wgmma.mma_async reads operand [AB] element .* shared address \d+, "
+                       r"written through the generic proxy .* fence.proxy.async"):
+        _run_proxy(probe, mode)
+
+
+@pytest.mark.parametrize("mode", [0, 1], ids=["fence_mbarrier_init", "fence_proxy_async"])
+def test_mbarrier_init_made_visible_to_the_async_proxy(probe, mode):
+    src = torch.arange(16, dtype=torch.float32) - 3.25
+    assert torch.equal(probe.probe_mbarrier_init(src, mode), src)
+
+
+@pytest.mark.parametrize("mode", [2, 3], ids=["no_fence", "fence_before_init"])
+def test_bulk_copy_on_an_unfenced_mbarrier_init_fails(probe, mode):
+    """A bulk copy completing on an mbarrier with no fence.mbarrier_init (or
+    fence.proxy.async) between its mbarrier.init and the copy fails at the copy."""
+    with pytest.raises(RuntimeError, match="cp.async.bulk: its mbarrier was initialised without a fence.mbarrier_init"):
+        probe.probe_mbarrier_init(torch.zeros(16), mode)
+
+
+# ---------------------------------------------------------------------------------------
+# setmaxnreg: a .sync.aligned warpgroup-wide instruction (modes: hopper_probe.cpp's RegsCase).
+
+
+@pytest.mark.parametrize("schedule", [0, 1, 2, 3])
+def test_setmaxnreg_by_whole_warpgroups_passes(probe, schedule):
+    """Warp specialisation: the producer warpgroup decreases to 40, the consumer increases
+    to 232, each as a whole warpgroup; also the extreme counts 24 and 256."""
+    probe.set_schedule(schedule)
+    try:
+        assert probe.probe_setmaxnreg(0, 0).eq(1).all()
+        for regs in (24, 256):
+            assert probe.probe_setmaxnreg(3, regs).eq(1).all()
+    finally:
+        probe.set_schedule(0)
+
+
+@pytest.mark.parametrize("schedule", [0, 1, 2, 3])
+def test_setmaxnreg_by_one_warp_fails(probe, schedule):
+    """Only the producer warp executes setmaxnreg, the rest of its warpgroup exits: whether
+    they exit before it (warps descending) or while it waits, the launch fails."""
+    probe.set_schedule(schedule)
+    try:
+        with pytest.raises(RuntimeError, match="setmaxnreg.dec in a warpgroup with exited threads|"
+                           "a thread exited while its warpgroup waits at a warpgroup-wide instruction"):
+            probe.probe_setmaxnreg(1, 0)
+    finally:
+        probe.set_schedule(0)
+
+
+def test_setmaxnreg_with_differing_counts_fails(probe):
+    """Warp 0 asks for 40 registers, the other warps of its warpgroup for 48."""
+    with pytest.raises(RuntimeError, match="setmaxnreg.dec: threads of one warpgroup give different register counts"):
+        probe.probe_setmaxnreg(2, 0)
+
+
+@pytest.mark.parametrize("regs", [16, 100, 264])
+def test_setmaxnreg_count_out_of_range_fails(probe, regs):
+    with pytest.raises(RuntimeError, match=f"setmaxnreg.(inc|dec): register count {regs} is not a multiple of 8"):
+        probe.probe_setmaxnreg(3, regs)
+
+
+def test_setmaxnreg_beside_a_wgmma_fails(probe):
+    """Half a warpgroup at setmaxnreg, the other half at a wgmma: the rendezvous refuses
+    to mix warpgroup-wide instructions."""
+    with pytest.raises(RuntimeError, match="warpgroup divergence: threads of one warpgroup at different warpgroup-wide"):
+        probe.probe_setmaxnreg(4, 0)

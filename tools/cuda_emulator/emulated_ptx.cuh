@@ -162,7 +162,7 @@ inline uint32_t to_tf32(float v) {
   return (bits + 0x1000u) & 0xffffe000u;
 }
 
-// ---- sm_90a: mbarrier, bulk copies, wgmma (emulator.h has the semantics) ----
+// ---- sm_90a: mbarrier, bulk copies, proxy fences, wgmma, setmaxnreg (emulator.h has the semantics) ----
 
 inline uint32_t smem_address(const void* p) { return emu::smem_address(p); }
 inline void mbarrier_init(uint64_t* bar, unsigned count) { emu::mbarrier_init(bar, count); }
@@ -185,10 +185,26 @@ inline void bulk_copy_g2s(void* smem_dst, const void* gmem_src, unsigned bytes, 
 inline void tma_load_2d(void* smem_dst, const void* tensor_map, int x, int y, uint64_t* bar) {
   emu::tma_load_2d(smem_dst, tensor_map, x, y, bar);
 }
-// fence.proxy.async.shared::cta and fence.mbarrier_init: ordering only, nothing to emulate
-// (the emulator does not model proxies: a missing proxy fence goes unnoticed).
-inline void fence_proxy_async() {}
-inline void fence_barrier_init() {}
+// fence.proxy.async.shared::cta and fence.mbarrier_init.release.cluster (emulator.h: what
+// they make visible to the async proxy, and what fails without them).
+inline void fence_proxy_async_shared_cta() { emu::fence_proxy_async_shared(); }
+inline void fence_mbarrier_init() { emu::fence_mbarrier_init(); }
+// The same two fences under their earlier names.
+inline void fence_proxy_async() { fence_proxy_async_shared_cta(); }
+inline void fence_barrier_init() { fence_mbarrier_init(); }
+
+// setmaxnreg.{inc,dec}.sync.aligned.u32 kRegs: warpgroup-wide (emulator.h); ptxas refuses a
+// count outside [24, 256] or not a multiple of 8, so does the compiler here.
+template <int kRegs>
+inline void setmaxnreg_inc() {
+  static_assert(kRegs >= 24 && kRegs <= 256 && kRegs % 8 == 0, "setmaxnreg: a multiple of 8 in [24, 256]");
+  emu::setmaxnreg(true, kRegs);
+}
+template <int kRegs>
+inline void setmaxnreg_dec() {
+  static_assert(kRegs >= 24 && kRegs <= 256 && kRegs % 8 == 0, "setmaxnreg: a multiple of 8 in [24, 256]");
+  emu::setmaxnreg(false, kRegs);
+}
 
 // wgmma.fence.sync.aligned, wgmma.commit_group.sync.aligned, wgmma.wait_group.sync.aligned N.
 inline void wgmma_fence() { emu::wgmma_fence(); }

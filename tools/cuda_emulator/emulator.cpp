@@ -12,6 +12,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
@@ -46,6 +47,7 @@ struct Fiber;
 
 struct Mbarrier {
   unsigned expected = 0, pending = 0;  // arrivals per phase, still to come in this one
+  bool init_fenced = false;            // a fence.mbarrier_init / fence.proxy.async since init
   long long tx = 0;                    // transaction bytes still to come in this phase
   uint64_t phase = 0;                  // completed phases
   std::vector<Fiber*> waiting;
@@ -98,8 +100,12 @@ struct Warp {
 
 constexpr int kWarpGroupSlotBytes = 64;
 
+// Kinds of warpgroup-wide instruction: all 128 threads must meet at the same kind.
+enum class GroupOp : int { kWgmma = 1, kSetmaxnreg };
+
 struct WarpGroup {
   Barrier barrier;
+  GroupOp op = GroupOp::kWgmma;
   bool computed = false;
   unsigned char slots[128][kWarpGroupSlotBytes];
   std::vector<double> product;  // 64 x N, row-major: A B of the rendezvous in progress
@@ -121,6 +127,11 @@ struct State {
   std::vector<unsigned char> smem_storage;  // smem: its first 1024-byte boundary
   unsigned char* smem = nullptr;
   size_t smem_size = 0;
+  // The dynamic shared memory as the async proxy sees it: the bytes as of the block's last
+  // fence.proxy.async, updated by the async proxy's own writes (bulk and TMA landings).
+  // A generic write (a thread's store, a cp.async landing) changes smem but not this copy,
+  // so a byte that differs here was written through the generic proxy and not fenced since.
+  std::vector<unsigned char> async_view;
   std::vector<WarpGroup> warpgroups;
   std::map<const void*, Mbarrier> mbarriers;  // of the running block, by address
   std::deque<BulkCopy> bulk_in_flight;        // issued, not yet landed
@@ -216,6 +227,10 @@ void fiber_main() {
   Warp& w = s.warps[f.linear / 32];
   --w.live;
   if (w.barrier.arrived > 0) fail("a lane exited while its warp waits at a warp-synchronous op");
+  const size_t group = size_t(f.linear / 128);
+  if (group < s.warpgroups.size() && s.warpgroups[group].barrier.arrived > 0) {
+    fail("a thread exited while its warpgroup waits at a warpgroup-wide instruction (wgmma.mma_async, setmaxnreg)");
+  }
   if (s.block_barrier.arrived > 0 && s.block_barrier.arrived == s.live) release(s.block_barrier);
   to_scheduler();  // never resumed
 }
@@ -337,6 +352,7 @@ bool land_bulk_copies(const void* bar) {
     BulkCopy done = std::move(c);
     s.bulk_in_flight.erase(s.bulk_in_flight.begin() + long(i));
     std::memcpy(done.dst, done.data.data(), done.data.size());
+    std::memcpy(&s.async_view[static_cast<unsigned char*>(done.dst) - s.smem], done.data.data(), done.data.size());
     auto it = s.mbarriers.find(done.bar);
     if (it == s.mbarriers.end()) {
       fail_outside("a bulk copy completes on an mbarrier that is no longer initialised");
@@ -355,6 +371,53 @@ uint32_t shared_offset(const void* p, size_t bytes, const char* what) {
     fail(std::string(what) + ": address outside the block's dynamic shared memory");
   }
   return uint32_t(b - s.smem);
+}
+
+// The destination of an asynchronous copy reads as 0xff bytes until the copy lands, through
+// either proxy: the emulator's poison, not a generic write that would need a proxy fence.
+void unreadable_until_landed(void* smem_dst, size_t bytes) {
+  State& s = state();
+  std::memset(smem_dst, 0xff, bytes);
+  std::memset(&s.async_view[static_cast<unsigned char*>(smem_dst) - s.smem], 0xff, bytes);
+}
+
+// The mbarrier a bulk copy will complete its bytes on: the async proxy updates it, so its
+// initialisation must have been made visible to that proxy (PTX ISA, mbarrier.init).
+Mbarrier& async_mbarrier(const void* bar, const char* what) {
+  Mbarrier& m = mbarrier_at(bar, what);
+  if (!m.init_fenced) {
+    fail(std::string(what) + ": its mbarrier was initialised without a fence.mbarrier_init.release.cluster "
+         "(or fence.proxy.async.shared::cta) between mbarrier.init and this copy: the async proxy may not "
+         "see the initialisation");
+  }
+  return m;
+}
+
+// ---- warpgroup-wide instructions ----
+
+// The calling thread's warpgroup, which `what` (a warpgroup-wide instruction) needs whole.
+WarpGroup& whole_warpgroup(const std::string& what) {
+  State& s = state();
+  if (s.warpgroups.empty() || int(s.warps.size()) % 4 != 0) {
+    fail(what + ": the block is not made of whole warpgroups (128 threads)");
+  }
+  const int group = running().linear / 128;
+  for (int w = 4 * group; w < 4 * group + 4; ++w) {
+    if (s.warps[w].live != 32) fail(what + " in a warpgroup with exited threads");
+  }
+  return s.warpgroups[group];
+}
+
+// The calling thread waits at its warpgroup's rendezvous until all 128 threads are there,
+// at the same kind of instruction.
+void group_arrive(WarpGroup& g, GroupOp op) {
+  if (g.barrier.arrived == 0) {
+    g.op = op;
+  } else if (g.op != op) {
+    fail("warpgroup divergence: threads of one warpgroup at different warpgroup-wide instructions "
+         "(wgmma.mma_async, setmaxnreg)");
+  }
+  arrive(g.barrier, 128);
 }
 
 // ---- wgmma ----
@@ -418,10 +481,16 @@ void wgmma_product(WarpGroup& g) {
   const bool bf16 = a0.type == 0;
   const int n = a0.n;
   g.operands.clear();
-  auto load = [&](uint64_t desc, bool mn_major, int mn, int k) {
+  auto load = [&](uint64_t desc, bool mn_major, int mn, int k, char operand) {
     const uint32_t addr = operand_address(desc, mn_major, mn, k);
     if (addr % 2 != 0 || size_t(addr) + 2 > s.smem_size) {
       fail("wgmma.mma_async: descriptor addresses an element outside the block's dynamic shared memory");
+    }
+    if (std::memcmp(s.smem + addr, &s.async_view[addr], 2) != 0) {
+      fail(std::string("wgmma.mma_async reads operand ") + operand + " element (" + std::to_string(mn) + ", " +
+           std::to_string(k) + ") at shared address " + std::to_string(addr) +
+           ", written through the generic proxy (a store or cp.async) after the block's last "
+           "fence.proxy.async: a fence.proxy.async.shared::cta must come between the write and the wgmma");
     }
     uint16_t bits;
     std::memcpy(&bits, s.smem + addr, 2);
@@ -442,11 +511,11 @@ void wgmma_product(WarpGroup& g) {
     }
   } else {
     for (int m = 0; m < 64; ++m) {
-      for (int k = 0; k < 16; ++k) a[m * 16 + k] = load(a0.a_desc, a0.tnsp_a != 0, m, k);
+      for (int k = 0; k < 16; ++k) a[m * 16 + k] = load(a0.a_desc, a0.tnsp_a != 0, m, k, 'A');
     }
   }
   for (int col = 0; col < n; ++col) {
-    for (int k = 0; k < 16; ++k) b[col * 16 + k] = load(a0.b_desc, a0.tnsp_b != 0, col, k);
+    for (int k = 0; k < 16; ++k) b[col * 16 + k] = load(a0.b_desc, a0.tnsp_b != 0, col, k, 'B');
   }
   const double sign = double(a0.scale_a) * double(a0.scale_b);
   g.product.assign(size_t(64) * n, 0.0);
@@ -534,7 +603,7 @@ void cp_async16(void* smem, const void* gmem) {
   PendingCopy c;
   c.dst = smem;
   std::memcpy(c.data, gmem, 16);
-  std::memset(smem, 0xff, 16);  // reads as NaN until the copy is waited for
+  unreadable_until_landed(smem, 16);  // until the wait, whose landing is a generic write
   running().open_group.push_back(c);
 }
 
@@ -628,12 +697,12 @@ void bulk_copy_g2s(void* smem_dst, const void* gmem_src, unsigned bytes, void* b
     fail("cp.async.bulk: addresses must be 16-byte aligned");
   }
   if (bytes == 0 || bytes % 16 != 0) fail("cp.async.bulk: size must be a nonzero multiple of 16");
-  mbarrier_at(bar, "cp.async.bulk");
+  async_mbarrier(bar, "cp.async.bulk");
   BulkCopy c;
   c.dst = smem_dst;
   c.data.assign(static_cast<const unsigned char*>(gmem_src), static_cast<const unsigned char*>(gmem_src) + bytes);
   c.bar = bar;
-  std::memset(smem_dst, 0xff, bytes);  // reads as NaN until the copy lands
+  unreadable_until_landed(smem_dst, bytes);
   s.bulk_in_flight.push_back(std::move(c));
 }
 
@@ -646,7 +715,7 @@ void tma_load_2d(void* smem_dst, const void* tensor_map, int x, int y, void* bar
   const uint32_t row_bytes = m.box[0] * m.elem_bytes, total = row_bytes * m.box[1];
   const uint32_t dst = shared_offset(smem_dst, total, "cp.async.bulk.tensor destination");
   if (dst % 128 != 0) fail("cp.async.bulk.tensor: shared-memory destination not 128-byte aligned");
-  mbarrier_at(bar, "cp.async.bulk.tensor");
+  async_mbarrier(bar, "cp.async.bulk.tensor");
   // The box lands row after row (dim 0 fastest), row_bytes apart; with a swizzle the
   // 16-byte chunk c of the row at shared address a goes to chunk c ^ ((a >> 7) & (span/16 - 1)),
   // i.e. CuTe's Swizzle<log2(span/16),4,3> on the shared-memory byte address. Elements
@@ -666,30 +735,54 @@ void tma_load_2d(void* smem_dst, const void* tensor_map, int x, int y, void* bar
                   m.elem_bytes);
     }
   }
-  std::memset(smem_dst, 0xff, total);  // reads as NaN until the copy lands
+  unreadable_until_landed(smem_dst, total);
   s.bulk_in_flight.push_back(std::move(c));
+}
+
+// Any thread's fence counts for the whole block, and for every generic write that precedes
+// it in the emulated execution, whether or not a barrier orders that write before the fence:
+// an approximation that never fails correctly fenced code; a write that is not ordered before
+// the fence shows up under the schedules that run it after the fence.
+void fence_proxy_async_shared() {
+  State& s = state();
+  std::copy(s.smem, s.smem + s.smem_size, s.async_view.begin());
+  for (auto& [bar, m] : s.mbarriers) m.init_fenced = true;
+}
+
+void fence_mbarrier_init() {
+  for (auto& [bar, m] : state().mbarriers) m.init_fenced = true;
+}
+
+void setmaxnreg(bool increase, unsigned regs) {
+  const std::string what = increase ? "setmaxnreg.inc" : "setmaxnreg.dec";
+  if (regs < 24 || regs > 256 || regs % 8 != 0) {
+    fail(what + ": register count " + std::to_string(regs) + " is not a multiple of 8 in [24, 256]");
+  }
+  WarpGroup& g = whole_warpgroup(what);
+  const uint32_t mine = (regs << 1) | uint32_t(increase);
+  std::memcpy(g.slots[running().linear % 128], &mine, sizeof(mine));
+  group_arrive(g, GroupOp::kSetmaxnreg);
+  uint32_t first;
+  std::memcpy(&first, g.slots[0], sizeof(first));
+  if (first != mine) {
+    fail(what + ": threads of one warpgroup give different register counts or directions (.inc/.dec); "
+         "the instruction is .sync.aligned: all 128 threads execute the same one");
+  }
+  group_arrive(g, GroupOp::kSetmaxnreg);  // every thread has read slot 0 before it is reused
 }
 
 void wgmma_fence() { running().wgmma_fenced = true; }
 
 void wgmma_mma_async(int type, int n, float* d, const uint32_t* a_regs, uint64_t a_desc, uint64_t b_desc,
                      int scale_d, int scale_a, int scale_b, int tnsp_a, int tnsp_b) {
-  State& s = state();
   Fiber& f = running();
-  if (s.warpgroups.empty() || int(s.warps.size()) % 4 != 0) {
-    fail("wgmma.mma_async: the block is not made of whole warpgroups (128 threads)");
-  }
+  WarpGroup& g = whole_warpgroup("wgmma.mma_async");
   if (n < 8 || n > 256 || n % 8 != 0) fail("wgmma.mma_async: N must be a multiple of 8 in [8, 256]");
   if ((scale_a != 1 && scale_a != -1) || (scale_b != 1 && scale_b != -1)) fail("wgmma.mma_async: imm-scale must be +-1");
   if (a_regs != nullptr && tnsp_a != 0) fail("wgmma.mma_async: A from registers cannot be transposed");
   if (!f.wgmma_fenced) {
     fail("wgmma.mma_async without a wgmma.fence since the thread's start or its last wgmma.wait_group");
   }
-  const int group = f.linear / 128;
-  for (int w = 4 * group; w < 4 * group + 4; ++w) {
-    if (s.warps[w].live != 32) fail("wgmma.mma_async in a warpgroup with exited threads");
-  }
-  WarpGroup& g = s.warpgroups[group];
   WgmmaArgs mine{};
   mine.a_desc = a_desc;
   mine.b_desc = b_desc;
@@ -697,7 +790,7 @@ void wgmma_mma_async(int type, int n, float* d, const uint32_t* a_regs, uint64_t
   mine.type = type, mine.n = n, mine.scale_d = scale_d, mine.scale_a = scale_a, mine.scale_b = scale_b;
   mine.tnsp_a = tnsp_a, mine.tnsp_b = tnsp_b, mine.a_in_regs = a_regs != nullptr;
   std::memcpy(g.slots[f.linear % 128], &mine, sizeof(mine));
-  arrive(g.barrier, 128);
+  group_arrive(g, GroupOp::kWgmma);
   if (!g.computed) {
     wgmma_product(g);
     g.computed = true;
@@ -720,14 +813,13 @@ void wgmma_mma_async(int type, int n, float* d, const uint32_t* a_regs, uint64_t
   }
   if (prior != nullptr) {
     if (prior->count != count) fail("wgmma.mma_async: in-flight accumulators reused with another N");
-    prior->superseded = true;
-    rec->operands = std::move(prior->operands);
+    prior->superseded = true;  // its operands stay its own: checked when its group retires
   }
   if (t == 0) rec->operands.insert(rec->operands.end(), g.operands.begin(), g.operands.end());
   for (int i = 0; i < count; ++i) std::memcpy(&d[i], &kNanBits, 4);  // NaN until waited for
   f.wgmma_open.push_back(rec);
   if (g.barrier.arrived + 1 == 128) g.computed = false;  // the last reader resets
-  arrive(g.barrier, 128);
+  group_arrive(g, GroupOp::kWgmma);
 }
 
 void wgmma_commit_group() {
@@ -741,13 +833,16 @@ void wgmma_wait_group(int pending_groups_allowed) {
   Fiber& f = running();
   while (int(f.wgmma_groups.size()) > pending_groups_allowed) {
     for (auto& r : f.wgmma_groups.front()) {
-      if (r->superseded) continue;
-      for (int i = 0; i < r->count; ++i) {
-        uint32_t bits;
-        std::memcpy(&bits, &r->d[i], 4);
-        if (bits != kNanBits) fail("accumulator registers of an in-flight wgmma were written before its wait_group");
+      // A superseded wgmma's result travels on with the later one on the same registers;
+      // its shared-memory operands are released here, when its own group completes.
+      if (!r->superseded) {
+        for (int i = 0; i < r->count; ++i) {
+          uint32_t bits;
+          std::memcpy(&bits, &r->d[i], 4);
+          if (bits != kNanBits) fail("accumulator registers of an in-flight wgmma were written before its wait_group");
+        }
+        std::memcpy(r->d, r->value.data(), sizeof(float) * size_t(r->count));
       }
-      std::memcpy(r->d, r->value.data(), sizeof(float) * size_t(r->count));
       for (const auto& [addr, bits] : r->operands) {
         uint16_t now;
         std::memcpy(&now, s.smem + addr, 2);
@@ -823,6 +918,7 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, const void* kerne
         s.smem_storage.assign(smem_bytes + 1024, 0xff);
         s.smem = s.smem_storage.data() + (1024 - reinterpret_cast<uintptr_t>(s.smem_storage.data()) % 1024) % 1024;
         s.smem_size = smem_bytes;
+        s.async_view.assign(smem_bytes, 0xff);  // the poison, as both proxies see it
         s.warpgroups.assign(threads / 128, WarpGroup{});
         s.mbarriers.clear();
         s.bulk_in_flight.clear();
@@ -852,13 +948,15 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, const void* kerne
               break;
             }
           }
-          int at_mbarriers = 0;
+          int at_mbarriers = 0, at_groups = 0;
           for (int t = 0; t < threads; ++t) at_mbarriers += s.fibers[t].waiting_on != nullptr;
+          for (const WarpGroup& g : s.warpgroups) at_groups += g.barrier.arrived;
           return launch_failed(cudaErrorLaunchFailure,
                                "deadlock: " + std::to_string(s.live) + " threads wait forever (first: " +
                                    who + ", " + std::to_string(s.block_barrier.arrived) +
                                    " at the block barrier, " + std::to_string(at_mbarriers) +
-                                   " at mbarrier waits)");
+                                   " at mbarrier waits, " + std::to_string(at_groups) +
+                                   " at warpgroup-wide instructions)");
         }
       }
     }

@@ -16,9 +16,11 @@
 //     before the wait (or a copy into a stage another warp still reads) shows up as NaN.
 //   * sm_90a: mbarriers with phases and transaction counts, bulk and 2-D TMA copies landing
 //     on them, wgmma with shared-memory matrix descriptors and its fence / commit / wait
-//     rules (the Hopper section below; docs/design.md §3.3.1).
+//     rules, the generic / async proxy split of shared memory, setmaxnreg's warpgroup
+//     rendezvous (the Hopper section below; docs/design.md §3.3.1).
 // What it reports as a launch failure (cudaGetLastError, then emu::last_error()): a
-// deadlock, a diverged or partial warp at a warp-synchronous operation, a misaligned or
+// deadlock, a diverged or partial warp at a warp-synchronous operation (or warpgroup at a
+// warpgroup-wide one), a missing proxy fence (the Hopper section below), a misaligned or
 // non-shared address given to cp.async / ldmatrix, a cp.async group never waited for,
 // dynamic shared memory above 48 KiB without cudaFuncSetAttribute (or above 227 KiB).
 // It does not detect out-of-bounds global accesses or report timing.
@@ -118,6 +120,23 @@ void bulk_copy_g2s(void* smem_dst, const void* gmem_src, unsigned bytes, void* b
 // cuTensorMapEncodeTiled (emulator.cpp: 2-D, swizzle none/32B/64B/128B, OOB -> zeros);
 // completes box bytes on `bar` when it lands (as bulk_copy_g2s).
 void tma_load_2d(void* smem_dst, const void* tensor_map, int x, int y, void* bar);
+
+// Proxies (PTX ISA, memory consistency model). Threads' stores and cp.async landings write
+// shared memory through the generic proxy; wgmma reads its shared-memory operands, and bulk
+// and TMA copies write, through the async proxy. A wgmma that reads a byte written through
+// the generic proxy after the block's last fence.proxy.async fails (no fence is needed for
+// bytes landed by bulk / TMA copies, nor for generic reads of them after the mbarrier wait).
+// fence.proxy.async.shared::cta: by any thread, it makes every generic write that precedes
+// it in the emulated execution visible to the async proxy (emulator.cpp: the approximation).
+void fence_proxy_async_shared();
+// fence.mbarrier_init.release.cluster: makes the block's initialised mbarriers visible to
+// the async proxy (so does fence.proxy.async); a bulk or TMA copy on an mbarrier initialised
+// with neither fence after its mbarrier.init fails.
+void fence_mbarrier_init();
+// setmaxnreg.{inc,dec}.sync.aligned.u32 regs: a rendezvous of the warpgroup's 128 threads,
+// which must all give the same direction and count (a multiple of 8 in [24, 256]). The
+// registers themselves are not modelled: the call changes nothing else.
+void setmaxnreg(bool increase, unsigned regs);
 
 // wgmma (warpgroup = 4 consecutive warps, threads 128 g .. 128 g + 127): see emulated_ptx.cuh.
 // type 0 bf16, 1 f16; a_regs nullptr: A from shared memory through a_desc.

@@ -1,5 +1,5 @@
 // Probe kernels for the emulator's sm_90a instructions (emulated_ptx.cuh: mbarrier, bulk
-// copies, wgmma), run one instruction sequence at a time on operands given from Python, so
+// copies, wgmma, proxy fences, setmaxnreg), run one instruction sequence at a time on operands given from Python, so
 // that tests/test_emulator_hopper.py can check them against an independent transcription of
 // CuTe's GMMA layout atoms and MMA traits, and show that the expected mistakes fail. Built
 // with emulator.cpp alone (build.py: build_hopper_probe), independent of any project kernel.
@@ -44,7 +44,10 @@ struct WgmmaProbe {
 
 template <class T, int N>
 void wgmma_kernel(const WgmmaProbe* p) {
-  if (threadIdx.x == 0) std::memcpy(emu::dynamic_smem(), p->image, size_t(p->image_elems) * 2);
+  if (threadIdx.x == 0) {
+    std::memcpy(emu::dynamic_smem(), p->image, size_t(p->image_elems) * 2);
+    ptx::fence_proxy_async_shared_cta();  // generic stores, read by wgmma (the async proxy)
+  }
   __syncthreads();
   const int t = int(threadIdx.x);
   float acc[N / 2];
@@ -165,6 +168,7 @@ void semantics_kernel(const SemanticsProbe* p) {
   int n = 0;
   auto log = [&](int v) { p->log[n++] = v; };
   ptx::mbarrier_init(bar, 2);
+  ptx::fence_mbarrier_init();
   log(emu::mbarrier_test_wait_parity(bar, 0));  // 0: phase 0 in progress
   log(emu::mbarrier_test_wait_parity(bar, 1));  // 1: "phase -1" (parity 1) counts as complete
   log(int(ptx::mbarrier_arrive(bar)));          // token 0
@@ -210,6 +214,138 @@ void tma_kernel(const TmaProbe* p) {
   if (threadIdx.x == 0) std::memcpy(p->out, smem, size_t(p->bytes));
 }
 
+// ---- proxies: generic stores vs the async proxy's reads (wgmma operands) ----
+
+// How a proxy probe puts the wgmma's operands into shared memory (correct first).
+enum ProxyCase : int {
+  kStoresFenced = 0,          // each thread stores its share, fence.proxy.async, __syncthreads
+  kStoresFencedByReader = 1,  // stores, __syncthreads, thread 0 fences, __syncthreads
+  kBulkLanded = 2,            // a bulk copy (async proxy) and its mbarrier wait: no fence needed
+  kStoresUnfenced = 3,        // stores, __syncthreads: the typical mistake
+  kFenceBeforeStores = 4,     // the fence before the stores instead of after
+  kPatchAfterBulk = 5,        // a bulk copy lands, one thread rewrites an element in place
+  kCpAsyncUnfenced = 6,       // cp.async (a generic-proxy write) landed and waited for, no fence
+};
+
+struct ProxyProbe {
+  const int16_t* image;  // A (64 x 16) and B (8 x 16) as the descriptors address them
+  int image_elems, mode, b_element;  // b_element: the image index kPatchAfterBulk rewrites
+  uint64_t desc_a, desc_b;
+  float* d;  // (128, 4): D = A B^T
+};
+
+void proxy_kernel(const ProxyProbe* p) {
+  unsigned char* smem = emu::dynamic_smem();
+  auto* image = reinterpret_cast<int16_t*>(smem);
+  const unsigned bytes = unsigned(p->image_elems) * 2;
+  auto* bar = reinterpret_cast<uint64_t*>(smem + bytes);
+  const int t = int(threadIdx.x);
+  if (p->mode == kBulkLanded || p->mode == kPatchAfterBulk) {
+    if (t == 0) {
+      ptx::mbarrier_init(bar, 1);
+      ptx::fence_mbarrier_init();
+      ptx::mbarrier_arrive_expect_tx(bar, bytes);
+      ptx::bulk_copy_g2s(smem, p->image, bytes, bar);
+    }
+    __syncthreads();
+    ptx::mbarrier_wait_parity(bar, 0);
+    if (p->mode == kPatchAfterBulk && t == 5) image[p->b_element] = int16_t(image[p->b_element] ^ 0x8000);
+  } else if (p->mode == kCpAsyncUnfenced) {
+    for (int c = t; c < p->image_elems / 8; c += 128) ptx::cp_async16(image + 8 * c, p->image + 8 * c);
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<0>();
+  } else {
+    if (p->mode == kFenceBeforeStores) ptx::fence_proxy_async_shared_cta();
+    for (int i = t; i < p->image_elems; i += 128) image[i] = p->image[i];
+    if (p->mode == kStoresFenced) ptx::fence_proxy_async_shared_cta();
+    if (p->mode == kStoresFencedByReader) {
+      __syncthreads();
+      if (t == 0) ptx::fence_proxy_async_shared_cta();
+    }
+  }
+  __syncthreads();
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  ptx::wgmma_fence();
+  ptx::wgmma_ss<__nv_bfloat16, 8>(acc, p->desc_a, p->desc_b, 0);
+  ptx::wgmma_commit_group();
+  ptx::wgmma_wait_group<0>();
+  for (int i = 0; i < 4; ++i) p->d[t * 4 + i] = acc[i];
+}
+
+// ---- mbarrier.init made visible to the async proxy before a bulk copy completes on it ----
+
+enum InitCase : int {
+  kInitFenceMbarrierInit = 0,  // init, fence.mbarrier_init.release.cluster
+  kInitFenceProxyAsync = 1,    // init, fence.proxy.async.shared::cta
+  kInitUnfenced = 2,           // init and nothing: the mistake
+  kFenceBeforeInit = 3,        // the fence before the init
+};
+
+struct InitProbe {
+  const float* src;  // 16 floats
+  int mode;
+  float* landed;     // 16 floats
+};
+
+void init_kernel(const InitProbe* p) {
+  unsigned char* smem = emu::dynamic_smem();
+  auto* bar = reinterpret_cast<uint64_t*>(smem + 64);
+  if (threadIdx.x == 0) {
+    if (p->mode == kFenceBeforeInit) ptx::fence_mbarrier_init();
+    ptx::mbarrier_init(bar, 1);
+    if (p->mode == kInitFenceMbarrierInit) ptx::fence_mbarrier_init();
+    if (p->mode == kInitFenceProxyAsync) ptx::fence_proxy_async_shared_cta();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    ptx::mbarrier_arrive_expect_tx(bar, 64);
+    ptx::bulk_copy_g2s(smem, p->src, 64, bar);
+  }
+  ptx::mbarrier_wait_parity(bar, 0);
+  if (threadIdx.x == 0) std::memcpy(p->landed, smem, 64);
+}
+
+// ---- setmaxnreg: warpgroup-wide ----
+
+enum RegsCase : int {
+  kRegsWarpSpecialized = 0,  // warpgroup 0 setmaxnreg.dec 40, warpgroup 1 setmaxnreg.inc 232
+  kRegsOneWarp = 1,          // only warp 0 of warpgroup 0 (the producer warp): the others exit
+  kRegsMismatch = 2,         // warp 0 asks for 40 registers, warps 1-3 of its warpgroup for 48
+  kRegsCount = 3,            // every thread, with the count given (emu::setmaxnreg: unchecked by a compiler)
+  kRegsBesideWgmma = 4,      // warps 0-1 at setmaxnreg while warps 2-3 are at a wgmma
+};
+
+void setmaxnreg_kernel(int mode, int regs, int32_t* done) {
+  const int t = int(threadIdx.x), group = t / 128, warp = t / 32 % 4;
+  if (mode == kRegsWarpSpecialized) {
+    if (group == 0) {
+      ptx::setmaxnreg_dec<40>();
+    } else {
+      ptx::setmaxnreg_inc<232>();
+    }
+  } else if (mode == kRegsOneWarp && group == 0) {
+    if (warp != 0) return;
+    ptx::setmaxnreg_dec<40>();
+  } else if (mode == kRegsMismatch && group == 0) {
+    if (warp == 0) {
+      ptx::setmaxnreg_dec<40>();
+    } else {
+      ptx::setmaxnreg_dec<48>();
+    }
+  } else if (mode == kRegsCount) {
+    emu::setmaxnreg(group == 1, unsigned(regs));
+  } else if (mode == kRegsBesideWgmma && group == 0) {
+    if (warp < 2) {
+      ptx::setmaxnreg_inc<232>();
+    } else {
+      float acc[4] = {};
+      ptx::wgmma_fence();
+      ptx::wgmma_ss<__nv_bfloat16, 8>(acc, 0, 0, 0);
+    }
+  }
+  done[t] = 1;
+}
+
 }  // namespace
 
 // The shared-memory image (int16) of one TMA load of the box (box0 x box1 elements of 2
@@ -253,6 +389,35 @@ at::Tensor probe_wgmma(int64_t kind, int64_t n, const at::Tensor& image, const a
   return d;
 }
 
+// D (128, 4) float32 of one m64n8k16 bf16 wgmma (scale-d 0) on the operands of `image`
+// (int16) through the descriptors, put in shared memory as ProxyCase `mode` says.
+at::Tensor probe_proxy(const at::Tensor& image, int64_t desc_a, int64_t desc_b, int64_t mode, int64_t b_element) {
+  const auto ic = image.contiguous();
+  TORCH_CHECK(ic.numel() % 8 == 0, "the image must be whole 16-byte chunks");
+  auto d = at::zeros({128, 4}, at::kFloat);
+  ProxyProbe p{ic.data_ptr<int16_t>(), int(ic.numel()), int(mode), int(b_element), uint64_t(desc_a),
+               uint64_t(desc_b), d.data_ptr<float>()};
+  check(emu::launch(dim3(1), dim3(128), size_t(ic.numel()) * 2 + 8, nullptr, proxy_kernel, &p));
+  return d;
+}
+
+// The 16 floats a bulk copy lands on an mbarrier initialised as InitCase `mode` says.
+at::Tensor probe_mbarrier_init(const at::Tensor& src, int64_t mode) {
+  const auto sc = src.contiguous();
+  auto landed = at::zeros({16}, at::kFloat);
+  InitProbe p{sc.data_ptr<float>(), int(mode), landed.data_ptr<float>()};
+  check(emu::launch(dim3(1), dim3(32), 128, nullptr, init_kernel, &p));
+  return landed;
+}
+
+// (256,) int32: 1 for each thread of two warpgroups that got past setmaxnreg as RegsCase
+// `mode` uses it (`regs`: the count of kRegsCount).
+at::Tensor probe_setmaxnreg(int64_t mode, int64_t regs) {
+  auto done = at::zeros({256}, at::kInt);
+  check(emu::launch(dim3(1), dim3(256), 0, nullptr, setmaxnreg_kernel, int(mode), int(regs), done.data_ptr<int32_t>()));
+  return done;
+}
+
 // (iters,) float32: per iteration, the sum of data[it] as a consumer warp reads it from a
 // `stages`-deep shared-memory ring filled by bulk copies (producer lane, full/empty
 // mbarriers). The flips wait on the wrong parity; tx_extra expects more bytes than come.
@@ -284,5 +449,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("probe_pipeline", &probe_pipeline);
   m.def("probe_mbarrier_semantics", &probe_mbarrier_semantics);
   m.def("probe_tma", &probe_tma);
+  m.def("probe_proxy", &probe_proxy);
+  m.def("probe_mbarrier_init", &probe_mbarrier_init);
+  m.def("probe_setmaxnreg", &probe_setmaxnreg);
   m.def("set_schedule", &set_schedule);
 }
