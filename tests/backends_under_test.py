@@ -9,6 +9,10 @@ it cannot. ``tests/conftest.py`` turns :data:`BACKENDS` into the ``backend`` fix
 * ``cpu``: the C++ CPU kernels.
 * ``cuda-emulated``: the CUDA kernels' own source run on CPU tensors by the host emulator
   (tools/cuda_emulator); wired in as the ``"cuda"`` backend for CPU tensors while a test runs.
+* ``cuda-emulated-sm90``: the same, told compute capability 9.0: the forward runs
+  fwd_main_sm90_kernel and the backward bwd_tile_sm90_kernel (TMA, mbarriers, wgmma)
+  wherever they apply; bfloat16 and float16
+  only (the other dtypes take the mma.sync path ``cuda-emulated`` tests).
 * ``triton-interpreted``: the Triton kernels under ``TRITON_INTERPRET=1`` (which
   tests/conftest.py sets on machines without a GPU, before margin_ops is imported).
 * ``cuda`` / ``triton``: the same kernels on a GPU.
@@ -77,6 +81,12 @@ class BackendUnderTest(NamedTuple):
     #: the largest N·C·D the shape scenarios give it (None: any); the emulator and the
     #: Triton interpreter run a thread / program at a time, ~1e5 products a second
     max_work: int | None = None
+    #: the input dtypes of the cases parametrized by dtype it runs (None: all); the others
+    #: are deselected, as another backend runs the same kernels for them
+    dtypes: tuple | None = None
+
+    def runs_dtype(self, dtype) -> bool:
+        return self.dtypes is None or dtype is None or dtype in self.dtypes
 
     def too_slow_for(self, n: int, d: int, c: int) -> bool:
         return self.max_work is not None and n * c * d > self.max_work
@@ -94,8 +104,9 @@ class BackendUnderTest(NamedTuple):
     @contextlib.contextmanager
     def active(self):
         """The public ops run on this backend inside the block."""
-        with _emulated_cuda_installed() if self.name == "cuda-emulated" else contextlib.nullcontext(), \
-                margin_ops.backend(self.op_backend):
+        emulated = self.name in ("cuda-emulated", "cuda-emulated-sm90")
+        with _emulated_cuda_installed(90 if self.name == "cuda-emulated-sm90" else 80) if emulated \
+                else contextlib.nullcontext(), margin_ops.backend(self.op_backend):
             yield self
 
 
@@ -132,6 +143,9 @@ def _missing_cuda() -> str | None:
 #: The device size the launchers are told (it sets the forward's class splits and the
 #: backward's dX splits): 2 SMs give several splits on the small problems of the tests.
 EMULATED_NUM_SMS = 2
+#: The compute capability the launchers are told (major·10 + minor): 80, or 90 inside
+#: ``cuda-emulated-sm90``'s block (the sm_90a forward where it applies).
+_emulated_arch = 80
 _emulator = None
 
 
@@ -168,7 +182,7 @@ def _emulated_forward(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_sc
                       subcenters=1, class_index=None, hard_threshold=None, hard_t=None):
     return emulator().forward(x, weight, labels, margin, s, m1, m2, m3, lamb, feature_scale, detach,
                               _tf32(x, allow_tf32), subcenters, class_index, hard_threshold, hard_t,
-                              EMULATED_NUM_SMS)
+                              EMULATED_NUM_SMS, _emulated_arch)
 
 
 def _emulated_backward(grad_lse, grad_target, grad_nontarget_sum, x, weight, labels, lse, margin, s, m1, m2, m3,
@@ -176,7 +190,7 @@ def _emulated_backward(grad_lse, grad_target, grad_nontarget_sum, x, weight, lab
                        hard_threshold=None, hard_t=None):
     return emulator().backward(grad_lse, grad_target, grad_nontarget_sum, x, weight, labels, lse, margin, s, m1,
                                m2, m3, lamb, feature_scale, detach, _tf32(x, allow_tf32), subcenters, class_index,
-                               hard_threshold, hard_t, EMULATED_NUM_SMS)
+                               hard_threshold, hard_t, EMULATED_NUM_SMS, _emulated_arch)
 
 
 _emulated_lib = None
@@ -199,17 +213,21 @@ def _register_emulated_ops() -> None:
 
 
 @contextlib.contextmanager
-def _emulated_cuda_installed():
-    """Backend "cuda" = the emulated CUDA kernels, for CPU tensors, inside the block."""
+def _emulated_cuda_installed(arch: int = 80):
+    """Backend "cuda" = the emulated CUDA kernels, for CPU tensors, told compute capability
+    ``arch`` (major·10 + minor), inside the block."""
+    global _emulated_arch
     emulator()
     _register_emulated_ops()
-    previous = backends._registry["cuda"]
+    previous, previous_arch = backends._registry["cuda"], _emulated_arch
+    _emulated_arch = arch
     backends._registry["cuda"] = backends.Backend(
         margin_lse=torch.ops.margin.margin_lse_cuda_emulated, devices=lambda: ("cpu",), missing=lambda: None)
     try:
         yield
     finally:
         backends._registry["cuda"] = previous
+        _emulated_arch = previous_arch
 
 
 BACKENDS = (
@@ -217,6 +235,9 @@ BACKENDS = (
     BackendUnderTest("cpu", "cpu", "cpu", "margin_lse", FUSED, lambda: None),
     BackendUnderTest("cuda-emulated", "cuda", "cpu", "margin_lse_cuda_emulated", FUSED, _missing_emulator,
                      follows_tf32=True, max_work=500_000),
+    # float32 / float64 take the mma.sync / SIMT kernels on sm_90 too: cuda-emulated runs them
+    BackendUnderTest("cuda-emulated-sm90", "cuda", "cpu", "margin_lse_cuda_emulated", FUSED, _missing_emulator,
+                     follows_tf32=True, max_work=500_000, dtypes=(BF16, F16)),
     BackendUnderTest("triton-interpreted", "triton", "cpu", "margin_lse_triton", TRITON, _missing_triton(False),
                      max_work=500_000),
     BackendUnderTest("cuda", "cuda", "cuda", "margin_lse", FUSED, _missing_cuda, follows_tf32=True),

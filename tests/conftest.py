@@ -69,7 +69,8 @@ def pytest_generate_tests(metafunc):
 def pytest_collection_modifyitems(config, items):
     """Skips GPU-marked cases without a GPU. Deselects (they run elsewhere, and are counted
     there): the shapes a backend is too slow for (``shape`` parameters past its
-    :attr:`BackendUnderTest.max_work`; the fast backends run them), and, by whether this
+    :attr:`BackendUnderTest.max_work`; the fast backends run them), the dtypes a backend
+    leaves to another (:meth:`BackendUnderTest.runs_dtype`), and, by whether this
     process runs Triton interpreted, either the offline Triton builds (a child process runs
     them) or the test that would start that child."""
     interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -80,7 +81,8 @@ def pytest_collection_modifyitems(config, items):
         params = getattr(getattr(item, "callspec", None), "params", {})
         name, shape = params.get("backend"), params.get("shape")
         elsewhere = item.get_closest_marker("compiled_triton" if interpreted else "interpreted_triton_only")
-        if elsewhere is not None or (name is not None and shape is not None and BY_NAME[name].too_slow_for(*shape)):
+        if elsewhere is not None or (name is not None and shape is not None and BY_NAME[name].too_slow_for(*shape)) \
+                or (name is not None and not BY_NAME[name].runs_dtype(params.get("dtype"))):
             dropped.append(item)
         else:
             kept.append(item)

@@ -175,3 +175,37 @@ def test_second_device(gpu_backend):
     for g, e, what in zip(got, expected, ("loss", "grad_x", "grad_weight")):
         assert g.device == torch.device("cuda:1"), f"{what} on {g.device}"
         assert torch.equal(g.cpu(), e.cpu()), f"{what} differs on cuda:1"
+
+
+#: The sm_90a kernels (TMA + wgmma) an eligible problem must run on compute capability 9.0
+#: (csrc/cuda/margin_lse_kernels.cuh: bf16/fp16, one sub-center, no class_index, 16-byte
+#: rows and bases, d within the shared-memory budget).
+SM90_KERNELS = ("fwd_main_sm90_kernel", "bwd_tile_sm90_kernel", "bwd_gemm_sm90_kernel")
+
+
+def _kernel_names(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="needs a compute capability 9.0 GPU (H100 / H200)")
+def test_sm90_kernels_run_where_eligible():
+    """No silent slow path: on sm_90 an eligible bf16 problem runs the wgmma kernels, and a
+    problem outside their conditions (sub-centers) runs the mma.sync cosine kernels, both correctly
+    (values: the conformance suite)."""
+    if backends.available_backends()["cuda"] is not None:
+        pytest.skip("the CUDA kernels are not built")
+    x, w, y = make_inputs(256, 512, 20011, BF16, requires_grad=False, device=DEVICE)
+    with margin_ops.backend("cuda"):
+        names = _kernel_names(lambda: _step("arcface", x, w, y))
+        for kernel in SM90_KERNELS:
+            assert any(kernel in n for n in names), f"{kernel} did not run; ran: {sorted(names)}"
+        w2 = torch.cat([w, w.flip(0)])  # 2 sub-centers per class: the mma.sync path
+        names = _kernel_names(lambda: _step("arcface", x, w2, y, subcenters=2))
+    # (bwd_dw / bwd_dx read sub-centers through strided tensor maps: they stay on sm_90a)
+    assert not any("fwd_main_sm90" in n or "bwd_tile_sm90" in n for n in names), \
+        f"an sm_90a cosine kernel ran with sub-centers: {sorted(names)}"
+    assert any("fwd_main_kernel" in n for n in names), sorted(names)

@@ -18,7 +18,7 @@ from margin_ops import reference
 
 from backends_under_test import BY_NAME, TF32, emulator
 from conformance.cases import DTYPE_IDS, PRIMITIVE_ARGS
-from conftest import call_op, make_inputs, primitive_options, primitive_vs_reference
+from conftest import assert_close, call_op, leaf_copy, make_inputs, primitive_options, primitive_vs_reference
 from cute_layouts import cute_index
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
@@ -300,3 +300,131 @@ def test_emulated_ldmatrix_matches_cute_layouts(trans):
                 src_lane, element = bit // 128, (bit % 128) // 16
                 want = int(image[row_offset[src_lane] + element]) & 0xFFFF
                 assert (int(regs[t, reg]) >> (16 * half)) & 0xFFFF == want, (trans, t, reg, half)
+
+
+# ---- the sm_90a forward (fwd_main_sm90_kernel: TMA, mbarriers, wgmma), told arch 90 ----
+
+SM90 = BY_NAME["cuda-emulated-sm90"]
+
+
+def _sm90_forward_vs_reference(x, w, y, args, options=(None,)):
+    """The emulated forward told compute capability 9.0 against the float64 reference
+    (values and pred; the sm_90a backward is tested below)."""
+    with SM90.active():
+        got = torch.ops.margin.margin_lse_cuda_emulated(x, w, y, *args, *options)
+    want = reference.margin_lse(x.double(), w.double(), y, *args, *options)
+    tol = SM90.tolerances[x.dtype][0]
+    scale = args[1] if not args[6] else x.double().norm(dim=1).max().item()
+    for name, g, e, atol in (("lse", got[0], want[0], tol * scale), ("target_logit", got[1], want[1], tol * scale),
+                             ("max_cos", got[2], want[2], tol)):
+        assert torch.allclose(g.double(), e, rtol=tol, atol=atol), (name, (g.double() - e).abs().max())
+    assert torch.equal(got[3], want[3]), (got[3], want[3])
+    hard_t = options[4] if len(options) > 4 and options[4] is not None else torch.zeros(1)
+    atol = tol * scale * w.shape[0] * (1 + hard_t.abs().max().item())
+    assert torch.allclose(got[4].double(), want[4], rtol=tol, atol=atol), (got[4].double() - want[4]).abs().max()
+    return got
+
+
+#: (N, D, C): 2 row tiles (the second partial), 6 class tiles over 2 splits (the last
+#: partial), D = 72: two 64-wide k-blocks, the second zero-filled past D by TMA.
+SM90_SHAPE = (200, 72, 700)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("variant", ["plain", "options"])
+def test_sm90_forward_across_tiles_and_splits(dtype, variant):
+    """fwd_main_sm90_kernel on a problem of several row and class tiles, partial last tiles,
+    D not a multiple of the k-block, more class tiles than splits; "options": hard examples
+    with margin "external" and feature scale (class_index is not taken by the sm_90a path)."""
+    n, d, c = SM90_SHAPE
+    args = PRIMITIVE_ARGS[0] if variant == "plain" else PRIMITIVE_ARGS[9]
+    _, _, options = primitive_options(n, c, hard=variant == "options")
+    x, w, _ = make_inputs(n, d, c, dtype, requires_grad=False)
+    y = torch.randint(0, c, (n,))
+    y[5] = -100
+    y[7] = c - 1  # a target in the partial last tile
+    _sm90_forward_vs_reference(x, w, y, args, options)
+
+
+@pytest.mark.parametrize("case", ["d-not-16-bytes", "class_index", "subcenters"])
+def test_sm90_conditions_unmet_take_the_mma_path(case):
+    """Told arch 90, problems the sm_90a kernel does not take (a row pitch TMA refuses,
+    class_index, sub-centers) still give the reference's results (through fwd_main_kernel)."""
+    n, d, c = 70, 36 if case == "d-not-16-bytes" else 40, 300
+    weight_rows, classes, options = primitive_options(n, c, sampled=case == "class_index",
+                                                      subcenters=2 if case == "subcenters" else 1)
+    x, w, _ = make_inputs(n, d, weight_rows, BF16, requires_grad=False)
+    y = torch.randint(0, classes, (n,))
+    _sm90_forward_vs_reference(x, w, y, PRIMITIVE_ARGS[0], options)
+
+
+def test_sm90_forward_does_not_depend_on_thread_timing():
+    """The sm_90a forward gives the same bits under the four schedules (producer and consumer
+    warpgroups interleaved differently; mbarrier phases and the norms barrier must order them)."""
+    n, d, c = SM90_SHAPE
+    _, _, options = primitive_options(n, c, hard=True)
+    x, w, _ = make_inputs(n, d, c, BF16, requires_grad=False)
+    y = torch.randint(0, c, (n,))
+    results = []
+    try:
+        for schedule in (0, 1, 2, 3):
+            emulator().set_schedule(schedule)
+            results.append(_sm90_forward_vs_reference(x, w, y, PRIMITIVE_ARGS[3], options))
+    finally:
+        emulator().set_schedule(0)
+    for schedule, other in enumerate(results[1:], 1):
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other)), f"schedule {schedule} differs"
+
+
+# ---- the sm_90a bwd_tile (bwd_tile_sm90_kernel: the forward's engine + the gradient epilogue) ----
+
+#: (N, D, C): N = 200: 2 row tiles (the second partial), one class split per chunk (each CTA
+#: walks 2 class tiles), 3 class chunks of 256, 256 and 188 classes (the emulated build's
+#: scratch budget), the last with a partial tile; N = 100: one row tile, 2 chunks (512,
+#: 188), 2 class splits of 2 tiles. D = 72: a second k-block zero-filled past D by TMA.
+SM90_BACKWARD_SHAPES = {"row-tiles": (200, 72, 700), "splits": (100, 72, 700)}
+
+
+def _sm90_grads(x, w, y, args, options, upstream):
+    """(grad_x, grad_weight) of the emulated primitive told arch 90, for upstream gradients of
+    (lse, target_logit, nontarget_sum)."""
+    x, w = leaf_copy(x), leaf_copy(w)
+    with SM90.active():
+        out = torch.ops.margin.margin_lse_cuda_emulated(x, w, y, *args, *options)
+        loss = sum((o * g).sum() for o, g in zip((out[0], out[1], out[4]), upstream))
+        return torch.autograd.grad(loss, [x, w])
+
+
+@pytest.mark.parametrize("shape", SM90_BACKWARD_SHAPES)
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=DTYPE_IDS.get)
+def test_sm90_backward_across_chunks_tiles_and_schedules(dtype, shape):
+    """bwd_tile_sm90_kernel (with the rest of the backward) on several class chunks, row tiles
+    and class tiles per CTA, partial tiles, D not a multiple of 64, hard examples with margin
+    "external" and feature scale: the float64 reference's gradients at the FUSED tolerances,
+    and the same bits under the emulator's four schedules (mbarrier phases, the norms and
+    column-sum barriers must order the warpgroups)."""
+    n, d, c = SM90_BACKWARD_SHAPES[shape]
+    args = PRIMITIVE_ARGS[9]  # external, feature scale
+    _, _, options = primitive_options(n, c, hard=True)
+    x, w, _ = make_inputs(n, d, c, dtype, requires_grad=False)
+    y = torch.randint(0, c, (n,))
+    y[5] = -100
+    y[7] = c - 1  # a target in the partial last tile of the last chunk
+    y[9] = 255  # the last class of a tile (and of the first chunk at N = 200)
+    upstream = [torch.randn(n, dtype=torch.float32) for _ in range(3)]
+    x64, w64 = leaf_copy(x, F64), leaf_copy(w, F64)
+    want = reference.margin_lse(x64, w64, y, *args, *options)
+    want_grads = torch.autograd.grad(
+        sum((o * g.double()).sum() for o, g in zip((want[0], want[1], want[4]), upstream)), [x64, w64])
+    grad_tol = SM90.tolerances[dtype][1]
+    results = []
+    try:
+        for schedule in (0, 1, 2, 3):
+            emulator().set_schedule(schedule)
+            results.append(_sm90_grads(x, w, y, args, options, upstream))
+    finally:
+        emulator().set_schedule(0)
+    assert_close(results[0][0], want_grads[0], grad_tol, "grad_x")
+    assert_close(results[0][1], want_grads[1], grad_tol, "grad_weight")
+    for schedule, other in enumerate(results[1:], 1):
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other)), f"schedule {schedule} differs"

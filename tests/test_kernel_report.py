@@ -1,13 +1,16 @@
 """tools/kernel_report.py: SASS / ptxas parsing, loop and hot-path analysis, the time model.
 
 Fast: canned SASS and ptxas text, and one tiny .cu (a loop of two mma.sync per iteration)
-compiled for sm_80 and sm_90a when nvcc is available (a few seconds), never the full kernels.
+compiled for sm_80 and sm_90a when nvcc is available (a few seconds). One test compiles the
+real kernels for sm_90a (about a minute, cached by content): CI's gate that the sm_90a GEMM
+kernels issue HGMMA without spilling.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
 import shutil
 import sys
@@ -132,6 +135,35 @@ def test_kernel_id_from_demangled_names():
     assert (k.name, k.dtype, k.sub, k.hard) == ("bwd_dx", "tf32", False, False)
 
 
+def test_kernel_id_of_the_sm90_forward_reads_its_one_flag_as_hard():
+    k = kr.kernel_id("void margin_ops::cuda::dev::fwd_main_sm90_kernel<__half, true, margin_ops::"
+                     "cuda::(anonymous namespace)::FwdArgs<__half>>(CUtensorMap, CUtensorMap, "
+                     "margin_ops::cuda::(anonymous namespace)::FwdArgs<__half>)")
+    assert (k.name, k.dtype, k.sub, k.hard) == ("fwd_main_sm90", "fp16", False, True)
+    k = kr.kernel_id("void margin_ops::cuda::(anonymous namespace)::bwd_gemm_sm90_kernel<__nv_bfloat16, "
+                     "margin_ops::cuda::(anonymous namespace)::DxSm90<__nv_bfloat16>>(CUtensorMap, "
+                     "CUtensorMap, margin_ops::cuda::(anonymous namespace)::DxSm90<__nv_bfloat16>)")
+    assert (k.name, k.dtype, k.sub, k.hard, k.label) == ("bwd_gemm_sm90", "bf16", False, False,
+                                                         "bwd_gemm_sm90<bf16, DxSm90>")
+
+
+def _gated(dtype: str, hgmma: int = 8, spills: int = 0) -> "kr.KernelReport":
+    return kr.KernelReport("m", "d", kr.KernelId("fwd_main_sm90", dtype), "x.cu",
+                           kr.Resources(registers=168, spill_stores=spills, spill_loads=spills),
+                           {"HGMMA": hgmma}, 100)
+
+
+def test_gate_names_each_violation():
+    fwd = ("fwd_main_sm90",)  # the family of _gated's reports (the default also gates others)
+    assert kr.gate([_gated("bf16"), _gated("fp16")], fwd) == []
+    assert kr.gate([_gated("bf16")], fwd) == ["fwd_main_sm90<fp16>: not in the build"]
+    assert kr.gate([_gated("bf16", hgmma=0), _gated("fp16")], fwd) == [
+        "fwd_main_sm90<bf16> (x.cu): no HGMMA"]
+    assert kr.gate([_gated("bf16"), _gated("fp16", spills=4)], fwd) == [
+        "fwd_main_sm90<fp16> (x.cu): spills 4/4 bytes (stores/loads)"]
+    assert "bwd_tile_sm90<bf16>: not in the build" in kr.gate([_gated("bf16"), _gated("fp16")])
+
+
 def test_dynamic_smem_mirrors_tile_gemm():
     bf = kr.KernelId("fwd_main", "bf16")
     assert kr.dynamic_smem(bf) == 3 * (128 * 40 + 128 * 40) * 2  # TileGemm<bf16, false, false>
@@ -245,3 +277,13 @@ def test_tiny_mma_loop_compiled(arch, tmp_path):
     assert r.main.insts == span  # straight-line body: the hot path is all of it
     assert r.main_per_mma == pytest.approx(span / 2)
     assert r.outer_kind == "exit"
+
+
+@pytest.mark.skipif(not _have_tools() and not os.environ.get("MARGIN_OPS_REQUIRE_EMULATOR"),
+                    reason="needs nvcc and cuobjdump")  # CI (.ci/run) requires them
+def test_sm90a_gemm_kernels_issue_hgmma_without_spills(capsys):
+    """CI's gate on the real sources: tools/kernel_report.py --gate."""
+    status = kr.main(["--gate"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert out.startswith("PASS"), out

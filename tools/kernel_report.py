@@ -43,6 +43,7 @@ Usage:
     python tools/kernel_report.py --arch sm_80
     python tools/kernel_report.py --markdown      # the tables as Markdown (RESULTS.md)
     python tools/kernel_report.py --kernels-only  # no model
+    python tools/kernel_report.py --gate          # CI's sm_90a check: HGMMA, no spills
 """
 
 from __future__ import annotations
@@ -270,11 +271,20 @@ class KernelId:
     dtype: str  # bf16 ...
     sub: bool = False  # K > 1 sub-centers
     hard: bool = False  # hard examples
+    policy: str = ""  # the epilogue policy of a kernel family that takes one (bwd_gemm_sm90)
 
     @property
     def label(self) -> str:
-        opts = [o for o, on in (("K>1", self.sub), ("hard", self.hard)) if on]
+        opts = [o for o, on in (("K>1", self.sub), ("hard", self.hard)) if on] + \
+            ([self.policy] if self.policy else [])
         return f"{self.name}<{self.dtype}{''.join(', ' + o for o in opts)}>"
+
+
+#: The bool template parameters after the element type, in order, of each kernel family
+#: (the others: <T, kSub, kHard>).
+FLAG_PARAMS = {"fwd_main_sm90": ("hard",), "bwd_tile_sm90": ("hard",), "bwd_gemm_sm90": ()}
+#: Kernel families whose second template parameter is an epilogue policy (a type).
+POLICY_FAMILIES = ("bwd_gemm_sm90",)
 
 
 def kernel_id(demangled: str) -> KernelId:
@@ -283,10 +293,14 @@ def kernel_id(demangled: str) -> KernelId:
     if not m:  # not a template: the name before its parameter list
         plain = re.search(r"(\w+)\(", demangled)
         return KernelId(plain.group(1) if plain else demangled, "-")
+    name = m.group(1)
     args = [a.strip() for a in m.group(2).split(",")]
     dtype = DTYPES.get(args[0], args[0]) if args else "?"
-    flags = [a == "true" for a in args[1:3]]
-    return KernelId(m.group(1), dtype, *(flags + [False, False])[:2])
+    params = FLAG_PARAMS.get(name, ("sub", "hard"))
+    flags = {p: a == "true" for p, a in zip(params, args[1:1 + len(params)])}
+    policy = re.sub(r".*::", "", re.sub(r"<.*", "", args[1])) \
+        if name in POLICY_FAMILIES and len(args) > 1 else ""
+    return KernelId(name, dtype, flags.get("sub", False), flags.get("hard", False), policy)
 
 
 # ---------------------------------------------------------------------------------------
@@ -447,7 +461,11 @@ STAGES = 3
 
 def dynamic_smem(kid: KernelId, subcenters: int = 2) -> int | None:
     """The launch's dynamic shared memory (TileGemm<T, ATrans, BTrans>::kSmemBytes mirrored;
-    K > 1 adds K x BN x 4 bytes, printed for K = `subcenters`)."""
+    K > 1 adds K x BN x 4 bytes, printed for K = `subcenters`); None for the sm_90a kernels,
+    whose figure depends on D (Sm90Cfg::smem_bytes: 194 KiB at D = 512) or is fixed
+    (Sm90GemmCfg::kSmemBytes: 129 KiB)."""
+    if kid.name.endswith("_sm90"):
+        return None
     if kid.dtype in ("bf16", "fp16"):
         size, bk, pad, pad_t, bm, bn = 2, 32, 8, 8, 128, 128
     elif kid.dtype == "tf32":
@@ -547,6 +565,34 @@ def report_kernels(compiled: list[Compiled]) -> list[KernelReport]:
     reports.sort(key=lambda r: (dorder.get(r.kid.dtype, 9), order.get(r.kid.name, 99), r.kid.sub,
                                 r.kid.hard, r.source))
     return reports
+
+
+# ---------------------------------------------------------------------------------------
+# The sm_90a gate (CI: tests/test_kernel_report.py)
+# ---------------------------------------------------------------------------------------
+
+#: Kernel families of the sm_90a build that must issue warpgroup MMA (HGMMA) without
+#: spilling, in every 16-bit instantiation.
+HGMMA_KERNELS = ("fwd_main_sm90", "bwd_tile_sm90", "bwd_gemm_sm90")
+
+
+def gate(reports: list[KernelReport], families: tuple[str, ...] | None = None) -> list[str]:
+    """The violations of the sm_90a gate among `reports` (empty: it passes): a family of
+    `families` (default HGMMA_KERNELS) without a bf16 and an fp16 instantiation, or an
+    instantiation that issues no HGMMA or spills registers."""
+    problems = []
+    for family in HGMMA_KERNELS if families is None else families:
+        found = [r for r in reports if r.kid.name == family and r.kid.dtype in ("bf16", "fp16")]
+        for dtype in ("bf16", "fp16"):
+            if not any(r.kid.dtype == dtype for r in found):
+                problems.append(f"{family}<{dtype}>: not in the build")
+        for r in found:
+            if r.counts.get("HGMMA", 0) == 0:
+                problems.append(f"{r.kid.label} ({r.source}): no HGMMA")
+            if r.res.spill_stores or r.res.spill_loads:
+                problems.append(f"{r.kid.label} ({r.source}): spills "
+                                f"{r.res.spill_stores}/{r.res.spill_loads} bytes (stores/loads)")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------
@@ -740,7 +786,8 @@ def kernel_table(reports: list[KernelReport], arch: str, markdown: bool) -> str:
         main = (f"{fmt(r.main_per_mma)} / {r.main_static / r.main.mma:.1f}"
                 if r.main and r.main.mma else "-")
         epi = (f"{fmt(r.epi_per_elem)} / {fmt(r.epi_static_per_elem)}"
-               if r.epi and r.main and r.kid.name in ("fwd_main", "bwd_tile", "bwd_dw", "bwd_dx")
+               if r.epi and r.main and r.kid.name in ("fwd_main", "bwd_tile", "bwd_dw", "bwd_dx",
+                                                      "fwd_main_sm90", "bwd_tile_sm90")
                else "-")
         rows.append([r.kid.label, r.source.replace("margin_lse_", ""), str(r.res.registers),
                      f"{r.res.spill_stores}/{r.res.spill_loads}", str(r.res.stack),
@@ -805,7 +852,12 @@ def model_tables(reports: list[KernelReport], m: Machine, markdown: bool,
     t3 = _table("PREDICTED per-kernel terms (ms, summed over a pass's launches of the kernel)",
                 ["shape", "kernel", "launches", "grid", "issue", "tensor", "L2", "HBM",
                  "launch overhead", "time", "bound"], detail, markdown)
-    return t1 + "\n\n" + t2 + "\n\n" + t3
+    note = ""
+    if any(r.kid.name == "fwd_main_sm90" for r in reports):
+        note = ("NOTE: on compute capability 9.0 the bf16/fp16 K = 1 forward runs fwd_main_sm90 "
+                "(TMA + wgmma, warp-specialized), which this model does not cover: the forward "
+                "figures below are fwd_main's (mma.sync), the path of every other forward.\n\n")
+    return note + t1 + "\n\n" + t2 + "\n\n" + t3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -830,6 +882,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=None, help="cubin cache directory")
     ap.add_argument("--markdown", action="store_true", help="Markdown tables")
     ap.add_argument("--kernels-only", action="store_true", help="no time model")
+    ap.add_argument("--gate", action="store_true",
+                    help="only check that the sm_90a GEMM kernels (HGMMA_KERNELS) issue HGMMA "
+                         "without spills; exit 1 otherwise")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"],
                     help="instantiation the model uses (default bf16)")
     ap.add_argument("--filter", default="", help="only kernels whose label contains this")
@@ -853,6 +908,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         compiled.append(compile_one(s, args.arch, cache))
     reports = report_kernels(compiled)
+    if args.gate:
+        if not args.arch.startswith("sm_90"):
+            ap.error("--gate checks the sm_90a build (--arch sm_90a)")
+        problems = gate(reports)
+        for p in problems:
+            print(f"FAIL {p}")
+        if not problems:
+            print(f"PASS: {', '.join(HGMMA_KERNELS)} issue HGMMA without spills")
+        return 1 if problems else 0
     shown = [r for r in reports if args.filter in r.kid.label]
     print(kernel_table(shown, args.arch, args.markdown))
     print()

@@ -55,15 +55,16 @@ struct ProblemOptions {
 };
 
 // Fills the fields both passes share (ProblemParams, all but the workspace) from x (N, D),
-// weight (R, D), labels (N,) and the options, checked already, and the margin. `prepare(t)`
+// weight (R, D), labels (N,) and the options, checked already, the margin and the device
+// (its SM count and compute capability, major·10 + minor). `prepare(t)`
 // gives the contiguous tensor whose data the kernels are to read for each input (t.contiguous(),
 // or a guarded copy); hard_threshold / hard_t are first converted to the accumulation dtype.
 // They are returned, to be kept alive until the launch ends.
 template <class Prepare>
 LaunchInputs fill_problem(ProblemParams& p, const at::Tensor& x, const at::Tensor& weight,
                           const at::Tensor& labels, const ProblemOptions& options,
-                          const MarginParams& margin, bool tf32, int num_sms, bool deterministic,
-                          Prepare&& prepare) {
+                          const MarginParams& margin, bool tf32, int num_sms, int arch,
+                          bool deterministic, Prepare&& prepare) {
   TORCH_CHECK_NOT_IMPLEMENTED(options.subcenters <= kMaxSubcenters,
                               "the CUDA kernels take at most ", kMaxSubcenters,
                               " subcenters, got subcenters=", options.subcenters);
@@ -95,6 +96,7 @@ LaunchInputs fill_problem(ProblemParams& p, const at::Tensor& x, const at::Tenso
   p.margin = margin;
   p.workspace = nullptr;
   p.num_sms = num_sms;
+  p.arch = arch;
   p.deterministic = deterministic;
   return in;
 }

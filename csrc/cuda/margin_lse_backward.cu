@@ -1,12 +1,17 @@
 // margin_lse backward on CUDA: prep -> per class chunk {bwd_tile, bwd_dw, bwd_dx} ->
 // finalize (see margin_lse_kernels.cuh for the design).
 #include <algorithm>
+#include <type_traits>
 
+#include "margin_lse_bwd_epilogue.cuh"
+#include "margin_lse_bwd_tile_sm90.cuh"
 #include "margin_lse_dtype.cuh"
+#include "margin_lse_gemm_sm90.cuh"
 #include "margin_lse_layout.cuh"
 #include "margin_lse_norms.cuh"
 #include "margin_lse_reduce.cuh"
 #include "margin_lse_tile_gemm.cuh"
+#include "margin_lse_tma.cuh"
 
 namespace margin_ops {
 namespace cuda {
@@ -41,53 +46,7 @@ constexpr int64_t kPartialBudget = MARGIN_OPS_BWD_PARTIAL_BUDGET;  // dX̂ split
 // P_ic = exp(logit_ic - lse_i) (0 at y_i for margin "external": left out of the lse, which
 // may be -inf); dc_ic = s_i dlogit_ic F'_ic.
 // ---------------------------------------------------------------------------------------
-template <class T>
-struct TileArgs {
-  using Acc = AccOf<T>;
-  ProblemInputs<T> in;  // x as given: normalized in the epilogue, as in the forward
-  const Acc* x_norm;  // (n_pad,)
-  const Acc* scale;   // (n_pad,)
-  const Acc* lse;     // (n,)
-  const Acc* g_lse;   // (n,)
-  const Acc* g_t;     // (n,)
-  const Acc* g_sum;   // (n,)
-  MarginParams margin;
-  int64_t c0;  // first class of the chunk
-  int64_t cc;  // chunk capacity: classes per sub-center block of a scratch row
-  int64_t ld;  // scratch row length: K·cc
-  T* scratch;
-  Acc* r_part;  // (row tiles, ld)
-  Acc* w_norm;  // (ld,)
-  int64_t n_pad;
-  Acc* corr_part;  // (cc / BN, n_pad), written when margin.feature_scale
-};
-
-// The factors of one row of the gradient epilogue (for the row's upstream gradients, lse
-// and hard-example parameters, see TileArgs) and dc of its entries; `corr` gathers the
-// row's Σ dlogit (F − F' ĉ) (raw = ĉ, the unclamped cosine).
-template <class Acc, bool kHard>
-struct RowGrad {
-  Acc sc, sc2, lse2, gl, gs, thr, ht;  // thr, ht: kHard only
-
-  __device__ __forceinline__ Acc nontarget(Acc cs, Acc raw, bool fs, Acc& corr) const {
-    const TargetMargin<Acc> h = nontarget_factor<kHard>(cs, thr, ht);
-    const Acc dlogit = gl * fast_exp2(sc2 * h.phi - lse2) + gs;
-    if (fs) corr += dlogit * (h.phi - h.slope * raw);
-    return sc * dlogit * h.slope;
-  }
-
-  // gt: the row's g_target; external: P = 0, never exp(logit - lse) (lse is -inf when y is
-  // the only class).
-  __device__ __forceinline__ Acc target(Acc cs, Acc raw, Acc gt, const MarginParams* margin,
-                                        bool external, Acc& corr) const {
-    const TargetMargin<Acc> tm = eval_margin<Acc>(cs, margin);
-    const Acc p = external ? Acc(0) : fast_exp2(sc2 * tm.phi - lse2);
-    const Acc dlogit = gl * p + gt;
-    corr += dlogit * (tm.phi - tm.slope * raw);
-    return sc * dlogit * tm.slope;
-  }
-};
-
+// (TileArgs, RowGrad and the K = 1 per-element epilogue: margin_lse_bwd_epilogue.cuh.)
 // Instantiated per option (kHard: hard examples; kSub: K > 1 sub-centers per class), so
 // that a kernel carries only what its problem needs. kSub: K cosine passes keep each entry's largest raw cosine and its sub-center
 // (8 bits) in registers and each pass's 1 / ‖w‖ in dynamic shared memory after the GEMM
@@ -187,51 +146,27 @@ __global__ void __launch_bounds__(kThreads, kSub ? 1 : Cfg<T>::kMinBlocks) bwd_t
 #pragma unroll
     for (int ci = 0; ci < C::TC; ++ci) rsum[ci] = Acc(0);
 
+    // This warp's columns: the tile's [wn0, wn0 + WN), those below c_lim valid.
+    const int64_t c_left = args.in.c - col0 - wn0;
+    const int c_lim = int(c_left < 0 ? 0 : c_left < C::WN ? c_left : C::WN);
 #pragma unroll
     for (int ri = 0; ri < C::TR; ++ri) {
       const int r = wm0 + C::row(ri, lane);
       const int64_t gr = row0 + r;
       const bool row_ok = gr < args.in.n;
-      const auto g = row_grad(r);
-      const Acc xinv = tile.xinv[r];
       Acc corr = Acc(0);  // Σ dlogit (F − F' ĉ) over this thread's columns of row r
-      const int yl = tile.target_column(r, col0);
-      // Non-target entries are stored as they are computed; the target entry, if this
-      // thread has it, is overwritten afterwards.
+      const int yt = tile.target_column(r, col0) - wn0;
+      const int yl = yt >= 0 && yt < C::WN ? yt : -1;
+      GradEpilogue<C, kHard>::row(acc, ri, lane, row_grad(r), tile.xinv[r], tile.inv + wn0,
+                                  row_ok && c_lim == C::WN, row_ok ? c_lim : 0, yl, s_gt[r],
+                                  &s_margin, external, fs, rsum, corr);
       T* out = args.scratch + gr * args.ld + ct_local0 + wn0;
-      bool has_t = false;
-      Acc t_cos = Acc(0), t_raw = Acc(0);
 #pragma unroll
       for (int ci = 0; ci < C::TC; ci += kStep) {
         Acc dv[kStep];
 #pragma unroll
-        for (int e = 0; e < kStep; ++e) {
-          const int cl = wn0 + C::col(ci + e, lane);
-          dv[e] = Acc(0);
-          if (row_ok && col0 + cl < args.in.c) {
-            const Acc inv = tile.inv[cl];
-            const Acc raw = acc[ri][ci + e] * xinv * inv;  // as in the forward
-            const Acc cs = clamp_unit(raw);
-            if (cl == yl) {
-              has_t = true;
-              t_cos = cs;
-              t_raw = raw;
-            } else {
-              const Acc dc = g.nontarget(cs, raw, fs, corr);
-              rsum[ci + e] += dc * cs;
-              dv[e] = dc * inv;
-            }
-          }
-        }
+        for (int e = 0; e < kStep; ++e) dv[e] = acc[ri][ci + e];
         store_scratch(out, ci, dv);
-      }
-      if (has_t) {
-        const Acc dc = g.target(t_cos, t_raw, s_gt[r], &s_margin, external, corr);
-#pragma unroll
-        for (int ci = 0; ci < C::TC; ++ci) {
-          if (wn0 + C::col(ci, lane) == yl) rsum[ci] += dc * t_cos;
-        }
-        out[yl - wn0] = Type<T>::store(dc * tile.inv[yl]);  // same thread: program order
       }
       store_corr(r, corr);
     }
@@ -391,6 +326,25 @@ struct DwArgs {
   T* grad_weight;
 };
 
+// −r_ck / ‖w_ck‖² of chunk-local class m's sub-center whose scratch block starts at s0
+// (r_ck summed over the row tiles in order; 0 if ‖w_ck‖ <= eps).
+template <class T>
+__device__ __forceinline__ AccOf<T> dw_coef(const DwArgs<T>& args, int64_t s0, int64_t m) {
+  using Acc = AccOf<T>;
+  Acc r = Acc(0);
+  for (int q = 0; q < args.row_tiles; ++q) r += args.r_part[int64_t(q) * args.ld + s0 + m];
+  const Acc nrm = args.w_norm[s0 + m];
+  return nrm > Consts<Acc>::kNormEps ? -r / (nrm * nrm) : Acc(0);
+}
+
+// The first element of W's (and dW's) row r_c·K + sub of chunk-local class m.
+template <class T>
+__device__ __forceinline__ int64_t dw_row(const DwArgs<T>& args, int64_t m, int64_t sub) {
+  const int64_t cls = args.c0 + m;
+  return ((args.class_index != nullptr ? args.class_index[cls] : cls) * args.subcenters + sub) *
+         args.d;
+}
+
 template <class T>
 __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_dw_kernel(
     const DwArgs<T> args) {
@@ -409,15 +363,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_dw_kernel(
   const int64_t s0 = sub * args.cc;  // the sub-center's first scratch column
 
   for (int t = tid; t < C::BM; t += kThreads) {
-    const int64_t m = m0 + t;
-    Acc coef = Acc(0);
-    if (m < args.kc) {
-      Acc r = Acc(0);
-      for (int q = 0; q < args.row_tiles; ++q) r += args.r_part[int64_t(q) * args.ld + s0 + m];
-      const Acc nrm = args.w_norm[s0 + m];
-      if (nrm > Consts<Acc>::kNormEps) coef = -r / (nrm * nrm);
-    }
-    s_coef[t] = coef;
+    s_coef[t] = m0 + t < args.kc ? dw_coef(args, s0, m0 + t) : Acc(0);
   }
 
   const Operand<T> a{args.scratch + s0, args.ld, m0, args.kc, args.n_pad, true};
@@ -431,10 +377,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_dw_kernel(
     const int ml = wm0 + C::row(ri, lane);
     if (m0 + ml >= args.kc) continue;
     const Acc coef = s_coef[ml];
-    const int64_t cls = args.c0 + m0 + ml;
-    const int64_t row =
-        ((args.class_index != nullptr ? args.class_index[cls] : cls) * args.subcenters + sub) *
-        args.d;
+    const int64_t row = dw_row(args, m0 + ml, sub);
 #pragma unroll
     for (int ci = 0; ci < C::TC; ++ci) {
       const int64_t dd = d0 + wn0 + C::col(ci, lane);
@@ -503,6 +446,94 @@ __global__ void __launch_bounds__(kThreads, Cfg<T>::kMinBlocks) bwd_dx_kernel(
       *e = args.accumulate ? *e + acc[ri][ci] : acc[ri][ci];
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------
+// bwd_dw and bwd_dx on sm_90a: bwd_gemm_sm90_kernel, the GEMM of margin_lse_gemm_sm90.cuh
+// with these epilogue policies, on the grids of bwd_dw_kernel / bwd_dx_kernel and with their
+// results (same dW rows written once, same fixed-order partial read-modify-writes). Tensor
+// maps (Backward::run), 16-bit, zero beyond their extents:
+//   dW: A = the whole scratch, ld classes (M index k·cc + c) x n rows (K), MN-major;
+//       B = x̂, d_pad (N) x n rows (K), MN-major.
+//   dX: A = sub-center k's scratch block, kc classes (K) x n rows (M), K-major;
+//       B = the chunk's sub-center k rows of W, d (N) x kc classes (K), pitch K·d, MN-major
+//       (TMA cannot gather: class_index keeps bwd_dx_kernel).
+// ---------------------------------------------------------------------------------------
+template <class T>
+struct DwSm90 {
+  using G = Sm90GemmCfg;
+  static constexpr bool kAMnMajor = true;  // dS'ᵀ: the scratch [rows = K][classes = M]
+  DwArgs<T> args;
+
+  __device__ Sm90GemmTile tile() const {
+    return {int(blockIdx.z * args.cc + blockIdx.y * G::BM), int(blockIdx.x * G::BN), 0,
+            int((args.n + G::BK - 1) / G::BK)};
+  }
+
+  __device__ void store(const float (&acc)[64], int row0, int lane) const {
+    const int64_t d0 = int64_t(blockIdx.x) * G::BN;
+    const int64_t m0 = int64_t(blockIdx.y) * G::BM;
+    const int64_t sub = blockIdx.z;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t m = m0 + row0 + (lane >> 2) + 8 * r;
+      if (m >= args.kc) continue;
+      const float coef = dw_coef(args, sub * args.cc, m);
+      const int64_t row = dw_row(args, m, sub);
+#pragma unroll
+      for (int c = 0; c < 16; ++c) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t dd = d0 + 8 * c + 2 * (lane & 3) + e;
+          if (dd >= args.d) continue;
+          const float w = Type<T>::load(args.weight[row + dd]);
+          args.grad_weight[row + dd] = Type<T>::store(acc[4 * c + 2 * r + e] + coef * w);
+        }
+      }
+    }
+  }
+};
+
+template <class T>
+struct DxSm90 {
+  using G = Sm90GemmCfg;
+  static constexpr bool kAMnMajor = false;  // dS': the scratch [rows = M][classes = K]
+  DxArgs<T> args;  // k_split: a multiple of BK (Backward::layout)
+
+  __device__ Sm90GemmTile tile() const {
+    const int64_t k0 = int64_t(blockIdx.z) * args.k_split;
+    const int64_t k1 = k0 + args.k_split < args.kc ? k0 + args.k_split : args.kc;
+    return {int(blockIdx.y * G::BM), int(blockIdx.x * G::BN), int(k0),
+            k1 > k0 ? int((k1 - k0 + G::BK - 1) / G::BK) : 0};
+  }
+
+  __device__ void store(const float (&acc)[64], int row0, int lane) const {
+    const int64_t split = blockIdx.z;
+    const int64_t row = split * args.n_pad + int64_t(blockIdx.y) * G::BM + row0;
+    float* out = args.part + row * args.d_pad + int64_t(blockIdx.x) * G::BN + 2 * (lane & 3);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float* o = out + int64_t((lane >> 2) + 8 * r) * args.d_pad;
+#pragma unroll
+      for (int c = 0; c < 16; ++c) {
+        float2* e = reinterpret_cast<float2*>(o + 8 * c);  // d_pad, n_pad even: 8-byte aligned
+        float2 v = make_float2(acc[4 * c + 2 * r], acc[4 * c + 2 * r + 1]);
+        if (args.accumulate) {
+          const float2 old = *e;
+          v = make_float2(old.x + v.x, old.y + v.y);
+        }
+        *e = v;
+      }
+    }
+  }
+};
+
+template <class T, class Epi>
+__global__ void __launch_bounds__(Sm90GemmCfg::kThreads, 1)
+    bwd_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
+                         const __grid_constant__ CUtensorMap tmap_b, const Epi epi) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // aligned to 1024 by gemm_sm90
+  gemm_sm90<T, Epi::kAMnMajor>(tmap_a, tmap_b, epi, smem_raw);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -592,10 +623,34 @@ struct BwdBuffers {
   Acc* corr_part;
 };
 
+// The input types of the sm_90a GEMMs (wgmma bf16 / f16).
+template <class T>
+constexpr bool kWgmmaType = std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>;
+
 // The host side of the backward: the layout of its chunks, splits and grids, its workspace
 // buffers and its launches (the entry points below join them: launch_pass in
 // margin_lse_layout.cuh).
 struct Backward {
+  // The sm_90a GEMM for bwd_dw (bwd_gemm_sm90_kernel): compute capability 9.0 and 16-bit
+  // inputs; the scratch and x̂ are TMA-friendly by construction (256-byte aligned workspace
+  // buffers, pitches multiples of 256 bytes).
+  template <class T>
+  static bool sm90_dw(const BackwardParams& p) {
+    return kWgmmaType<T> && p.arch == 90;
+  }
+  // bwd_dx also loads W by TMA: no class_index (TMA cannot gather rows), and every chunk's
+  // sub-center rows start 16-byte aligned with a 16-byte multiple pitch (K·d·2): d % 8 == 0.
+  template <class T>
+  static bool sm90_dx(const BackwardParams& p) {
+    return sm90_dw<T>(p) && p.class_index == nullptr && p.d % 8 == 0 && aligned16(p.weight);
+  }
+
+  // bwd_tile_sm90_kernel for bwd_tile where it applies.
+  template <class T>
+  static bool sm90_tile(const BackwardParams& p) {
+    return kWgmmaType<T> && sm90_bwd_tile_eligible(p);
+  }
+
   template <class T>
   static BwdLayout layout(const BackwardParams& p) {
     using C = Cfg<T>;
@@ -619,7 +674,10 @@ struct Backward {
     splits = std::min(splits, std::max<int64_t>(
                                   1, kPartialBudget / (l.n_pad * l.d_pad * int64_t(sizeof(Acc)))));
     splits = std::max<int64_t>(1, splits);
-    l.k_split = round_up(ceil_div(l.cc, splits), C::BK);
+    // (sm_90a: whole 64-deep k blocks, so that only the chunk's end, zero-filled by TMA,
+    // cuts one)
+    l.k_split =
+        round_up(ceil_div(l.cc, splits), sm90_dx<T>(p) ? int64_t(Sm90GemmCfg::BK) : C::BK);
     l.splits = int(ceil_div(l.cc, l.k_split));
     return l;
   }
@@ -659,8 +717,34 @@ struct Backward {
         sub ? (hard ? bwd_tile_kernel<T, true, true> : bwd_tile_kernel<T, true, false>)
             : (hard ? bwd_tile_kernel<T, false, true> : bwd_tile_kernel<T, false, false>);
     if ((err = allow_smem(tile_kernel, tile_smem)) != cudaSuccess) return err;
+    const bool tile90 = sm90_tile<T>(p);
+    BwdTileSm90Maps map_tile;  // x, W
+    if constexpr (kWgmmaType<T>) {
+      if (tile90 && (err = prepare_bwd_tile_sm90<T>(p, map_tile)) != cudaSuccess) return err;
+    }
     if ((err = allow_smem(bwd_dw_kernel<T>, GemmDw::kSmemBytes)) != cudaSuccess) return err;
     if ((err = allow_smem(bwd_dx_kernel<T>, GemmDx::kSmemBytes)) != cudaSuccess) return err;
+
+    using G90 = Sm90GemmCfg;
+    const bool dw90 = sm90_dw<T>(p), dx90 = sm90_dx<T>(p);
+    const bool bf16 = p.dtype == DType::kBFloat16;
+    CUtensorMap map_dw_a, map_dw_b;  // the scratch (ld x n), x̂ (d_pad x n)
+    if constexpr (kWgmmaType<T>) {
+      if (dw90) {
+        if ((err = allow_smem(bwd_gemm_sm90_kernel<T, DwSm90<T>>, G90::kSmemBytes)) !=
+                cudaSuccess ||
+            (err = encode_tma_2d_b16(&map_dw_a, bf16, buf.scratch, l.ld, p.n, l.ld * 2,
+                                     G90::BK)) != cudaSuccess ||
+            (err = encode_tma_2d_b16(&map_dw_b, bf16, buf.x_hat, l.d_pad, p.n, l.d_pad * 2,
+                                     G90::BK)) != cudaSuccess) {
+          return err;
+        }
+      }
+      if (dx90 && (err = allow_smem(bwd_gemm_sm90_kernel<T, DxSm90<T>>, G90::kSmemBytes)) !=
+                      cudaSuccess) {
+        return err;
+      }
+    }
 
     const PrepArgs<T> pa =
         make_prep_args<T>(p, l.n_pad, l.d_pad, buf.x_hat, buf.x_norm, buf.scale, nullptr);
@@ -723,7 +807,13 @@ struct Backward {
 
       ta.c0 = c0;
       const dim3 grid_tile(unsigned(l.row_tiles), unsigned(ceil_div(kc, C::BN)));
-      tile_kernel<<<grid_tile, kThreads, tile_smem, stream>>>(ta);
+      if constexpr (kWgmmaType<T>) {
+        if (tile90 && (err = launch_bwd_tile_sm90<T>(p, map_tile, ta, l.row_tiles, kc, stream)) !=
+                          cudaSuccess) {
+          return err;
+        }
+      }
+      if (!tile90) tile_kernel<<<grid_tile, kThreads, tile_smem, stream>>>(ta);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
       if (p.margin.feature_scale) {
@@ -737,7 +827,14 @@ struct Backward {
       da.c0 = c0;
       const dim3 grid_dw(unsigned(l.d_tiles), unsigned(ceil_div(kc, C::BM)),
                          unsigned(p.subcenters));
-      bwd_dw_kernel<T><<<grid_dw, kThreads, GemmDw::kSmemBytes, stream>>>(da);
+      if constexpr (kWgmmaType<T>) {
+        if (dw90) {
+          const auto kernel = bwd_gemm_sm90_kernel<T, DwSm90<T>>;
+          const DwSm90<T> epi{da};
+          kernel<<<grid_dw, G90::kThreads, G90::kSmemBytes, stream>>>(map_dw_a, map_dw_b, epi);
+        }
+      }
+      if (!dw90) bwd_dw_kernel<T><<<grid_dw, kThreads, GemmDw::kSmemBytes, stream>>>(da);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
       xa.kc = kc;
@@ -747,7 +844,23 @@ struct Backward {
         xa.scratch = buf.scratch + k * l.cc;
         xa.weight_chunk = in.weight + (p.class_index != nullptr ? k : c0 * p.subcenters + k) * p.d;
         xa.accumulate = chunk > 0 || k > 0;
-        bwd_dx_kernel<T><<<grid_dx, kThreads, GemmDx::kSmemBytes, stream>>>(xa);
+        if constexpr (kWgmmaType<T>) {
+          if (dx90) {
+            // dS' block k: kc classes x n rows (pitch ld); W: the chunk's kc rows of
+            // sub-center k, d wide (pitch K·d).
+            CUtensorMap map_a, map_b;
+            if ((err = encode_tma_2d_b16(&map_a, bf16, xa.scratch, kc, p.n, l.ld * 2,
+                                         G90::BM)) != cudaSuccess ||
+                (err = encode_tma_2d_b16(&map_b, bf16, xa.weight_chunk, p.d, kc,
+                                         p.subcenters * p.d * 2, G90::BK)) != cudaSuccess) {
+              return err;
+            }
+            const auto kernel = bwd_gemm_sm90_kernel<T, DxSm90<T>>;
+            const DxSm90<T> epi{xa};
+            kernel<<<grid_dx, G90::kThreads, G90::kSmemBytes, stream>>>(map_a, map_b, epi);
+          }
+        }
+        if (!dx90) bwd_dx_kernel<T><<<grid_dx, kThreads, GemmDx::kSmemBytes, stream>>>(xa);
         if ((err = cudaGetLastError()) != cudaSuccess) return err;
       }
     }

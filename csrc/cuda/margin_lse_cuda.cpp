@@ -72,6 +72,14 @@ int multiprocessors(const at::Tensor& x) {
   return count;
 }
 
+// The compute capability of x's device as major·10 + minor (90 selects the sm_90a forward).
+int compute_capability(const at::Tensor& x) {
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, x.get_device()));
+  return major * 10 + minor;
+}
+
 // Fills the fields both passes share from contiguous copies (or the tensors themselves) of
 // the inputs, which it returns: the caller keeps them alive until the launch.
 cuda::LaunchInputs fill_problem(cuda::ProblemParams& p, const at::Tensor& x,
@@ -79,7 +87,8 @@ cuda::LaunchInputs fill_problem(cuda::ProblemParams& p, const at::Tensor& x,
                                 const cuda::ProblemOptions& options, const MarginParams& mp,
                                 std::optional<bool> allow_tf32) {
   return cuda::fill_problem(p, x, weight, labels, options, mp, use_tf32(x, allow_tf32),
-                            multiprocessors(x), at::globalContext().deterministicAlgorithms(),
+                            multiprocessors(x), compute_capability(x),
+                            at::globalContext().deterministicAlgorithms(),
                             [](const at::Tensor& t) { return t.contiguous(); });
 }
 

@@ -3,6 +3,8 @@
 #include <limits>
 
 #include "margin_lse_dtype.cuh"
+#include "margin_lse_epilogue.cuh"
+#include "margin_lse_forward_sm90.cuh"
 #include "margin_lse_layout.cuh"
 #include "margin_lse_norms.cuh"
 #include "margin_lse_reduce.cuh"
@@ -15,28 +17,6 @@ using namespace dev;
 
 namespace {
 
-template <class T>
-struct FwdArgs {
-  using Acc = AccOf<T>;
-  ProblemInputs<T> in;  // x as given: normalized in the epilogue, never rounded as x̂
-  int64_t n_pad;
-  const Acc* x_norm;  // (n_pad,)
-  const Acc* scale;   // (n_pad,)
-  MarginParams margin;
-  Acc* target_logit;  // (n,)
-  // Split partials, [split][n_pad]: max and sum-exp of the logits in the log2 domain
-  // (logit * log2 e), the largest raw cosine and its class, the sum of the non-target
-  // logits divided by s_i.
-  Acc* part_max;
-  Acc* part_sum;
-  Acc* part_cos;
-  int32_t* part_idx;
-  Acc* part_nts;
-  int64_t n_class_tiles;
-  int64_t tiles_per_split;
-  int row_tiles;
-};
-
 // Instantiated per option, so that a kernel carries only what its problem needs: kSub, K > 1
 // sub-centers per class (K cosine passes per tile, their maximum kept in registers); kHard,
 // hard examples (the per-row threshold and t).
@@ -45,6 +25,7 @@ __global__ void __launch_bounds__(kThreads, kSub ? 1 : Cfg<T>::kMinBlocks)
     fwd_main_kernel(const FwdArgs<T> args) {
   using C = Cfg<T>;
   using Acc = AccOf<T>;
+  using Epi = Epilogue<C, kHard>;
   constexpr Acc kLog2e = Consts<Acc>::kLog2e;
   const Acc kNegInf = neg_inf(Acc(0));
 
@@ -78,8 +59,6 @@ __global__ void __launch_bounds__(kThreads, kSub ? 1 : Cfg<T>::kMinBlocks)
     s_nts[k / C::BM][k % C::BM] = Acc(0);
   }
   __syncthreads();
-  // margin "external": the target's logit is s·c, left out of the log-sum-exp.
-  const bool external = args.margin.kind == MarginKind::External;
 
   for (int64_t ct = ct_begin; ct < ct_end; ++ct) {
     const int64_t col0 = ct * C::BN;
@@ -90,71 +69,40 @@ __global__ void __launch_bounds__(kThreads, kSub ? 1 : Cfg<T>::kMinBlocks)
       tile.products(acc, args.in, row0, col0, smem, nullptr);
     }
 
+    // This warp's columns: the tile's [wn0, wn0 + WN), those below c_lim valid.
+    const bool interior = col0 + C::BN <= args.in.c;
+    const int c_lim = int(args.in.c - col0 - wn0 < C::WN ? args.in.c - col0 - wn0 : C::WN);
 #pragma unroll
     for (int ri = 0; ri < C::TR; ++ri) {
       const int r = wm0 + C::row(ri, lane);
-      const Acc sc = tile.scale[r], xinv = tile.xinv[r];
-      const Acc sc2 = sc * kLog2e;
-      const Acc thr = kHard ? tile.hard_thr[r] : Acc(0), ht = kHard ? tile.hard_t[r] : Acc(0);
-      const int yl = tile.target_column(r, col0);
-      Acc l2[C::TC];
-      Acc tile_max = kNegInf, best = kNegInf, nts = Acc(0);
-      int32_t best_idx = 0;
-      bool has_t = false, any_in = false;  // any_in: a column of this lane is in the lse
-      Acc t_cos = Acc(0);
-#pragma unroll
-      for (int ci = 0; ci < C::TC; ++ci) {
-        const int cl = wn0 + C::col(ci, lane);
-        l2[ci] = kNegInf;
-        if (col0 + cl < args.in.c) {
-          const Acc cs = kSub ? acc[ri][ci] : clamp_unit(acc[ri][ci] * xinv * tile.inv[cl]);
-          merge_best(best, best_idx, cs, int32_t(col0 + cl));
-          if (cl == yl) {
-            has_t = true;
-            t_cos = cs;
-          } else {
-            const Acc f = nontarget_factor<kHard>(cs, thr, ht).phi;
-            nts += f;
-            l2[ci] = sc2 * f;
-            tile_max = vmax(tile_max, l2[ci]);
-            any_in = true;
-          }
-        }
-      }
-      Acc t_l2 = kNegInf;
-      if (has_t) {
-        const TargetMargin<Acc> tm = eval_margin<Acc>(t_cos, &s_margin);
-        if (!external) {
-          t_l2 = sc2 * tm.phi;
-          tile_max = vmax(tile_max, t_l2);
-          any_in = true;
-        }
-        const int64_t gr = row0 + r;
-        if (gr < args.in.n) args.target_logit[gr] = sc * tm.phi;
-      }
+      const Acc sc = tile.scale[r];
+      const RowFactors<Acc> rf{sc, sc * kLog2e, tile.xinv[r], kHard ? tile.hard_thr[r] : Acc(2),
+                               kHard ? tile.hard_t[r] : Acc(0)};
+      const int yt = tile.target_column(r, col0) - wn0;
+      const int yl = yt >= 0 && yt < C::WN ? yt : -1;
+      const int64_t gr = row0 + r;
+      const RowShare<Acc> sh = Epi::template share<!kSub>(
+          acc, ri, lane, rf, tile.inv + wn0, interior, c_lim, yl, &s_margin, [&](Acc phi) {
+            if (gr < args.in.n) args.target_logit[gr] = sc * phi;
+          });
       // The row's statistics over this tile: the 4 lanes sharing it differ in lane bits 0-1.
-      tile_max = lanes_max<0, 2>(tile_max);
-      Acc sum = Acc(0);
-      if (tile_max != kNegInf) {
-#pragma unroll
-        for (int ci = 0; ci < C::TC; ++ci) sum += fast_exp2(l2[ci] - tile_max);  // NaN stays
-        if (has_t) sum += fast_exp2(t_l2 - tile_max);
-      } else if (any_in) {
-        sum = Acc(__int_as_float(0x7fffffff));  // logits in the lse but only NaN ones
-      }
-      sum = lanes_sum<0, 2>(sum);
-      nts = lanes_sum<0, 2>(nts);
+      const Acc tile_max = lanes_max<0, 2>(sh.l2max);
+      const Acc sum = lanes_sum<0, 2>(Epi::sum_exp(acc, ri, lane, rf, sh, c_lim, yl, tile_max));
+      const Acc nts = lanes_sum<0, 2>(sh.nts);
+      // The running best of (warp_n, r), visible since the GEMM's closing barrier, merged
+      // with the lane's columns where they can change it, then over the 4 lanes.
+      Acc best = s_cos[warp_n][r];
+      int32_t best_idx = s_idx[warp_n][r];
+      Epi::argmax(acc, ri, lane, sh, c_lim, col0 + wn0, best, best_idx);
       lanes_best<0, 2>(best, best_idx);
-      // Lane 0 of the group owns (warp_n, r) in shared memory: no other thread touches it.
+      // Lane 0 of the group owns (warp_n, r) in shared memory: no other thread writes it.
       if ((lane & 3) == 0) {
-        Acc m = s_max[warp_n][r], s = s_sum[warp_n][r], b = s_cos[warp_n][r];
-        int32_t idx = s_idx[warp_n][r];
+        Acc m = s_max[warp_n][r], s = s_sum[warp_n][r];
         merge_lse(m, s, tile_max, sum);
-        merge_best(b, idx, best, best_idx);
         s_max[warp_n][r] = m;
         s_sum[warp_n][r] = s;
-        s_cos[warp_n][r] = b;
-        s_idx[warp_n][r] = idx;
+        s_cos[warp_n][r] = best;
+        s_idx[warp_n][r] = best_idx;
         s_nts[warp_n][r] += nts;
       }
     }
@@ -302,6 +250,14 @@ struct Forward {
     fa.row_tiles = l.row_tiles;
     constexpr size_t smem = CosineTile<T>::kSmemBytes;
     const unsigned grid = unsigned(int64_t(l.row_tiles) * l.splits);
+    if constexpr (std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>) {
+      static_assert(Cfg<T>::BM == kSm90TileRows && Cfg<T>::BN == kSm90TileClasses,
+                    "the sm_90a kernel runs on this layout");
+      if (sm90_forward_eligible(p)) {
+        err = launch_fwd_main_sm90<T>(p, fa, grid, stream);
+        return err != cudaSuccess ? err : combine(p, l, buf, stream);
+      }
+    }
     const bool sub = p.subcenters > 1, hard = p.hard_threshold != nullptr;
     const auto kernel = sub ? (hard ? fwd_main_kernel<T, true, true> : fwd_main_kernel<T, true, false>)
                             : (hard ? fwd_main_kernel<T, false, true> : fwd_main_kernel<T, false, false>);
@@ -310,6 +266,13 @@ struct Forward {
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
 
+    return combine(p, l, buf, stream);
+  }
+
+  template <class T>
+  static cudaError_t combine(const ForwardParams& p, const FwdLayout& l, const FwdBuffers<T>& buf,
+                             cudaStream_t stream) {
+    using Acc = AccOf<T>;
     CombineArgs<Acc> ca;
     ca.part_max = buf.part_max;
     ca.part_sum = buf.part_sum;

@@ -17,8 +17,15 @@
 // ---------------------------------------------------------------------------------------
 // Design (the algorithm: docs/design.md §2)
 // ---------------------------------------------------------------------------------------
-// Files: this header (parameters, launchers), margin_lse_forward.cu, margin_lse_backward.cu,
-// and the device headers they share: margin_lse_dtype.cuh (element types, scalar helpers),
+// Files: this header (parameters, launchers), margin_lse_forward.cu, margin_lse_forward_sm90.cu
+// (+ .cuh: its host entry), margin_lse_backward.cu, margin_lse_bwd_tile_sm90.cu (+ .cuh: its
+// host entry), and the device headers they share:
+// margin_lse_epilogue.cuh (the forward main kernels' arguments and per-tile epilogue),
+// margin_lse_bwd_epilogue.cuh (bwd_tile's arguments and per-element gradient epilogue),
+// margin_lse_sm90_mainloop.cuh (the sm_90a engine of both passes' cosine tiles),
+// margin_lse_gemm_sm90.cuh (the sm_90a mainloop of the backward's dW / dX GEMMs),
+// margin_lse_wgmma_desc.cuh (wgmma shared-memory descriptors), margin_lse_tma.cuh (tensor maps),
+// margin_lse_dtype.cuh (element types, scalar helpers),
 // margin_lse_tile_gemm.cuh (tile loads, the CTA GEMM, the cosine tile), margin_lse_reduce.cuh
 // (warp and block reductions, the log-sum-exp and argmax merges), margin_lse_norms.cuh
 // (inverse norms, the prep kernel), margin_lse_layout.cuh (host sizes, workspace carving),
@@ -65,7 +72,27 @@
 //             by one owner lane into running statistics in shared memory, one slot per (warp
 //             column, row): no barrier per tile. The thread owning (i, y_i) writes
 //             target_logit_i. At the end the warps' slots are merged in warp order and
-//             written as one partial per (split, row).
+//             written as one partial per (split, row). The per-row epilogue math is
+//             margin_lse_epilogue.cuh's (shared with fwd_main_sm90): interior tiles without
+//             per-element bounds checks, s_i·log2 e folded into one FFMA per element, the
+//             target handled per row (a rare variant compares columns with it), the argmax
+//             searched only when a lane's largest cosine beats the running one.
+//   fwd_main_sm90  replaces fwd_main on compute capability 9.0 (ProblemParams::arch, from
+//             the device; sm90_forward_eligible): bf16/fp16, subcenters == 1, no
+//             class_index, d·2 a multiple of 16, 16-byte aligned x and W, and x's 128-row tile
+//             resident in shared memory beside a 4-stage W ring (<= 227 KiB: d <= 640).
+//             Everything else (fp32, fp64, TF32, sub-centers, class_index, other devices)
+//             keeps fwd_main (mma.sync / SIMT). Same grid, same partials, prep and combine
+//             reused. The engine (margin_lse_sm90_mainloop.cuh, shared with bwd_tile_sm90):
+//             TMA (cp.async.bulk.tensor.2d, 128B swizzle, tensor maps encoded by the launcher:
+//             cuTensorMapEncodeTiled through cudaGetDriverEntryPointByVersion, no -lcuda,
+//             margin_lse_tma.cuh) loads x once and W tiles into full/empty mbarrier ring stages; one
+//             producer warpgroup (setmaxnreg.dec 40) issues them, two consumer warpgroups
+//             (setmaxnreg.inc 232) each run wgmma.m64n128k16 (fp32 accumulate, both operands
+//             K-major in shared memory through descriptors) for 64 rows, read the W norms
+//             from the stage while the wgmmas run, and keep their rows' statistics in
+//             registers, merged over the 4 lanes of a row once at the end (design details:
+//             margin_lse_sm90_mainloop.cuh, margin_lse_forward_sm90.cu).
 //   combine   per row: merges the split partials in split order -> lse, max_cos, pred
 //             (argmax of the clamped cosines, first class on ties, as the CPU kernel),
 //             nontarget_sum = s_i Σ F.
@@ -79,6 +106,19 @@
 //             N_pad x cc scratch, and per (row tile, class) the partial r_c = Σ_i dc_ic c_ic;
 //             the row tile 0 CTA writes ‖w_c‖; with feature_scale, per (class tile, row) the
 //             partial of finalize's correction (below).
+//   bwd_tile_sm90  replaces bwd_tile where the forward's sm_90a kernel applies
+//             (sm90_bwd_tile_eligible: sm90_forward_eligible's conditions), with exactly its
+//             outputs (bwd_corr, bwd_dw, bwd_dx, finalize unchanged) and its per-element math
+//             (GradEpilogue of margin_lse_bwd_epilogue.cuh, shared with bwd_tile's K = 1 path).
+//             Its cosine tiles come from fwd_main_sm90's engine (TMA, mbarriers, wgmma, W norms
+//             from the ring), so a CTA keeps x's row tile resident and walks a contiguous range
+//             of the chunk's class tiles: grid (row tile, class range), about one CTA per SM.
+//             dS' is stored from the accumulators as column pairs; corr_part per (class tile,
+//             row) from the 4 lanes of a row; r_c per (row tile, class) reduce-scattered over a
+//             warp's row groups (shuffles), then over the 8 consumer warps in shared memory in
+//             row order after an mbarrier (design details: margin_lse_bwd_tile_sm90.cu). The
+//             ring keeps 4 stages (3 at 577 <= d <= 640, where the kernel's 4 KiB of column
+//             sums would exceed 227 KiB).
 //   bwd_corr  feature_scale only: adds the chunk's class-tile partials to the per-row
 //             correction, in tile order.
 //   bwd_dw    dW (chunk) = dS'ᵀ x̂ − w_c r_c / ‖w_c‖²: GEMM with K = N over the scratch;
@@ -95,6 +135,17 @@
 //             x̂·dX̂ / s_i = Σ_c dc_ic ĉ_ic / s_i up to the correction Σ_c dlogit_ic (F − F'ĉ)
 //             (nonzero at the target, on hard examples and where the clamp acts), which
 //             bwd_tile and bwd_corr sum per row from the very cosines they used.
+//
+// sm_90a backward GEMMs (margin_lse_gemm_sm90.cuh; Backward::sm90_dw / sm90_dx in
+// margin_lse_backward.cu): on compute capability 9.0 in bf16/fp16, bwd_dw and bwd_dx run
+// bwd_gemm_sm90_kernel on the same grids, epilogues and partials: one TMA + wgmma mainloop
+// (128 x 128 tiles, BK = 64, a 4-stage 128B-swizzled ring with full/empty mbarriers, a
+// producer warpgroup and two consumer warpgroups of m64n128k16; ≈ 129 KiB of shared memory,
+// Sm90GemmCfg). dW reads dS'ᵀ (the scratch) and x̂ MN-major (wgmma tnsp-a / tnsp-b); dX reads
+// dS' K-major and the chunk's sub-center rows of W MN-major through a tensor map of row
+// pitch K·D, its k_split a multiple of 64; tensor maps (margin_lse_tma.cuh) end at n rows
+// and kc classes, so TMA's zero fill masks the partial tiles. bwd_dx keeps mma.sync with
+// class_index (TMA cannot gather rows) or D % 8 != 0 (sub-center rows not 16-byte aligned).
 //
 // Determinism: every reduction has a fixed order (warp butterflies, shared memory in warp
 // order, split partials in split order) and no kernel uses atomics, so results are bitwise
@@ -121,14 +172,15 @@
 // as in any fp16 GEMM on unscaled gradients: train fp16 with a GradScaler.
 //
 // PTX: the only inline assembly is in margin_lse_ptx.cuh (cp.async, ldmatrix, mma.sync, ex2,
-// cvt.rna.tf32). The emulated build (tools/margin_emulated, on tools/cuda_emulator) swaps that
+// cvt.rna.tf32; sm_90a: mbarrier, cp.async.bulk.tensor, wgmma, fences, setmaxnreg, used only
+// under MARGIN_OPS_SM90A: other targets compile a body that traps). The emulated build
+// (tools/margin_emulated, on tools/cuda_emulator) swaps that
 // one header for host versions of the same instructions and runs the rest of this source
 // unchanged on the CPU, for the tests.
 //
 // Tuning knobs for a GPU session: Cfg<T> (tile shapes, BK; 2 CTAs/SM for the tensor-core
 // kernels = 128 registers), kStages, the two budgets above, the 2 x #SMs grid targets in
-// Forward::layout / Backward::layout. A wgmma (sm_90a) mainloop would replace
-// TileGemm::warp_mma_tc.
+// Forward::layout / Backward::layout; Sm90Cfg (W ring stages, setmaxnreg counts).
 //
 // Options: fwd_main and bwd_tile are instantiated per option (template flags), so that a
 // kernel carries only what its problem needs. Hard examples: the per-row threshold and t.
@@ -187,6 +239,7 @@ struct ProblemParams {
   MarginParams margin;      // finalize()d
   void* workspace;          // {forward,backward}_workspace_bytes(*this) bytes, 256-byte aligned
   int num_sms;              // multiprocessors of the device (sizes the grid)
+  int arch;                 // compute capability major·10 + minor (90: the sm_90a kernels)
   bool deterministic;       // recorded only: the kernels are always deterministic
 };
 

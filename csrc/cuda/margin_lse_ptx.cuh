@@ -1,5 +1,6 @@
 // The PTX instructions the kernels use, each behind a small inline function: the async
-// global->shared copy, ldmatrix, the mma.sync tensor-core products, and two conversions.
+// global->shared copy, ldmatrix, the mma.sync tensor-core products, two conversions, and the
+// sm_90a instructions of the Hopper forward (mbarrier, TMA, wgmma, fences, setmaxnreg).
 // Nothing else in the kernels is written in PTX, so this file is the whole of what the host
 // emulator must re-implement to run the kernels' source on the CPU (the emulated build
 // stages tools/margin_emulated/margin_lse_ptx.cuh in its place: the same functions with the
@@ -12,6 +13,15 @@
 
 #include <cstdint>
 #include <type_traits>
+
+// 1 where the sm_90a instructions below may be emitted: nvcc's device pass for sm_90a (the
+// architecture-specific feature macro). Kernels that use them guard their body with it and
+// trap elsewhere (sm_80 machine code, compute_80 PTX, the host pass).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MARGIN_OPS_SM90A 1
+#else
+#define MARGIN_OPS_SM90A 0
+#endif
 
 namespace margin_ops {
 namespace cuda {
@@ -86,6 +96,116 @@ __device__ __forceinline__ uint32_t to_tf32(float v) {
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
   return r;
 }
+
+// ------------------------------------------------------------------------------------
+// sm_90a (use only under MARGIN_OPS_SM90A). mbarriers are 8-byte shared-memory objects.
+// ------------------------------------------------------------------------------------
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+// Arrive and raise the phase's expected transaction bytes (the TMA copies complete them).
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+// Blocks until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbarrier_wait_parity(uint64_t* bar, unsigned parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+// fence.mbarrier_init: the initialised mbarriers are visible to the async proxy (TMA).
+__device__ __forceinline__ void fence_mbarrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// fence.proxy.async.shared::cta: orders generic-proxy shared-memory accesses with later
+// async-proxy (TMA, wgmma) ones.
+__device__ __forceinline__ void fence_proxy_async_shared_cta() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// TMA: the box of the 2-D tensor map at element coordinates (x: inner dim, y: outer dim)
+// into shared memory (128-byte aligned), completing its bytes on `bar`.
+__device__ __forceinline__ void tma_load_2d(void* smem, const void* tensor_map, int x, int y,
+                                            uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+      "[%0], [%1, {%2, %3}], [%4];\n" ::"r"(smem_addr(smem)),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(x), "r"(y), "r"(smem_addr(bar))
+      : "memory");
+}
+// setmaxnreg.{inc,dec}: the warpgroup's per-thread register budget (warpgroup-wide).
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit_group() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait_group() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accesses of the accumulators across a wgmma fence / wait
+// (CUTLASS's warpgroup_fence_operand).
+template <int kCount>
+__device__ __forceinline__ void wgmma_fence_operand(float (&d)[kCount]) {
+#pragma unroll
+  for (int i = 0; i < kCount; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+#define MARGIN_OPS_WGMMA_D64                                                                       \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "    \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "     \
+  "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "     \
+  "%56, %57, %58, %59, %60, %61, %62, %63}"
+#define MARGIN_OPS_WGMMA_ASM(TYPE)                                                                 \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                        \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE                        \
+               " " MARGIN_OPS_WGMMA_D64 ", %64, %65, p, 1, 1, %67, %68;\n}\n"                      \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),           \
+                 "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),         \
+                 "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),     \
+                 "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),     \
+                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),     \
+                 "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),     \
+                 "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),     \
+                 "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),     \
+                 "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),     \
+                 "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),     \
+                 "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])                                \
+               : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB))
+
+// D (64 x 128, fp32; thread t = 32 w + 4 g + q of the warpgroup holds d[i] = D(16 w + g +
+// 8 ((i / 2) % 2), 8 (i / 4) + 2 q + i % 2)) = A (64 x 16) B^T (B: 128 x 16) + (scale_d ? D : 0),
+// both operands in shared memory through matrix descriptors, each operand's major mode an
+// immediate (imm-trans-a / -b): 0 K-major; kTransA = 1 reads A M-major, kTransB = 1 reads B
+// N-major (the descriptor then describes an MN-major layout).
+template <class T, int kTransA = 0, int kTransB = 0>
+__device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], uint64_t desc_a,
+                                                    uint64_t desc_b, int scale_d) {
+  static_assert((kTransA == 0 || kTransA == 1) && (kTransB == 0 || kTransB == 1), "0 or 1");
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    MARGIN_OPS_WGMMA_ASM("bf16");
+  } else {
+    static_assert(std::is_same_v<T, __half>, "wgmma: bf16 or fp16");
+    MARGIN_OPS_WGMMA_ASM("f16");
+  }
+}
+#undef MARGIN_OPS_WGMMA_ASM
+#undef MARGIN_OPS_WGMMA_D64
 
 }  // namespace dev
 }  // namespace cuda

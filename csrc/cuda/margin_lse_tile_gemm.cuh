@@ -30,8 +30,10 @@ constexpr int kStages = 3;  // cp.async pipeline depth
 // ------------------------------------------------------------------------------------
 // Tile configurations (all 256 threads = 8 warps as kWarpsM x kWarpsN).
 // A thread's accumulator is TR x TC values; row(ri) / col(ci) give their coordinates
-// inside the warp tile (WM x WN). Lanes sharing a row differ only in lane bits 0-1 and
-// lanes sharing a column only in lane bits 2-4, for every config.
+// inside the warp tile (WM x WN), at(acc, ri, ci) the value, col_quad(col) the lane bits
+// 0-1 of the lanes holding column col (the fragment mapping of margin_lse_epilogue.cuh).
+// Lanes sharing a row differ only in lane bits 0-1 and lanes sharing a column only in lane
+// bits 2-4, for every config.
 // ------------------------------------------------------------------------------------
 template <class T, bool kTC = Type<T>::kTensorCore>
 struct Cfg;
@@ -67,6 +69,9 @@ struct Cfg<T, true> {
   static __device__ __forceinline__ int col(int ci, int lane) {
     return (ci >> 1) * 8 + (lane & 3) * 2 + (ci & 1);
   }
+  static __device__ __forceinline__ int col_quad(int col) { return (col >> 1) & 3; }
+  template <class A>
+  static __device__ __forceinline__ A& at(A (&acc)[TR][TC], int ri, int ci) { return acc[ri][ci]; }
   static constexpr bool kPairCols = true;  // col(2j + 1) == col(2j) + 1
   static constexpr int kMinBlocks = 2;     // 2 CTAs per SM: at most 128 registers
 };
@@ -82,6 +87,9 @@ struct Cfg<T, false> {
   static constexpr int TR = WM / 8, TC = WN / 4;
   static __device__ __forceinline__ int row(int ri, int lane) { return (lane >> 2) + 8 * ri; }
   static __device__ __forceinline__ int col(int ci, int lane) { return (lane & 3) + 4 * ci; }
+  static __device__ __forceinline__ int col_quad(int col) { return col & 3; }
+  template <class A>
+  static __device__ __forceinline__ A& at(A (&acc)[TR][TC], int ri, int ci) { return acc[ri][ci]; }
   static constexpr bool kPairCols = false;
   static constexpr int kMinBlocks = 1;
 };

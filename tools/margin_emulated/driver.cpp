@@ -89,14 +89,14 @@ cuda::LaunchInputs fill_problem(cuda::ProblemParams& p, const at::Tensor& x, con
                                 const at::Tensor& y, const cuda::ProblemOptions& options,
                                 const std::string& margin, double s, double m1, double m2,
                                 double m3, double lamb, bool feature_scale, bool detach, bool tf32,
-                                int64_t num_sms) {
+                                int64_t num_sms, int64_t arch) {
   margin_ops::check_inputs(x, w, y);
   margin_ops::check_options(x, w, options.subcenters, options.class_index, options.hard_threshold,
                             options.hard_t);
   const auto mp = margin_ops::make_params(margin, s, m1, m2, m3, lamb, feature_scale, detach);
   if (x.size(0) == 0) return {};
-  return cuda::fill_problem(p, x, w, y, options, mp, tf32, int(num_sms), /*deterministic=*/false,
-                            guarded_input);
+  return cuda::fill_problem(p, x, w, y, options, mp, tf32, int(num_sms), int(arch),
+                            /*deterministic=*/false, guarded_input);
 }
 
 // Runs the pass on a poisoned, canaried workspace; `what` names the pass in errors. Without
@@ -117,13 +117,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     double s, double m1, double m2, double m3, double lamb, bool feature_scale, bool detach,
     bool tf32, int64_t subcenters, const std::optional<at::Tensor>& class_index,
     const std::optional<at::Tensor>& hard_threshold, const std::optional<at::Tensor>& hard_t,
-    int64_t num_sms) {
+    int64_t num_sms, int64_t arch) {
   const cuda::ProblemOptions options{subcenters, class_index, hard_threshold, hard_t};
   cuda::ForwardParams p{};
   const int64_t n = x.size(0);
   const cuda::LaunchInputs inputs =  // alive until the launch ends
       fill_problem(p, x, w, y, options, margin, s, m1, m2, m3, lamb, feature_scale, detach, tf32,
-                   num_sms);
+                   num_sms, arch);
   const auto acc = cuda::accumulation_type(x.scalar_type());
   const Guarded lse = output({n}, acc), target = output({n}, acc), max_cos = output({n}, acc),
                 pred = output({n}, at::kLong), nts = output({n}, acc);
@@ -148,13 +148,13 @@ std::tuple<at::Tensor, at::Tensor> backward(
     const std::string& margin, double s, double m1, double m2, double m3, double lamb,
     bool feature_scale, bool detach, bool tf32, int64_t subcenters,
     const std::optional<at::Tensor>& class_index, const std::optional<at::Tensor>& hard_threshold,
-    const std::optional<at::Tensor>& hard_t, int64_t num_sms) {
+    const std::optional<at::Tensor>& hard_t, int64_t num_sms, int64_t arch) {
   const cuda::ProblemOptions options{subcenters, class_index, hard_threshold, hard_t};
   cuda::BackwardParams p{};
   const int64_t n = x.size(0);
   const cuda::LaunchInputs inputs =  // alive until the launch ends
       fill_problem(p, x, w, y, options, margin, s, m1, m2, m3, lamb, feature_scale, detach, tf32,
-                   num_sms);
+                   num_sms, arch);
   const auto acc = cuda::accumulation_type(x.scalar_type());
   auto per_row = [&](const at::Tensor& t, const char* name) {
     margin_ops::check_per_row(t, name, x);
@@ -185,9 +185,21 @@ at::Tensor probe_ldmatrix(bool trans, const at::Tensor& image, const at::Tensor&
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "The CUDA kernels of margin_ops run by a host emulator of the CUDA execution model";
-  m.def("forward", &forward,
-        "margin_lse forward: (lse, target_logit, max_cos, pred, nontarget_sum)");
-  m.def("backward", &backward, "margin_lse backward: (grad_x, grad_weight)");
+  // arch: the compute capability the launchers are told (major·10 + minor); 90 runs the
+  // sm_90a forward where it applies.
+  m.def("forward", &forward, "margin_lse forward: (lse, target_logit, max_cos, pred, nontarget_sum)",
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("y"), pybind11::arg("margin"), pybind11::arg("s"),
+        pybind11::arg("m1"), pybind11::arg("m2"), pybind11::arg("m3"), pybind11::arg("lamb"),
+        pybind11::arg("feature_scale"), pybind11::arg("detach"), pybind11::arg("tf32"), pybind11::arg("subcenters"),
+        pybind11::arg("class_index"), pybind11::arg("hard_threshold"), pybind11::arg("hard_t"),
+        pybind11::arg("num_sms"), pybind11::arg("arch") = 80);
+  m.def("backward", &backward, "margin_lse backward: (grad_x, grad_weight)", pybind11::arg("grad_lse"),
+        pybind11::arg("grad_target"), pybind11::arg("grad_sum"), pybind11::arg("x"), pybind11::arg("w"),
+        pybind11::arg("y"), pybind11::arg("lse"), pybind11::arg("margin"), pybind11::arg("s"), pybind11::arg("m1"),
+        pybind11::arg("m2"), pybind11::arg("m3"), pybind11::arg("lamb"), pybind11::arg("feature_scale"),
+        pybind11::arg("detach"), pybind11::arg("tf32"), pybind11::arg("subcenters"), pybind11::arg("class_index"),
+        pybind11::arg("hard_threshold"), pybind11::arg("hard_t"), pybind11::arg("num_sms"),
+        pybind11::arg("arch") = 80);
   m.def("probe_mma", &probe_mma, "one emulated mma.sync: kind 0 bf16, 1 fp16, 2 tf32");
   m.def("probe_ldmatrix", &probe_ldmatrix, "one emulated ldmatrix.x4 (.trans)");
   m.def("set_schedule",

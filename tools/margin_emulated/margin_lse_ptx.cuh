@@ -5,6 +5,9 @@
 
 #include "emulated_ptx.cuh"
 
+// The emulator models the sm_90a instructions: the Hopper kernels' bodies compile here.
+#define MARGIN_OPS_SM90A 1
+
 namespace margin_ops {
 namespace cuda {
 namespace dev {
@@ -17,6 +20,28 @@ using ::emu::ptx::ldmatrix_x4;
 using ::emu::ptx::mma_16816;
 using ::emu::ptx::mma_1688_tf32;
 using ::emu::ptx::to_tf32;
+
+// sm_90a
+using ::emu::ptx::fence_mbarrier_init;
+using ::emu::ptx::fence_proxy_async_shared_cta;
+using ::emu::ptx::mbarrier_arrive;
+using ::emu::ptx::mbarrier_arrive_expect_tx;
+using ::emu::ptx::mbarrier_init;
+using ::emu::ptx::mbarrier_wait_parity;
+using ::emu::ptx::setmaxnreg_dec;
+using ::emu::ptx::setmaxnreg_inc;
+using ::emu::ptx::tma_load_2d;
+using ::emu::ptx::wgmma_commit_group;
+using ::emu::ptx::wgmma_fence;
+using ::emu::ptx::wgmma_fence_operand;
+using ::emu::ptx::wgmma_wait_group;
+
+inline uint32_t smem_addr(const void* p) { return ::emu::ptx::smem_address(p); }
+
+template <class T, int kTransA = 0, int kTransB = 0>
+inline void wgmma_m64n128k16_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  ::emu::ptx::wgmma_ss<T, 128>(d, desc_a, desc_b, scale_d, kTransA, kTransB);
+}
 
 }  // namespace dev
 }  // namespace cuda

@@ -1,0 +1,158 @@
+// The sm_90a GEMM of the backward (bwd_dw, bwd_dx on H100 / H200, bf16 and fp16):
+// gemm_sm90 computes one 128 x 128 fp32 tile of A (M x K) B (K x N) per CTA and
+// hands it to an epilogue policy, which also says where the tile is and how A is stored.
+//
+//   * Operands come from 2-D tensor maps (margin_lse_tma.cuh) as 128B-swizzled boxes of 64
+//     elements (128 bytes) along the contiguous dimension. B is always MN-major in global
+//     memory (x̂ [rows = K][D = N], W [classes = K][D = N]): two boxes of 64 (N) x 64 (K).
+//     A is MN-major (dS'ᵀ of dW: the scratch [rows = K][classes = M], two boxes of 64 (M) x
+//     64 (K)) or K-major (dS' of dX: [rows = M][classes = K], one box of 64 (K) x 128 (M)).
+//     Out-of-bounds elements land as zeros, so partial tiles need no masking in the mainloop.
+//   * 384 threads = 3 warpgroups: warpgroup 0 the producer (setmaxnreg.dec 40; one thread
+//     issues the TMA copies, the others exit), warpgroups 1 and 2 the consumers
+//     (setmaxnreg.inc 232), each owning 64 rows x 128 columns: one wgmma m64n128 fp32
+//     accumulator, 64 registers per thread.
+//   * A ring of kStages stages of BK = 64 (A 16 KiB + B 16 KiB), full[s] (the stage's 32 KiB
+//     landed: one arrival + tx bytes) and empty[s] (its wgmmas retired: 256 consumer
+//     arrivals) mbarriers. Per stage, each consumer warpgroup issues 4 wgmma m64n128k16
+//     (k16 steps), commits, then waits for the previous stage's group (wait_group 1) and
+//     releases that stage: the next stage's wgmmas queue behind this one's, and the TMA
+//     copies of the stages ahead overlap both.
+//   * Descriptors: K-major SW128 (8 rows of 128 bytes = 1024-byte atoms, SBO 1024, a k16
+//     step is +32 bytes), MN-major SW128 (64 MN x 8 k atoms of 1024 bytes: SBO 1024 between
+//     8-k groups, LBO 8192 between the two 64-wide MN boxes, a k16 step is +2048 bytes),
+//     with wgmma's tnsp flag set for the MN-major operands.
+//
+// Shared memory: 1024 (alignment) + 4 x 32 KiB + mbarriers ≈ 129 KiB (1 CTA per SM; the K
+// loops are short: ceil(N / 64) blocks for dW, k_split / 64 >= 4 for dX).
+#pragma once
+
+#include <cuda.h>  // CUtensorMap
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "margin_lse_ptx.cuh"
+#include "margin_lse_wgmma_desc.cuh"
+
+namespace margin_ops {
+namespace cuda {
+namespace dev {
+
+struct Sm90GemmCfg {
+  static constexpr int BM = 128, BN = 128, BK = 64;  // BK: 128 bytes, the swizzle span
+  static constexpr int kStages = 4;
+  static constexpr int kThreads = 384;   // producer + 2 consumer warpgroups
+  static constexpr int kConsumers = 256;
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128·40 + 256·232 <= 64K
+  static constexpr int kHalfBytes = 64 * BK * 2;          // 64 rows (M or N) x BK: 8 KiB
+  static constexpr int kOperandBytes = 2 * kHalfBytes;    // one operand of a stage: 16 KiB
+  static constexpr int kStageBytes = 2 * kOperandBytes;   // A + B
+  static constexpr size_t kSmemBytes = 1024 + size_t(kStages) * kStageBytes + 2 * kStages * 8;
+  static_assert(kSmemBytes <= 227 * 1024, "sm_90a: 227 KiB of shared memory per block");
+};
+
+// Where a CTA's tile is, in its operands' tensor-map coordinates: the first M index in A's
+// map (a_mn), the first N index in B's (b_mn), the first K index in both (k0), and the
+// number of BK blocks from k0 (0: the tile is zero).
+struct Sm90GemmTile {
+  int a_mn, b_mn, k0, k_blocks;
+};
+
+// The body of a kernel of Sm90GemmCfg::kThreads threads (launch bounds (kThreads, 1)),
+// given its tensor maps (__grid_constant__ parameters), its epilogue policy and its dynamic
+// shared memory (Sm90GemmCfg::kSmemBytes; the kernel declares it: the emulator's build
+// rewrites extern __shared__ in .cu files only). kAMnMajor: A is stored MN-major (B always
+// is). Epi, the epilogue policy, has
+//   __device__ Sm90GemmTile tile() const;              // from blockIdx
+//   __device__ void store(const float (&acc)[64], int row0, int lane) const;
+// store gets a consumer warp's accumulator: rows row0 .. row0 + 15 of the tile (thread
+// 4g + q of the warp: d[4c + 2r + e] = D(row0 + g + 8r, 8c + 2q + e)).
+template <class T, bool kAMnMajor, class Epi>
+__device__ __forceinline__ void gemm_sm90(const CUtensorMap& tmap_a, const CUtensorMap& tmap_b,
+                                          const Epi& epi, unsigned char* smem_raw) {
+#if MARGIN_OPS_SM90A
+  using G = Sm90GemmCfg;
+  constexpr int kTransA = kAMnMajor ? 1 : 0;
+
+  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023u)) & 1023u);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + G::kStages * G::kStageBytes);
+  uint64_t* empty = full + G::kStages;
+
+  const int tid = threadIdx.x;
+  const Sm90GemmTile tile = epi.tile();
+  if (tid == 0) {
+    for (int s = 0; s < G::kStages; ++s) {
+      mbarrier_init(&full[s], 1);
+      mbarrier_init(&empty[s], G::kConsumers);
+    }
+    fence_mbarrier_init();
+  }
+  __syncthreads();
+
+  if (tid < 128) {  // producer warpgroup
+    setmaxnreg_dec<G::kProducerRegs>();
+    if (tid != 0) return;
+    for (int kb = 0; kb < tile.k_blocks; ++kb) {
+      const int s = kb % G::kStages;
+      // Round kb / kStages reuses the stage once round - 1's consumers released it (the
+      // first round passes at once: the phase "before" phase 0 counts as complete).
+      mbarrier_wait_parity(&empty[s], unsigned((kb / G::kStages) & 1) ^ 1u);
+      mbarrier_arrive_expect_tx(&full[s], G::kStageBytes);
+      unsigned char* sa = smem + s * G::kStageBytes;
+      unsigned char* sb = sa + G::kOperandBytes;
+      const int k = tile.k0 + kb * G::BK;
+      if constexpr (kAMnMajor) {
+        tma_load_2d(sa, &tmap_a, tile.a_mn, k, &full[s]);
+        tma_load_2d(sa + G::kHalfBytes, &tmap_a, tile.a_mn + 64, k, &full[s]);
+      } else {
+        tma_load_2d(sa, &tmap_a, k, tile.a_mn, &full[s]);  // 128 rows x 64 k
+      }
+      tma_load_2d(sb, &tmap_b, tile.b_mn, k, &full[s]);
+      tma_load_2d(sb + G::kHalfBytes, &tmap_b, tile.b_mn + 64, k, &full[s]);
+    }
+    return;
+  }
+
+  setmaxnreg_inc<G::kConsumerRegs>();
+  const int ctid = tid - 128;          // consumer thread 0..255
+  const int cw = ctid >> 7;            // consumer warpgroup: rows 64·cw ..
+  const int warp = (ctid >> 5) & 3, lane = tid & 31;
+  const uint32_t base = smem_addr(smem);
+
+  // Zero, and every wgmma accumulates (scale-d 1): a tile without k blocks stores zeros, and
+  // the registers have one definition reaching the epilogue (ptxas otherwise serializes the
+  // wgmmas with injected waits).
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  for (int kb = 0; kb < tile.k_blocks; ++kb) {
+    const int s = kb % G::kStages;
+    mbarrier_wait_parity(&full[s], unsigned((kb / G::kStages) & 1));
+    const uint32_t sa = base + uint32_t(s * G::kStageBytes) + uint32_t(cw * G::kHalfBytes);
+    const uint32_t sb = base + uint32_t(s * G::kStageBytes + G::kOperandBytes);
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < G::BK / 16; ++j) {
+      const uint64_t da = kAMnMajor ? sw128_desc_mnmajor(sa + j * 2048, G::kHalfBytes)
+                                    : sw128_desc_kmajor(sa + j * 32);
+      const uint64_t db = sw128_desc_mnmajor(sb + j * 2048, G::kHalfBytes);
+      wgmma_m64n128k16_ss<T, kTransA, 1>(acc, da, db, 1);
+    }
+    wgmma_commit_group();
+    // This stage's wgmmas stay in flight; the previous stage's are done with it: release it.
+    wgmma_wait_group<1>();
+    if (kb > 0) mbarrier_arrive(&empty[(kb - 1) % G::kStages]);
+  }
+  wgmma_wait_group<0>();
+  wgmma_fence_operand(acc);
+  epi.store(acc, cw * 64 + warp * 16, lane);
+#else
+  __trap();  // sm_90a only: its callers never launch it elsewhere
+#endif
+}
+
+}  // namespace dev
+}  // namespace cuda
+}  // namespace margin_ops
