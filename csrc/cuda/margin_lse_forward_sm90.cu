@@ -11,6 +11,34 @@
 //     Σ F and (max cosine, class) stay in registers per lane (online: the lane's running max
 //     is the reference of its sum) and are merged over the quad once, at the end, then
 //     written by lane 0 as the (split, row) partial: no shuffles or shared memory per tile.
+//   * Schedule (issue 11): the epilogue overlaps the next tile's MMA inside each consumer
+//     warpgroup (FlashAttention-3's intra-warpgroup overlap rather than its ping-pong: the
+//     two warpgroups keep sharing each class tile, so a row's statistics stay in one lane
+//     quad and their order, hence every bit of the partials, is that of a serial walk).
+//     Each consumer thread holds two accumulator sets (acc0 / acc1, 2 x 64 fp32) used by
+//     alternate tiles; per tile t: finish() its remaining k-blocks (wait_group 1 after each,
+//     the stage released), share_norms(t), begin<2>() tile t + 1 into the other set (its
+//     first 2 k-blocks: wait full, 4 wgmma, commit, no wait), then tile t's epilogue while
+//     the tensor cores run those 8 wgmmas. begin() follows share_norms(t), whose barrier
+//     every consumer passes only after releasing tile t's stages, so the stages it waits
+//     for can always be loaded. Two k-blocks: with 4 ring stages, 2 stay free for the
+//     producer's TMA during the epilogue.
+//     SASS (sm_90a, bf16, plain; nvcc -cubin, cuobjdump): 168 registers reported (the
+//     consumers use up to R229 of setmaxnreg's 232), 0 spills, HGMMA chained (no
+//     serialization, no C7515 / C7517); per warp and 128 x 128 x 512 tile, the k-block loop
+//     body 182 -> 179 instructions (≈ 1440 per tile for the 8 k-blocks, 2 of them now
+//     straight-line in begin()), the epilogue ≈ 600 + 64 MOVs (the copy below: ptxas keeps
+//     the epilogue's in-place cosines out of the in-flight set's pipeline stage).
+//     Estimate per SM sub-partition (one warp of each consumer warpgroup; H100/H200 dense
+//     16-bit wgmma ≈ 2048 FMA / clock / SM, so one m64n128k16 ≈ 64 clocks of the SM's
+//     tensor cores): a tile's 2 x 32 wgmmas ≈ 4096 clocks, under which the ≈ 2 x 1440
+//     mainloop instructions issue; the epilogue ≈ 2 x 660 issue slots (its 2 x 64 MUFU.EX2
+//     ≈ 1024 clocks at 4 lanes / clock fit inside them) ≈ 1300 clocks. Before: ≈ 4096 +
+//     1300 ≈ 5400 clocks per tile (tensor cores idle ≈ 24%). Now the look-ahead keeps
+//     2 warpgroups x 2 k-blocks x 4 wgmma ≈ 1024 clocks of MMA queued during the epilogue:
+//     ≈ 300 clocks stay exposed, and the sub-partition's issue (≈ 2 x 1440 + 1300 ≈ 4200
+//     slots per tile) becomes the bound: ≈ 4200-4400 clocks per tile, ≈ 1.2x on fwd_main.
+//     A PREDICTION from instruction counts, not a measurement (no GPU session yet).
 #include <cuda.h>  // CUtensorMap (types only: no -lcuda)
 #include <cuda_runtime.h>
 
@@ -108,15 +136,18 @@ __global__ void __launch_bounds__(Sm90Cfg::kThreads, 1)
     run[ri] = RowRun{kNegInf, 0.f, 0.f, kNegInf, 0};
   }
 
-  ml.wait_x();
-  RingPos pos;
-  int t = 0;  // tile count (the norms buffers' use)
-  for (int64_t ct = ct_begin; ct < ct_end; ++ct, ++t) {
-    const int64_t col0 = ct * G::BN;
+  // The epilogue of class tile ct from its accumulators and 1 / ‖w_c‖ (inv). It works on a
+  // copy: the epilogue rewrites its values in place (the cosines), and ptxas serializes
+  // every wgmma of the kernel (C7515: "non wgmma instructions defining accumulator registers
+  // ... between start and end of the pipeline stage") when that happens to wgmma
+  // accumulator registers while the other set's wgmmas are in flight. The copy costs 64
+  // MOVs per tile (ptxas places it outside the sets) and no spills; the set itself is dead
+  // until the next tile's first wgmma, which only writes it (wgmma_m64n128k16_ss_zero).
+  const auto epilogue = [&](const float (&acc_in)[64], int64_t ct, const float* inv) {
     float acc[64];
-    float nrm;
-    const float* inv = ml.share_norms(t, ml.products(acc, pos, ctid), ctid, nrm);
-
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = acc_in[i];
+    const int64_t col0 = ct * G::BN;
     const bool interior = col0 + G::BN <= args.in.c;
     const int c_lim = int(args.in.c - col0 < G::BN ? args.in.c - col0 : G::BN);
 #pragma unroll
@@ -136,7 +167,38 @@ __global__ void __launch_bounds__(Sm90Cfg::kThreads, 1)
       r.nts += sh.nts;
       Epi::argmax(acc, ri, lane, sh, c_lim, col0, r.best, r.idx);
     }
+  };
+
+  // The overlap (header comment): per tile t, finish its k-blocks (begun during tile
+  // t - 1's epilogue), share its norms, begin tile t + 1's first kFwdAhead k-blocks into the
+  // other accumulator set and run tile t's epilogue while the tensor cores work on them.
+  // The two sets alternate by tile, so the walk is unrolled by two (registers cannot be
+  // indexed at run time). Same k-block order per tile, same epilogue order: the partials
+  // are bitwise those of the unoverlapped schedule.
+  constexpr int kFwdAhead = 2;  // the next tile's k-blocks issued before an epilogue
+  using Ml = Sm90Mainloop<T>;
+  typename Ml::TileIssue ti;
+  RingPos pos;
+  const auto step = [&](float (&cur)[64], float (&nxt)[64], int64_t ct, int t) {
+    float nrm;
+    const float* inv = ml.share_norms(t, ml.finish(cur, pos, ti, ctid), ctid, nrm);
+    if (ct + 1 < ct_end) ti = ml.template begin<kFwdAhead>(nxt, pos, ctid);
+    epilogue(cur, ct, inv);
+  };
+
+  ml.wait_x();
+  float acc0[64], acc1[64];
+  if (ct_begin < ct_end) ti = ml.template begin<kFwdAhead>(acc0, pos, ctid);
+  int t = 0;  // tile count (the norms buffers' use)
+  for (int64_t ct = ct_begin; ct < ct_end; ct += 2, t += 2) {
+    step(acc0, acc1, ct, t);
+    if (ct + 1 >= ct_end) break;
+    step(acc1, acc0, ct + 1, t + 1);
   }
+  // Nothing is in flight here (the last step begins nothing), but ptxas cannot pair the
+  // steps' conditions and would inject this wait itself (C7517) at the first reuse of the
+  // registers of a set it believes in flight.
+  wgmma_wait_group<0>();
 
   // Merge each row's 4 lanes (lane bits 0-1, in increasing order) and write its partial.
 #pragma unroll

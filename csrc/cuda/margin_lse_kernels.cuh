@@ -91,8 +91,14 @@
 //             (setmaxnreg.inc 232) each run wgmma.m64n128k16 (fp32 accumulate, both operands
 //             K-major in shared memory through descriptors) for 64 rows, read the W norms
 //             from the stage while the wgmmas run, and keep their rows' statistics in
-//             registers, merged over the 4 lanes of a row once at the end (design details:
-//             margin_lse_sm90_mainloop.cuh, margin_lse_forward_sm90.cu).
+//             registers, merged over the 4 lanes of a row once at the end. The epilogue
+//             overlaps the MMA: each consumer warpgroup has two accumulator sets (128
+//             registers) used by alternate class tiles; once tile t's wgmmas are done and
+//             its norms shared, it issues tile t + 1's first 2 k-blocks into the other set
+//             and runs tile t's epilogue while they execute, then issues the rest (same
+//             k-block and epilogue order as a serial walk: the same bits; the SASS estimate,
+//             about 1024 of ≈ 1300 epilogue clocks per tile hidden, is in
+//             margin_lse_forward_sm90.cu; design details: margin_lse_sm90_mainloop.cuh).
 //   combine   per row: merges the split partials in split order -> lse, max_cos, pred
 //             (argmax of the clamped cosines, first class on ties, as the CPU kernel),
 //             nontarget_sum = s_i Σ F.

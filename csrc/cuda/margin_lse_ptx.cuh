@@ -171,21 +171,21 @@ __device__ __forceinline__ void wgmma_fence_operand(float (&d)[kCount]) {
   "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "     \
   "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "     \
   "%56, %57, %58, %59, %60, %61, %62, %63}"
-#define MARGIN_OPS_WGMMA_ASM(TYPE)                                                                 \
+#define MARGIN_OPS_WGMMA_ASM(TYPE, C)                                                              \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                        \
                "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE                        \
                " " MARGIN_OPS_WGMMA_D64 ", %64, %65, p, 1, 1, %67, %68;\n}\n"                      \
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),           \
-                 "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),         \
-                 "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),     \
-                 "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),     \
-                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),     \
-                 "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),     \
-                 "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),     \
-                 "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),     \
-                 "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),     \
-                 "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),     \
-                 "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])                                \
+               : C(d[0]), C(d[1]), C(d[2]), C(d[3]), C(d[4]), C(d[5]),                             \
+                 C(d[6]), C(d[7]), C(d[8]), C(d[9]), C(d[10]), C(d[11]),                           \
+                 C(d[12]), C(d[13]), C(d[14]), C(d[15]), C(d[16]), C(d[17]),                       \
+                 C(d[18]), C(d[19]), C(d[20]), C(d[21]), C(d[22]), C(d[23]),                       \
+                 C(d[24]), C(d[25]), C(d[26]), C(d[27]), C(d[28]), C(d[29]),                       \
+                 C(d[30]), C(d[31]), C(d[32]), C(d[33]), C(d[34]), C(d[35]),                       \
+                 C(d[36]), C(d[37]), C(d[38]), C(d[39]), C(d[40]), C(d[41]),                       \
+                 C(d[42]), C(d[43]), C(d[44]), C(d[45]), C(d[46]), C(d[47]),                       \
+                 C(d[48]), C(d[49]), C(d[50]), C(d[51]), C(d[52]), C(d[53]),                       \
+                 C(d[54]), C(d[55]), C(d[56]), C(d[57]), C(d[58]), C(d[59]),                       \
+                 C(d[60]), C(d[61]), C(d[62]), C(d[63])                                            \
                : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB))
 
 // D (64 x 128, fp32; thread t = 32 w + 4 g + q of the warpgroup holds d[i] = D(16 w + g +
@@ -198,10 +198,25 @@ __device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], uint64_t des
                                                     uint64_t desc_b, int scale_d) {
   static_assert((kTransA == 0 || kTransA == 1) && (kTransB == 0 || kTransB == 1), "0 or 1");
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    MARGIN_OPS_WGMMA_ASM("bf16");
+    MARGIN_OPS_WGMMA_ASM("bf16", "+f");
   } else {
     static_assert(std::is_same_v<T, __half>, "wgmma: bf16 or fp16");
-    MARGIN_OPS_WGMMA_ASM("f16");
+    MARGIN_OPS_WGMMA_ASM("f16", "+f");
+  }
+}
+// The same with scale_d = 0 and d an output only: D = A B^T, d's previous values dead (a
+// tile's first wgmma in the forward's overlapped walk, margin_lse_forward_sm90.cu: the
+// accumulator set's registers are then free between its epilogue and its next tile).
+template <class T, int kTransA = 0, int kTransB = 0>
+__device__ __forceinline__ void wgmma_m64n128k16_ss_zero(float (&d)[64], uint64_t desc_a,
+                                                         uint64_t desc_b) {
+  static_assert((kTransA == 0 || kTransA == 1) && (kTransB == 0 || kTransB == 1), "0 or 1");
+  const int scale_d = 0;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    MARGIN_OPS_WGMMA_ASM("bf16", "=f");
+  } else {
+    static_assert(std::is_same_v<T, __half>, "wgmma: bf16 or fp16");
+    MARGIN_OPS_WGMMA_ASM("f16", "=f");
   }
 }
 #undef MARGIN_OPS_WGMMA_ASM

@@ -24,12 +24,19 @@
 //     W norms read), norms[2] (the tile's 1 / ‖w_c‖ written, 256 arrivals; double-buffered,
 //     so a consumer passing tile t's barrier knows every consumer finished tile t - 1's
 //     epilogue, the reader of the buffer tile t + 1 writes).
-//   * Per k-block: wait full, wgmma.fence, 4 wgmma (k16) into the accumulators (scale-d 0 on
-//     the tile's first), commit; then, while they run, the W norms from the same stage (two
-//     threads per class, each 64 bytes of the 128-byte row, rotated by class so that 8
-//     consecutive lanes read 8 distinct 16-byte bank groups; the swizzle only permutes a
-//     row's 16-byte chunks, so the row sum is unchanged); then wait_group 1 and release the
-//     previous stage.
+//   * Per k-block (issue_kblock): wait full, wgmma.fence, 4 wgmma (k16) into the accumulators
+//     (the tile's first with scale-d 0), commit; then, while they run, the W norms from the
+//     same stage (two threads per class, each 64 bytes of the 128-byte row, rotated by class
+//     so that 8 consecutive lanes read 8 distinct 16-byte bank groups; the swizzle only
+//     permutes a row's 16-byte chunks, so the row sum is unchanged); then wait_group 1 and
+//     release the stages of the k-blocks before it.
+//   * A tile is issued in two parts, begin<kAhead>() (its first kAhead k-blocks, no wait)
+//     and finish() (the rest, then wait_group 0 and the last releases), so that a caller
+//     can run the previous tile's epilogue on a second accumulator set in between, while
+//     the tensor cores work: the forward does (kAhead = 2, margin_lse_forward_sm90.cu, where
+//     the schedule and its SASS estimate are); bwd_tile_sm90 keeps the serial schedule,
+//     products() = begin<0>() + finish(). The k-blocks, their order and the W norms' sums
+//     are the same either way, so are the products' bits.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap
@@ -138,7 +145,9 @@ struct RingPos {
 // The engine of one CTA (T: __nv_bfloat16 or __half): its shared memory, x's k-block count
 // and the ring depth. Call order: thread 0 init(), a __syncthreads(); the producer
 // warpgroup: setmaxnreg_dec, thread 0 produce(), return; the consumers: setmaxnreg_inc,
-// wait_x(), then per class tile t = 0, 1, ...: products(), then share_norms(t).
+// wait_x(), then per class tile t = 0, 1, ...: products() (or begin() ... finish()), then
+// share_norms(t). A begin() of tile t + 1 must follow share_norms(t): every consumer has
+// then released tile t's stages, so the k-blocks it waits for can be loaded.
 template <class T>
 struct Sm90Mainloop {
   using G = Sm90Cfg;
@@ -181,39 +190,101 @@ struct Sm90Mainloop {
 
   __device__ __forceinline__ void wait_x() const { mbarrier_wait_parity(sm.x_full, 0); }
 
-  // Consumer thread ctid (0..255) of warpgroup cw = ctid / 128: acc = the products of its
-  // warpgroup's 64 rows with the next class tile of the walk (pos: its first k-block);
-  // returns this thread's half of ‖w_c‖² of the tile's class ctid / 2 (see share_norms).
-  __device__ __forceinline__ float products(float (&acc)[64], RingPos& pos, int ctid) const {
+  // A class tile's progress through its k-blocks: the ring stage of its oldest k-block not
+  // yet released, how many k-blocks are issued, and this thread's half of ‖w_c‖² so far (in
+  // k-block order, so the sum is the same whichever way the tile's k-blocks are split
+  // between begin() and finish()).
+  struct TileIssue {
+    int rel_stage;
+    int issued;
+    float ss;
+  };
+
+  // Consumer thread ctid (0..255) of warpgroup cw = ctid / 128: k-block kb of a class tile
+  // (ring position pos, advanced) into acc: wait full, wgmma.fence, 4 wgmma (k16; scale-d 0
+  // on the tile's first), commit; then, while they run, the W norms from the same stage.
+  // kFirst: the tile's first k-block (its first wgmma through wgmma_m64n128k16_ss_zero).
+  template <bool kFirst = false>
+  __device__ __forceinline__ void issue_kblock(float (&acc)[64], RingPos& pos, TileIssue& ti,
+                                               int ctid) const {
     const uint32_t sx_addr = smem_addr(sm.sx) + uint32_t(ctid >> 7) * 64 * 128;  // its rows
     const uint32_t sw_addr = smem_addr(sm.sw);
     const int norm_cls = ctid >> 1, norm_half = ctid & 1;
-    float ss = 0.f;
-    int prev = -1;
-    for (int kb = 0; kb < kb_count; ++kb, pos.next(stages)) {
-      const int s = pos.stage;
-      mbarrier_wait_parity(&sm.full[s], pos.phase);
-      wgmma_fence();
+    const int kb = ti.issued, s = pos.stage;
+    mbarrier_wait_parity(&sm.full[s], pos.phase);
+    wgmma_fence();
 #pragma unroll
-      for (int k = 0; k < G::BK / 16; ++k) {
-        wgmma_m64n128k16_ss<T>(acc, sw128_desc_kmajor(sx_addr + kb * G::kBlockBytes + k * 32),
-                               sw128_desc_kmajor(sw_addr + s * G::kBlockBytes + k * 32),
-                               kb > 0 || k > 0);
+    for (int k = 0; k < G::BK / 16; ++k) {
+      const uint64_t da = sw128_desc_kmajor(sx_addr + kb * G::kBlockBytes + k * 32);
+      const uint64_t dw = sw128_desc_kmajor(sw_addr + s * G::kBlockBytes + k * 32);
+      if (kFirst && k == 0) {
+        wgmma_m64n128k16_ss_zero<T>(acc, da, dw);
+      } else {
+        wgmma_m64n128k16_ss<T>(acc, da, dw, kFirst || kb > 0 || k > 0);
       }
-      wgmma_commit_group();
-      const uint4* row = reinterpret_cast<const uint4*>(sm.sw + s * G::kBlockBytes + norm_cls * 128);
+    }
+    wgmma_commit_group();
+    const uint4* row = reinterpret_cast<const uint4*>(sm.sw + s * G::kBlockBytes + norm_cls * 128);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        ss += WeightNorm<T>::sq16(row[norm_half * 4 + ((j + norm_cls) & 3)], static_cast<T*>(nullptr));
+    for (int j = 0; j < 4; ++j) {
+      ti.ss += WeightNorm<T>::sq16(row[norm_half * 4 + ((j + norm_cls) & 3)], static_cast<T*>(nullptr));
+    }
+    ++ti.issued;
+    pos.next(stages);
+  }
+
+  // Release (empty arrival) the stage of the tile's oldest unreleased k-block (its wgmmas
+  // are known complete).
+  __device__ __forceinline__ void release_one(TileIssue& ti) const {
+    mbarrier_arrive(&sm.empty[ti.rel_stage]);
+    if (++ti.rel_stage == stages) ti.rel_stage = 0;
+  }
+
+  // Starts the next class tile of the walk (pos: its first k-block): issues its first
+  // min(kAhead, kb_count) k-blocks into acc and returns without waiting for them, so that
+  // the caller's epilogue of the previous tile (other registers) runs while the tensor
+  // cores work (the forward's overlap, margin_lse_forward_sm90.cu). kAhead = 0: nothing.
+  template <int kAhead>
+  __device__ __forceinline__ TileIssue begin(float (&acc)[64], RingPos& pos, int ctid) const {
+    static_assert(kAhead == 0 || kAhead == 2, "the forward's look-ahead: 2 k-blocks");
+    TileIssue ti{pos.stage, 0, 0.f};
+    if constexpr (kAhead == 2) {
+      issue_kblock<true>(acc, pos, ti, ctid);  // kb_count >= 1
+      if (kb_count > 1) issue_kblock(acc, pos, ti, ctid);
+    }
+    return ti;
+  }
+
+  // Completes the tile begun by begin(): issues its remaining k-blocks, each followed by
+  // wait_group 1 and the release of the stages of the k-blocks before it (their wgmmas are
+  // done), then waits for the last; returns this thread's half of ‖w_c‖² of the tile's
+  // class ctid / 2 (see share_norms).
+  __device__ __forceinline__ float finish(float (&acc)[64], RingPos& pos, TileIssue& ti,
+                                          int ctid) const {
+    // k-blocks issued and not released: those of begin() (0 .. kAhead), then one at a time.
+    int pending = ti.issued;
+    if (ti.issued < kb_count) {
+      issue_kblock(acc, pos, ti, ctid);
+      wgmma_wait_group<1>();  // the k-blocks before this one are done with their stages
+      for (; pending > 0; --pending) release_one(ti);
+      while (ti.issued < kb_count) {  // the steady state: one release per k-block
+        issue_kblock(acc, pos, ti, ctid);
+        wgmma_wait_group<1>();
+        release_one(ti);
       }
-      wgmma_wait_group<1>();  // the previous k-block's wgmmas are done with their stage
-      if (prev >= 0) mbarrier_arrive(&sm.empty[prev]);
-      prev = s;
+      pending = 1;
     }
     wgmma_wait_group<0>();
     wgmma_fence_operand(acc);
-    mbarrier_arrive(&sm.empty[prev]);
-    return ss;
+    for (; pending > 0; --pending) release_one(ti);
+    return ti.ss;
+  }
+
+  // The whole next class tile at once (no overlap; bwd_tile_sm90): acc = the products of
+  // the warpgroup's 64 rows with it; returns finish()'s half of ‖w_c‖².
+  __device__ __forceinline__ float products(float (&acc)[64], RingPos& pos, int ctid) const {
+    TileIssue ti = begin<0>(acc, pos, ctid);
+    return finish(acc, pos, ti, ctid);
   }
 
   // Tile t's 1 / ‖w_c‖ (by tile column), shared by both consumer warpgroups: joins the two
