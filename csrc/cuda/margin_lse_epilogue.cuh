@@ -51,6 +51,22 @@ struct FwdArgs {
   int64_t n_class_tiles;
   int64_t tiles_per_split;
   int row_tiles;
+
+  // The CTA's work in a grid of row_tiles x splits (row tiles fastest, so that CTAs of one
+  // split are adjacent in launch order and share each W tile through L2): the row tile of
+  // `bm` rows starting at row0, its split, and its class tiles [ct_begin, ct_end).
+  struct Work {
+    int64_t split, row0, ct_begin, ct_end;
+  };
+  __device__ __forceinline__ Work work(unsigned block, int bm) const {
+    Work w;
+    w.split = block / unsigned(row_tiles);
+    w.row0 = int64_t(block % unsigned(row_tiles)) * bm;
+    w.ct_begin = w.split * tiles_per_split;
+    w.ct_end = w.ct_begin + tiles_per_split < n_class_tiles ? w.ct_begin + tiles_per_split
+                                                            : n_class_tiles;
+    return w;
+  }
 };
 
 // What the epilogue needs of one row: s_i, s_i·log2 e, 1 / max(‖x_i‖, eps) and the

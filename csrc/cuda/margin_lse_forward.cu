@@ -41,16 +41,10 @@ __global__ void __launch_bounds__(kThreads, kSub ? 1 : Cfg<T>::kMinBlocks)
 
   const int tid = threadIdx.x;
   const auto [lane, warp_m, warp_n, wm0, wn0] = warp_place<C>();
-  const int rt = int(blockIdx.x % unsigned(args.row_tiles));
-  const int64_t split = blockIdx.x / unsigned(args.row_tiles);
-  const int64_t row0 = int64_t(rt) * C::BM;
-  const int64_t ct_begin = split * args.tiles_per_split;
-  const int64_t ct_end = ct_begin + args.tiles_per_split < args.n_class_tiles
-                             ? ct_begin + args.tiles_per_split
-                             : args.n_class_tiles;
+  const auto wk = args.work(blockIdx.x, C::BM);
 
   if (tid == 0) s_margin = args.margin;
-  tile.load_rows(args.in, row0, args.x_norm, args.scale);
+  tile.load_rows(args.in, wk.row0, args.x_norm, args.scale);
   for (int k = tid; k < C::kWarpsN * C::BM; k += kThreads) {
     s_max[k / C::BM][k % C::BM] = kNegInf;
     s_sum[k / C::BM][k % C::BM] = Acc(0);
@@ -60,13 +54,13 @@ __global__ void __launch_bounds__(kThreads, kSub ? 1 : Cfg<T>::kMinBlocks)
   }
   __syncthreads();
 
-  for (int64_t ct = ct_begin; ct < ct_end; ++ct) {
+  for (int64_t ct = wk.ct_begin; ct < wk.ct_end; ++ct) {
     const int64_t col0 = ct * C::BN;
     Acc acc[C::TR][C::TC];  // K > 1: the clamped cosines
     if constexpr (kSub) {
-      tile.max_cosines(acc, args.in, row0, col0, smem);
+      tile.max_cosines(acc, args.in, wk.row0, col0, smem);
     } else {
-      tile.products(acc, args.in, row0, col0, smem, nullptr);
+      tile.products(acc, args.in, wk.row0, col0, smem, nullptr);
     }
 
     // This warp's columns: the tile's [wn0, wn0 + WN), those below c_lim valid.
@@ -80,7 +74,7 @@ __global__ void __launch_bounds__(kThreads, kSub ? 1 : Cfg<T>::kMinBlocks)
                                kHard ? tile.hard_t[r] : Acc(0)};
       const int yt = tile.target_column(r, col0) - wn0;
       const int yl = yt >= 0 && yt < C::WN ? yt : -1;
-      const int64_t gr = row0 + r;
+      const int64_t gr = wk.row0 + r;
       const RowShare<Acc> sh = Epi::template share<!kSub>(
           acc, ri, lane, rf, tile.inv + wn0, interior, c_lim, yl, &s_margin, [&](Acc phi) {
             if (gr < args.in.n) args.target_logit[gr] = sc * phi;
@@ -111,7 +105,7 @@ __global__ void __launch_bounds__(kThreads, kSub ? 1 : Cfg<T>::kMinBlocks)
   // Merge the kWarpsN warps' statistics of each row, in warp order.
   __syncthreads();
   for (int r = tid; r < C::BM; r += kThreads) {
-    const int64_t gr = row0 + r;
+    const int64_t gr = wk.row0 + r;
     if (gr >= args.in.n) continue;
     Acc m = s_max[0][r], s = s_sum[0][r], b = s_cos[0][r], nts = s_nts[0][r];
     int32_t idx = s_idx[0][r];
@@ -121,7 +115,7 @@ __global__ void __launch_bounds__(kThreads, kSub ? 1 : Cfg<T>::kMinBlocks)
       merge_best(b, idx, s_cos[w][r], s_idx[w][r]);
       nts += s_nts[w][r];
     }
-    const int64_t o = split * args.n_pad + gr;
+    const int64_t o = wk.split * args.n_pad + gr;
     args.part_max[o] = m;
     args.part_sum[o] = s;
     args.part_cos[o] = b;

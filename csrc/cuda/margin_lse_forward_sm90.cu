@@ -88,13 +88,7 @@ __global__ void __launch_bounds__(Sm90Cfg::kThreads, 1)
   MarginParams* s_margin = &reinterpret_cast<FwdSm90Tail*>(ml.sm.tail)->margin;
 
   const int tid = threadIdx.x;
-  const int rt = int(blockIdx.x % unsigned(args.row_tiles));
-  const int64_t split = blockIdx.x / unsigned(args.row_tiles);
-  const int64_t row0 = int64_t(rt) * G::BM;
-  const int64_t ct_begin = split * args.tiles_per_split;
-  const int64_t ct_end = ct_begin + args.tiles_per_split < args.n_class_tiles
-                             ? ct_begin + args.tiles_per_split
-                             : args.n_class_tiles;
+  const auto wk = args.work(blockIdx.x, G::BM);
 
   if (tid == 0) {
     ml.init();
@@ -104,7 +98,7 @@ __global__ void __launch_bounds__(Sm90Cfg::kThreads, 1)
 
   if (tid < 128) {  // producer warpgroup
     setmaxnreg_dec<G::kProducerRegs>();
-    if (tid == 0) ml.produce(tmap_x, tmap_w, int(row0), ct_begin * G::BN, ct_end - ct_begin);
+    if (tid == 0) ml.produce(tmap_x, tmap_w, int(wk.row0), wk.ct_begin * G::BN, wk.ct_end - wk.ct_begin);
     return;
   }
 
@@ -118,7 +112,7 @@ __global__ void __launch_bounds__(Sm90Cfg::kThreads, 1)
   RowRun run[WgmmaFrag::TR];
 #pragma unroll
   for (int ri = 0; ri < WgmmaFrag::TR; ++ri) {
-    const int64_t gr = row0 + wm0 + WgmmaFrag::row(ri, lane);
+    const int64_t gr = wk.row0 + wm0 + WgmmaFrag::row(ri, lane);
     float sc = 0.f, xi = 0.f, thr = 2.f, ht = 0.f;
     int32_t y = -1;
     if (gr < args.in.n) {
@@ -152,7 +146,7 @@ __global__ void __launch_bounds__(Sm90Cfg::kThreads, 1)
     const int c_lim = int(args.in.c - col0 < G::BN ? args.in.c - col0 : G::BN);
 #pragma unroll
     for (int ri = 0; ri < WgmmaFrag::TR; ++ri) {
-      const int64_t gr = row0 + wm0 + WgmmaFrag::row(ri, lane);
+      const int64_t gr = wk.row0 + wm0 + WgmmaFrag::row(ri, lane);
       const int64_t yt = int64_t(label[ri]) - col0;
       const int yl = label[ri] >= 0 && yt >= 0 && yt < G::BN ? int(yt) : -1;
       const RowShare<float> sh = Epi::template share<true>(
@@ -182,17 +176,17 @@ __global__ void __launch_bounds__(Sm90Cfg::kThreads, 1)
   const auto step = [&](float (&cur)[64], float (&nxt)[64], int64_t ct, int t) {
     float nrm;
     const float* inv = ml.share_norms(t, ml.finish(cur, pos, ti, ctid), ctid, nrm);
-    if (ct + 1 < ct_end) ti = ml.template begin<kFwdAhead>(nxt, pos, ctid);
+    if (ct + 1 < wk.ct_end) ti = ml.template begin<kFwdAhead>(nxt, pos, ctid);
     epilogue(cur, ct, inv);
   };
 
   ml.wait_x();
   float acc0[64], acc1[64];
-  if (ct_begin < ct_end) ti = ml.template begin<kFwdAhead>(acc0, pos, ctid);
+  if (wk.ct_begin < wk.ct_end) ti = ml.template begin<kFwdAhead>(acc0, pos, ctid);
   int t = 0;  // tile count (the norms buffers' use)
-  for (int64_t ct = ct_begin; ct < ct_end; ct += 2, t += 2) {
+  for (int64_t ct = wk.ct_begin; ct < wk.ct_end; ct += 2, t += 2) {
     step(acc0, acc1, ct, t);
-    if (ct + 1 >= ct_end) break;
+    if (ct + 1 >= wk.ct_end) break;
     step(acc1, acc0, ct + 1, t + 1);
   }
   // Nothing is in flight here (the last step begins nothing), but ptxas cannot pair the
@@ -211,9 +205,9 @@ __global__ void __launch_bounds__(Sm90Cfg::kThreads, 1)
     }
     r.nts = lanes_sum<0, 2>(r.nts);
     lanes_best<0, 2>(r.best, r.idx);
-    const int64_t gr = row0 + wm0 + WgmmaFrag::row(ri, lane);
+    const int64_t gr = wk.row0 + wm0 + WgmmaFrag::row(ri, lane);
     if ((lane & 3) == 0 && gr < args.in.n) {
-      const int64_t o = split * args.n_pad + gr;
+      const int64_t o = wk.split * args.n_pad + gr;
       args.part_max[o] = r.m;
       args.part_sum[o] = r.s;
       args.part_cos[o] = r.best;

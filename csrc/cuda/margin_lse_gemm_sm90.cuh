@@ -40,12 +40,9 @@ namespace margin_ops {
 namespace cuda {
 namespace dev {
 
-struct Sm90GemmCfg {
-  static constexpr int BM = 128, BN = 128, BK = 64;  // BK: 128 bytes, the swizzle span
+struct Sm90GemmCfg : Sm90WarpRoles {
+  static constexpr int BM = 128, BN = 128;
   static constexpr int kStages = 4;
-  static constexpr int kThreads = 384;   // producer + 2 consumer warpgroups
-  static constexpr int kConsumers = 256;
-  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128·40 + 256·232 <= 64K
   static constexpr int kHalfBytes = 64 * BK * 2;          // 64 rows (M or N) x BK: 8 KiB
   static constexpr int kOperandBytes = 2 * kHalfBytes;    // one operand of a stage: 16 KiB
   static constexpr int kStageBytes = 2 * kOperandBytes;   // A + B

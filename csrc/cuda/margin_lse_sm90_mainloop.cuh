@@ -55,12 +55,9 @@ namespace margin_ops {
 namespace cuda {
 namespace dev {
 
-struct Sm90Cfg {
-  static constexpr int BM = 128, BN = 128, BK = 64;  // BK: 128 bytes, the swizzle span
-  static constexpr int kMaxStages = 4;                // W ring
-  static constexpr int kThreads = 384;                // producer + 2 consumer warpgroups
-  static constexpr int kConsumers = 256;
-  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128·40 + 256·232 <= 64K
+struct Sm90Cfg : Sm90WarpRoles {
+  static constexpr int BM = 128, BN = 128;
+  static constexpr int kMaxStages = 4;  // W ring
   static constexpr int kBlockBytes = BM * BK * 2;  // one x k-block or one W stage (16 KiB)
   static_assert(BN * BK * 2 == kBlockBytes, "W stage = x k-block");
   static constexpr size_t kMaxSmem = 227 * 1024;

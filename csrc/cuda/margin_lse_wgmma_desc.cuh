@@ -10,6 +10,16 @@
 
 namespace margin_ops {
 namespace cuda {
+
+// The warp roles every sm_90a kernel shares: one producer warpgroup (TMA) and two consumer
+// warpgroups (wgmma), k blocks of one 128-byte swizzle span of 16-bit elements.
+struct Sm90WarpRoles {
+  static constexpr int kThreads = 384;
+  static constexpr int kConsumers = 256;
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128·40 + 256·232 <= 64K
+  static constexpr int BK = 64;
+};
+
 namespace dev {
 
 __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo) {
