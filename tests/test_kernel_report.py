@@ -117,6 +117,107 @@ def test_mainloop_and_hot_paths_of_canned_sass():
     assert (epi.insts, epi.ex2) == (5, 1)
 
 
+# An sm_90a consumer in cuobjdump -sass form: a class-tile loop [0x30, 0x1a0] unrolled by two
+# (two k-block loops of 2 HGMMA, the second copy's look-ahead k-blocks straight-line), each
+# mbarrier wait with ptxas' out-of-line retry stub after EXIT, which branches back behind the
+# wait: backward branches that are no loops (the one back into 0x120 spans 4 HGMMA and no
+# loop, so taking it for a loop makes it the "mainloop").
+SM90_TILE_LOOP = """
+		Function : _Z4sm90
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   ISETP.GE.AND P0, PT, R0, 0x80, PT ;
+        /*0020*/              @!P0 EXIT ;
+        /*0030*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR4], R2 ;
+        /*0040*/              @!P1 BRA 0x1e0 ;
+        /*0050*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0060*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0070*/                   IADD3 R3, R3, 0x1, RZ ;
+        /*0080*/               @P2 BRA 0x30 ;
+        /*0090*/                   MUFU.EX2 R40, R24 ;
+        /*00a0*/                   FADD R41, R40, R41 ;
+        /*00b0*/                   HGMMA.64x128x16.F32.BF16 R88, gdesc[UR8], R88 ;
+        /*00c0*/                   HGMMA.64x128x16.F32.BF16 R88, gdesc[UR8], R88, gsb0 ;
+        /*00d0*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*00e0*/                   IADD3 R3, R3, 0x1, RZ ;
+        /*00f0*/               @P2 BRA 0xb0 ;
+        /*0100*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR4], R2 ;
+        /*0110*/              @!P1 BRA 0x210 ;
+        /*0120*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT ;
+        /*0130*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0140*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0150*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0160*/                   MUFU.EX2 R42, R88 ;
+        /*0170*/                   FADD R41, R42, R41 ;
+        /*0180*/                   IADD3 R5, R5, 0x2, RZ ;
+        /*0190*/                   ISETP.GE.AND P3, PT, R5, R6, PT ;
+        /*01a0*/              @!P3 BRA 0x30 ;
+        /*01b0*/                   STG.E desc[UR4][R8.64], R41 ;
+        /*01c0*/                   EXIT ;
+        /*01d0*/                   BRA 0x1d0 ;
+        /*01e0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR4], R2 ;
+        /*01f0*/              @!P1 BRA 0x1e0 ;
+        /*0200*/                   BRA 0x50 ;
+        /*0210*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR4], R2 ;
+        /*0220*/              @!P1 BRA 0x210 ;
+        /*0230*/                   BRA 0x120 ;
+"""
+
+
+def test_retry_stubs_are_no_loops_and_an_unrolled_tile_loop_is_two_tiles():
+    insts = kr.parse_sass(SM90_TILE_LOOP)["_Z4sm90"]
+    addr = {i.addr: k for k, i in enumerate(insts)}
+    loops = {(insts[lp.start].addr, insts[lp.end].addr) for lp in kr.find_loops(insts)}
+    # the two k-block loops, the tile loop, the trailing self-branch, the stubs' retries;
+    # not the stubs' branches back (0x50..0x200, 0x120..0x230)
+    assert loops == {(0x30, 0x80), (0xB0, 0xF0), (0x30, 0x1A0), (0x1D0, 0x1D0),
+                     (0x1E0, 0x1F0), (0x210, 0x220)}
+    ml = kr.find_mainloop(insts)
+    assert (insts[ml.start].addr, insts[ml.end].addr) == (0xB0, 0xF0)  # the smaller copy
+    a = kr.analyze_function(insts)
+    assert a["unroll"] == 2 and a["outer_kind"] == "loop"
+    assert a["main"].insts == 5 and a["main"].mma == 2
+    assert a["mma_flop"] == 2 * 64 * 128 * 16 / 4  # a warp's share of m64n128k16
+    # the tile: the loop body's 24 instructions (8 HGMMA = 4 k-blocks, 2 MUFU.EX2) per copy
+    assert (a["tile"].insts, a["tile"].mma, a["tile"].ex2) == (12, 4, 1)
+    r = kr.KernelReport("m", "d", kr.KernelId("x_sm90", "bf16"), "x.cu", kr.Resources(),
+                        kr.count_ops(insts), len(insts), **a)
+    # beyond its k-blocks (4 HGMMA = 2 iterations of the 5-instruction mainloop): 12 - 10
+    assert r.tile_extra == r.epi_insts == 2
+    assert r.epi_per_elem == pytest.approx(2 / 64)
+    # "all": the body's 24 instructions less 8 / 2 k-blocks of the 5-instruction loop, per copy
+    assert a["epi_static"] == (24 - 4 * 5) / 2
+    # outside the tiles: 0x0..0x20 and 0x1b0, 0x1c0 (the function's path holds both copies)
+    assert r.cta_extra == a["func"].insts - 4 * 5 - 2 * 2 == 5
+    assert r.k_per_iter() == 8 * 2 * 65536 / (2 * 128 * 128) == 32
+
+
+def test_peeled_kblock_leaves_the_epilogue_of_a_one_tile_kernel():
+    # the GEMM shape of bwd_gemm_sm90: a k-loop of one k-block (2 HGMMA), the last k-block
+    # peeled after it, then the stores; the epilogue is the stores (and the exit)
+    text = """
+		Function : _Z4gemm
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0020*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0030*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0040*/               @P0 BRA 0x10 ;
+        /*0050*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0060*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0070*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0080*/                   STG.E.64 desc[UR4][R2.64], R24 ;
+        /*0090*/                   EXIT ;
+"""
+    insts = kr.parse_sass(text)["_Z4gemm"]
+    a = kr.analyze_function(insts)
+    assert a["outer_kind"] == "exit" and a["main"].insts == 4
+    assert (a["epi"].insts, a["epi"].mma) == (5, 2)
+    r = kr.KernelReport("m", "d", kr.KernelId("g_sm90", "bf16"), "x.cu", kr.Resources(),
+                        kr.count_ops(insts), len(insts), **a)
+    assert r.epi_insts == 5 - 4  # the peeled k-block at the loop's 4 per k-block
+    assert a["epi_static"] == 5 - 4
+    assert r.tile_extra == 10 - 2 * 4 and r.cta_extra == 0
+
+
 def test_parse_ptxas():
     res = kr.parse_ptxas(PTXAS)
     assert set(res) == {"_Z6canned", "_Z5other"}
@@ -196,7 +297,8 @@ def test_launch_model_arithmetic():
 
 def _synthetic_report(name, main_insts, tile_insts):
     r = kr.KernelReport(name, name, kr.KernelId(name, "bf16"), "x.cu", kr.Resources(),
-                        {k: 0 for k in (*kr.COUNTED, "MMA", "EX2")} | {"HMMA": 32}, 0)
+                        {k: 0 for k in (*kr.COUNTED, "MMA", "EX2")} | {"HMMA": 32}, 0,
+                        mma_flop=2 * 16 * 8 * 16)  # m16n8k16
     r.main = kr.HotPath(main_insts, 32, 0, 0)
     r.tile = kr.HotPath(tile_insts, 32, 0, 0)
     r.func = kr.HotPath(tile_insts + 10, 32, 0, 0)
@@ -222,6 +324,98 @@ def test_model_shape_counts_launches_and_work():
     issue = 2 * 8 * (10 + 119 * (2000 + 16 * 200)) / 4 / (m.clock_ghz * 1e9)
     assert fwd["fwd_main"][5]["issue"] == pytest.approx(issue)
     assert res["useful_tflops"] == pytest.approx(6 * 512 * 512 * 1e6 / res["total_s"] / 1e12)
+
+
+def _sm90_report(name, policy="", *, main_insts=200, hgmma=4, tile_insts=1000, tile_hgmma=8,
+                 func_insts=1000, func_hgmma=8, unroll=1):
+    r = kr.KernelReport(name, name, kr.KernelId(name, "bf16", policy=policy), "x.cu",
+                        kr.Resources(),
+                        {k: 0 for k in (*kr.COUNTED, "MMA", "EX2")} | {"HGMMA": func_hgmma}, 0,
+                        unroll=unroll, mma_flop=2 * 64 * 128 * 16 / 4)
+    r.main = kr.HotPath(main_insts, hgmma, 0, 0)
+    r.tile = kr.HotPath(tile_insts, tile_hgmma, 0, 0)
+    r.func = kr.HotPath(func_insts, func_hgmma, 0, 0)
+    r.epi = r.tile
+    return r
+
+
+def test_model_of_the_sm90_path_closed_form():
+    # per k-block of 64: 4 HGMMA in 200 slots; a tile: 1000 slots with 2 k-blocks (8 HGMMA)
+    # on its path, so 1000 - 2 * 200 = 600 beyond its k-blocks; fwd_main_sm90's loop holds
+    # two tiles, its function path 2 tiles + 2 look-ahead k-blocks + 100 other slots
+    reps = {
+        "fwd_main_sm90": _sm90_report("fwd_main_sm90", unroll=2,
+                                      func_insts=2 * 1000 + 2 * 200 + 100, func_hgmma=2 * 8 + 8),
+        "bwd_tile_sm90": _sm90_report("bwd_tile_sm90", func_insts=1000 + 50),
+        "bwd_gemm_sm90<DwSm90>": _sm90_report("bwd_gemm_sm90", "DwSm90"),
+        "bwd_gemm_sm90<DxSm90>": _sm90_report("bwd_gemm_sm90", "DxSm90"),
+    }
+    r = reps["fwd_main_sm90"]
+    assert (r.tile_extra, r.cta_extra, r.k_per_iter()) == (600, 100, 64)
+    m = kr.Machine()
+    clk = m.clock_ghz * 1e9
+    res = kr.model_shape(reps, 512, 512, 1_000_000, m, path="sm_90a")
+    fwd = {x[0]: x for x in res["fwd"]}
+    bwd = {x[0]: x for x in res["bwd"]}
+    # forward: fwd_main's grid, 4 row tiles x 66 splits of 119 class tiles, at 1 CTA per SM
+    name, count, grid, t, bound, terms, _ = fwd["fwd_main_sm90"]
+    assert (count, grid) == (1, 264)
+    tile_slots = 600 + 512 // 64 * 200  # per warp: beyond the k-blocks + 8 k-blocks
+    assert terms["issue"] == pytest.approx(2 * 8 * (100 + 119 * tile_slots) / 4 / clk)
+    # HGMMA at the full 4096 FLOP/clk/SM
+    assert terms["tensor"] == pytest.approx(2 * 119 * 2 * 128 * 128 * 512 / 4096 / clk)
+    # per tile the epilogue issues 8 warps x 600 / 4 = 1200 clocks, 2 look-ahead k-blocks of
+    # MMA (2 x 2*128*128*64 / 4096 = 1024 clocks) run under it: 176 exposed
+    assert terms["exposed"] == pytest.approx(2 * 119 * (1200 - 1024) / clk)
+    # x's row tile once per CTA, W's tile once per row tile and class tile
+    assert terms["L2"] == pytest.approx((264 * 128 + 4 * 7813 * 128) * 512 * 2 / 5.5e12)
+    assert terms["refill"] == pytest.approx(0.5e-6)  # the second CTA of the busiest SM
+    assert t == pytest.approx(max(terms["issue"], terms["tensor"] + terms["exposed"],
+                                  terms["L2"], terms["HBM"]) + 0.5e-6 + 3e-6)
+    # backward: 16 MiB chunks of 16384 classes (62); bwd_tile_sm90 walks ceil(128 / 33) = 4
+    # class tiles per CTA, grid 4 x 32, one per SM: serial epilogues, no refill
+    assert (res["layout"]["cc"], res["layout"]["chunks"]) == (16384, 62)
+    _, count, grid, _, _, terms, _ = bwd["bwd_tile_sm90"]
+    assert (count, grid) == (62, 128)
+    assert terms["exposed"] == pytest.approx(62 * 4 * 8 * 600 / 4 / clk)
+    assert terms["refill"] == 0
+    # dX: 8 splits (partial budget) of k_split = 2048 (a multiple of 64), grid 4 x 4 x 8
+    assert (res["layout"]["dx_splits"], res["layout"]["k_split"]) == (8, 2048)
+    _, count, grid, _, _, terms, _ = bwd["bwd_gemm_sm90<DxSm90>"]
+    assert grid == 128
+    assert terms["issue"] == pytest.approx(62 * 8 * (600 + 2048 / 64 * 200) / 4 / clk)
+    assert terms["tensor"] == pytest.approx(62 * 2 * 128 * 128 * 2048 / 4096 / clk)
+    # dW: 4 x 128 CTAs, 4 per SM: 3 refills per launch; W resident (16 + 16 MiB of L2): HBM
+    # is dW's write only
+    _, count, grid, _, _, terms, _ = bwd["bwd_gemm_sm90<DwSm90>"]
+    assert grid == 512 and terms["refill"] == pytest.approx(62 * 3 * 0.5e-6)
+    assert res["layout"]["w_resident"]
+    assert terms["HBM"] == pytest.approx(62 * 16384 * 512 * 2 / 3e12)
+
+
+def test_host_rules_mirrored():
+    # Sm90Cfg::stages_for: bwd_tile_sm90 (4 KiB tail) keeps 4 ring stages up to D = 576, 3
+    # from 577 (RESULTS.md); the forward keeps its required 4 up to D = 640
+    assert kr.sm90_stages(576, kr.BWD_TILE_SM90_TAIL) == 4
+    assert kr.sm90_stages(577, kr.BWD_TILE_SM90_TAIL) == 3
+    assert kr.sm90_eligible(640, 2) == {"fwd_main": True, "bwd_tile": True, "bwd_dw": True,
+                                        "bwd_dx": True}
+    assert not kr.sm90_eligible(704, 2)["fwd_main"] and kr.sm90_eligible(704, 2)["bwd_dx"]
+    assert kr.sm90_eligible(100, 2) == {"fwd_main": False, "bwd_tile": False, "bwd_dw": True,
+                                        "bwd_dx": False}
+    assert not any(kr.sm90_eligible(512, 4).values())
+    # Backward::layout at N = 128: the 16 MiB budget gives 65536 classes; a cap rounds to 128
+    lay = kr.backward_layout(128, 512, 1_000_000, 132, 2, True)
+    assert (lay["cc"], lay["chunks"]) == (65536, 16)
+    assert kr.backward_layout(128, 512, 1_000_000, 132, 2, True, cc_cap=30000)["cc"] == 29952
+    # dX: 32 splits (the 8 MiB partial budget) of 31744 / 32 = 992 classes, rounded up to the
+    # dX kernel's k-block: 1024 for bwd_gemm_sm90<DxSm90> (31 splits), 992 for bwd_dx
+    for sm90_dx, k_split, splits in ((True, 1024, 31), (False, 992, 32)):
+        lay = kr.backward_layout(128, 512, 1_000_000, 132, 2, sm90_dx, cc_cap=31744)
+        assert (lay["cc"], lay["k_split"], lay["dx_splits"]) == (31744, k_split, splits)
+    # the chunk rule: W chunk + dS' within 0.75 x 50 MiB: 39321600 / ((512 + 128) x 2)
+    assert kr.chunk_rule(128, 512, kr.Machine()) == 30720
+    assert kr.chunk_rule(512, 512, kr.Machine()) == 16384  # the budget's
 
 
 TINY = r"""

@@ -11,15 +11,26 @@ prints:
    dynamic shared memory (the launch's figure, from the tile configuration mirrored below),
    and SASS counts of HMMA / HGMMA / DMMA / MUFU / LDGSTS / LDSM;
 2. a loop analysis of the GEMM kernels: the *mainloop* is the innermost loop (a backward
-   branch ``BRA`` to a lower address; its body is [target, branch]; ptxas' loop exit
+   branch ``BRA`` to a lower address whose source the target reaches inside [target, branch],
+   which drops ptxas' out-of-line mbarrier retry stubs; ptxas' loop exit
    ``CALL.REL.NOINC addr`` counts as a jump) that contains MMA
    instructions, the one with the most MMAs when several are innermost; its SASS
    instructions per MMA are counted along the *hot path* (below). The *epilogue* is the
    code after the mainloop up to the back edge of the enclosing loop (the forward's class-tile
    loop) or to EXIT (one tile per CTA), counted along the hot path, divided by the
-   accumulator elements per thread (BM·BN / 256 threads = 64);
+   accumulator elements per thread (BM·BN / 256 threads = 64: mma.sync's 8 warps, or the
+   sm_90a kernels' 2 consumer warpgroups, whose producer warp is not counted). k-blocks
+   on an epilogue's path (bwd_gemm_sm90's peeled last k-block) are taken out at the
+   mainloop's rate (its instructions per MMA). A class-tile loop holding several copies of
+   the mainloop (fwd_main_sm90: unrolled by two for its two accumulator sets, the next
+   tile's first k-blocks issued before the current tile's epilogue) is that many tiles: a
+   tile is its body's hot path divided by the copies, the epilogue that tile beyond its
+   k-blocks;
 3. a PREDICTED time per named shape (benchmarks/contenders.py GPU_SHAPES), forward and
-   backward, for the bf16 K = 1 instantiations, from the model printed after the tables.
+   backward, for the bf16 K = 1 instantiations, from the model printed after the tables: on
+   sm_90a for two paths side by side, the mma.sync kernels and the sm_90a kernels (TMA +
+   wgmma) that replace them where the host's eligibility rules allow (``--chunk-study``
+   adds the backward under class-chunk caps at D = 512, C = 1M).
 
 Hot path: the loop body (or the epilogue region) is cut into basic blocks; back edges inside
 it are dropped (an inner loop counts once) and edges leaving it are ignored; among the paths
@@ -32,8 +43,9 @@ always takes (the lane-0 merge of the row statistics) is left out although the w
 it, so the epilogue figure is a lower bound; "all paths" (every instruction of the region
 once) is printed beside it as the upper bound. Predicated-off instructions still take an
 issue slot and are counted; a call to a non-inlined function counts as one instruction (its
-body is not followed). For K > 1 the mainloop sits in the sub-center pass loop, so the
-"epilogue" is that loop's tail.
+body is not followed). For K > 1 the region after the mainloop holds the other
+sub-centers' passes, their mainloop included, so the "epilogue" is not comparable with K = 1.
+An mbarrier wait counts its first try (the wait succeeds at once): the model has no stalls.
 
 Everything this script prints about time is a PREDICTION of a simple throughput model,
 never a measurement.
@@ -44,6 +56,7 @@ Usage:
     python tools/kernel_report.py --markdown      # the tables as Markdown (RESULTS.md)
     python tools/kernel_report.py --kernels-only  # no model
     python tools/kernel_report.py --gate          # CI's sm_90a check: HGMMA, no spills
+    python tools/kernel_report.py --machine h200 --chunk-study
 """
 
 from __future__ import annotations
@@ -322,11 +335,43 @@ class Loop:
 
 
 def find_loops(insts: list[Inst]) -> list[Loop]:
+    """The loops of a function: a backward branch whose source is reachable from its target
+    without leaving [target, branch]. The reachability test drops ptxas' out-of-line retry
+    stubs (an mbarrier try_wait that failed jumps to a stub after the function's EXIT, which
+    branches back behind the wait: a backward branch, but no loop of the code)."""
     index = {i.addr: k for k, i in enumerate(insts)}
+    # next_ctl[k]: the first control transfer at or after k (len(insts) if none)
+    next_ctl = [len(insts)] * (len(insts) + 1)
+    for k in range(len(insts) - 1, -1, -1):
+        i = insts[k]
+        ctl = i.branch_target is not None or i.base in ("BRA", "JMP", "BRX", "JMX", "EXIT", "RET",
+                                                         "CALL")
+        next_ctl[k] = k if ctl else next_ctl[k + 1]
+
+    def reaches(start: int, end: int) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            k = todo.pop()
+            if k in seen or not start <= k <= end:
+                continue
+            seen.add(k)
+            b = next_ctl[k]
+            if b >= end:  # straight on into the back edge (end is one)
+                return True
+            i = insts[b]
+            t = i.branch_target
+            if i.base in ("BRX", "JMX") or (i.base in ("BRA", "JMP") and t is None):
+                return True  # an indirect jump: assume the loop is real
+            if t is not None and t in index:
+                todo.append(index[t])
+            if i.conditional or i.base == "CALL":  # a call returns
+                todo.append(b + 1)
+        return False
+
     loops = []
     for k, i in enumerate(insts):
         t = i.branch_target
-        if t is not None and t <= i.addr and t in index:
+        if t is not None and t <= i.addr and t in index and reaches(index[t], k):
             loops.append(Loop(index[t], k))
     return loops
 
@@ -342,14 +387,41 @@ def count_ops(insts: list[Inst], lo: int = 0, hi: int | None = None) -> dict[str
     return c
 
 
+def innermost_mma_loops(insts: list[Inst], loops: list[Loop]) -> list[Loop]:
+    """The loops containing MMAs with no such loop inside them."""
+    mma = [lp for lp in loops if count_ops(insts, lp.start, lp.end)["MMA"] > 0]
+    return [lp for lp in mma if not any(lp.contains(o) for o in mma)]
+
+
 def find_mainloop(insts: list[Inst], loops: list[Loop] | None = None) -> Loop | None:
     """The innermost loop containing MMAs (no loop with MMAs inside it); the most MMAs wins."""
     loops = find_loops(insts) if loops is None else loops
-    mma = [lp for lp in loops if count_ops(insts, lp.start, lp.end)["MMA"] > 0]
-    inner = [lp for lp in mma if not any(lp.contains(o) for o in mma)]
+    inner = innermost_mma_loops(insts, loops)
     if not inner:
         return None
     return max(inner, key=lambda lp: (count_ops(insts, lp.start, lp.end)["MMA"], -lp.size))
+
+
+def unroll_factor(insts: list[Inst], loops: list[Loop], main: Loop, outer: Loop) -> int:
+    """How many copies of the mainloop the enclosing loop holds: the innermost MMA loops
+    directly inside it (it is their enclosing loop) with the mainloop's MMA count: 2 in
+    fwd_main_sm90, whose class-tile loop is unrolled by two for its two accumulator sets; 1
+    elsewhere (fwd_main K > 1's second mainloop sits in the sub-center pass loop)."""
+    n_mma = count_ops(insts, main.start, main.end)["MMA"]
+    return sum(1 for lp in innermost_mma_loops(insts, loops)
+               if enclosing_loop(loops, lp) == outer
+               and count_ops(insts, lp.start, lp.end)["MMA"] == n_mma)
+
+
+def mma_flop_per_warp(opcode: str) -> float | None:
+    """FLOP of one warp's share of an MMA instruction, from its SASS shape: HMMA.16816 is
+    m16n8k16 per warp (HMMA.1688 k8, DMMA.884 m8n8k4); HGMMA.64x128x16 is m64n128k16 per
+    warpgroup, issued by its 4 warps."""
+    m = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", opcode)
+    if m:
+        return 2.0 * math.prod(map(int, m.groups())) / 4
+    m = re.match(r"[HDI]MMA\.(16|8)(8)(\d+)", opcode)
+    return 2.0 * math.prod(map(int, m.groups())) if m else None
 
 
 def enclosing_loop(loops: list[Loop], inner: Loop) -> Loop | None:
@@ -367,6 +439,11 @@ class HotPath:
     def key(self, ex2_cap: int | None = None):
         ex2 = self.ex2 if ex2_cap is None else min(self.ex2, ex2_cap)
         return (self.mma, self.copies, ex2, -self.insts)
+
+    def per(self, copies: int) -> "HotPath":
+        """One of `copies` identical copies of this path (an unrolled loop's body)."""
+        return HotPath(self.insts / copies, self.mma / copies, self.copies / copies,
+                       self.ex2 / copies)
 
 
 def hot_path(insts: list[Inst], lo: int, hi: int, *, ends_at_exit: bool = False,
@@ -500,49 +577,101 @@ class KernelReport:
     main: HotPath | None = None  # mainloop hot path (one iteration)
     main_static: int = 0  # every instruction of the mainloop body
     epi: HotPath | None = None  # epilogue hot path (per tile)
-    epi_static: int = 0
+    epi_kblocks: float = 0  # issue slots of k-blocks on the epilogue's path (not epilogue)
+    epi_static: float = 0  # every instruction of the epilogue region once, k-blocks taken out
     tile: HotPath | None = None  # the tile's whole hot path (prologue + mainloop once + epilogue)
     func: HotPath | None = None  # the whole function's hot path (mainloop once)
     outer_kind: str = ""  # "loop" (class-tile loop) or "exit"
+    unroll: int = 1  # copies of the mainloop in the class-tile loop (the tile: 1 / unroll of it)
+    mma_flop: float | None = None  # FLOP of one warp's share of one mainloop MMA
 
     @property
     def main_per_mma(self) -> float | None:
         return self.main.insts / self.main.mma if self.main and self.main.mma else None
 
     @property
+    def epi_insts(self) -> float | None:
+        """The epilogue's issue slots per warp and tile, k-blocks on its path (the next tile's
+        look-ahead, a peeled last k-block) taken out."""
+        return self.epi.insts - self.epi_kblocks if self.epi and self.main else None
+
+    @property
     def epi_per_elem(self) -> float | None:
-        return self.epi.insts / ACC_PER_THREAD if self.epi else None
+        return self.epi_insts / ACC_PER_THREAD if self.epi and self.main else None
 
     @property
     def epi_static_per_elem(self) -> float | None:
         return self.epi_static / ACC_PER_THREAD if self.epi else None
 
+    @property
+    def tile_extra(self) -> float:
+        """A tile's issue slots per warp beyond its k-blocks (what a tile costs besides K)."""
+        return self.tile.insts - kblock_slots(self.tile, self.main)
+
+    @property
+    def cta_extra(self) -> float:
+        """A CTA's issue slots per warp outside its tiles (0 for one tile per CTA)."""
+        return self.func.insts - kblock_slots(self.func, self.main) - self.unroll * self.tile_extra
+
+    def k_per_iter(self) -> float:
+        """The K depth one mainloop iteration covers for the CTA's BM x BN tile."""
+        return WARPS * self.main.mma * self.mma_flop / (2 * BM * BN)
+
+
+def kblock_slots(path: HotPath, main: HotPath) -> float:
+    """The issue slots of the k-blocks on `path` at the mainloop's rate: its MMAs over the
+    mainloop's MMAs per iteration, times the iteration's instructions (the part of a path
+    that scales with K)."""
+    return path.mma / main.mma * main.insts
+
 
 def analyze_function(insts: list[Inst]) -> dict:
     """Mainloop / epilogue figures of one function's instructions."""
-    out: dict = {"main": None, "main_static": 0, "epi": None, "epi_static": 0, "tile": None,
-                 "func": None, "outer_kind": ""}
+    out: dict = {"main": None, "main_static": 0, "epi": None, "epi_kblocks": 0, "epi_static": 0,
+                 "tile": None, "func": None, "outer_kind": "", "unroll": 1, "mma_flop": None}
     if not insts:
         return out
     loops = find_loops(insts)
-    out["func"] = hot_path(insts, 0, len(insts) - 1, ends_at_exit=True, ex2_cap=ACC_PER_THREAD)
     ml = find_mainloop(insts, loops)
+    outer = enclosing_loop(loops, ml) if ml is not None else None
+    u = unroll_factor(insts, loops, ml, outer) if outer is not None else 1
+    # (the function's path holds the tile loop's body once: u tiles' exponentials)
+    out["func"] = hot_path(insts, 0, len(insts) - 1, ends_at_exit=True,
+                           ex2_cap=u * ACC_PER_THREAD)
     if ml is None:
         return out
     out["main"] = hot_path(insts, ml.start, ml.end)
     out["main_static"] = ml.size
-    outer = enclosing_loop(loops, ml)
+    out["mma_flop"] = next(mma_flop_per_warp(i.opcode) for i in insts[ml.start:ml.end + 1]
+                           if i.base in MMA_OPS)
+    main_mma = count_ops(insts, ml.start, ml.end)["MMA"]
+
+    # k-blocks outside the mainloop (straight-line ones, the other copies of an unrolled
+    # mainloop) count at the mainloop's rate (for "all": its static size per MMA)
+    def static_beyond_kblocks(lo: int, hi: int) -> float:
+        return hi - lo + 1 - count_ops(insts, lo, hi)["MMA"] / main_mma * ml.size
+
     if outer is not None:
         out["outer_kind"] = "loop"
-        out["epi"] = hot_path(insts, ml.end + 1, outer.end, ex2_cap=ACC_PER_THREAD)
-        out["epi_static"] = outer.end - ml.end
-        out["tile"] = hot_path(insts, outer.start, outer.end, ex2_cap=ACC_PER_THREAD)
+        out["unroll"] = u
+        tile = hot_path(insts, outer.start, outer.end, ex2_cap=u * ACC_PER_THREAD)
+        out["tile"] = tile.per(u)
+        if u == 1:  # the epilogue: from the mainloop's end to the tile loop's back edge (for
+            # K > 1, with the sub-center pass loop's own mainloop: reported as that tail)
+            out["epi"] = hot_path(insts, ml.end + 1, outer.end, ex2_cap=ACC_PER_THREAD)
+            out["epi_static"] = outer.end - ml.end
+        else:  # the copies interleave tiles (one's epilogue, the next one's first k-blocks):
+            # the epilogue is the tile's path beyond its k-blocks
+            out["epi"] = out["tile"]
+            out["epi_kblocks"] = kblock_slots(out["tile"], out["main"])
+            out["epi_static"] = static_beyond_kblocks(outer.start, outer.end) / u
     else:
         out["outer_kind"] = "exit"
         out["epi"] = hot_path(insts, ml.end + 1, len(insts) - 1, ends_at_exit=True,
                               ex2_cap=ACC_PER_THREAD)
+        out["epi_kblocks"] = kblock_slots(out["epi"], out["main"])  # a peeled last k-block
         last_exit = max((k for k, i in enumerate(insts) if i.base == "EXIT"), default=len(insts) - 1)
-        out["epi_static"] = last_exit - ml.end
+        out["epi_static"] = static_beyond_kblocks(ml.end + 1, last_exit)
         out["tile"] = out["func"]
     return out
 
@@ -606,34 +735,79 @@ class Machine:
     sms: int = 132
     clock_ghz: float = 1.83  # the clock NVIDIA's 989 TF dense bf16 figure implies
     wgmma_flop_per_clk_sm: float = 4096.0  # dense bf16/fp16, 4 tensor cores x 512 FMA
+    wgmma_fraction: float = 1.0  # ASSUMPTION: HGMMA at the full rate
     mma_sync_fraction: float = 0.625  # ASSUMPTION: mma.sync reaches ~60-65% of wgmma's rate
     issue_per_clk_sm: float = 4.0  # 4 schedulers x 1 warp instruction per clock
     l2_tbps: float = 5.5  # ASSUMPTION: sustained L2 read bandwidth, TB/s
-    hbm_tbps: float = 3.0  # measured copy bandwidth (docs/design.md §2), TB/s
+    hbm_tbps: float = 3.0  # TB/s
+    hbm_source: str = "measured copy, docs/design.md"
     l2_mib: float = 50.0
+    l2_resident: float = 0.75  # ASSUMPTION: the share of L2 a backward chunk's W + dS' may fill
     launch_us: float = 3.0  # per launch boundary (ramp-up, tail, launch gap)
+    refill_us: float = 0.5  # ASSUMPTION: per CTA after the first on an SM, at 1 CTA/SM
 
     def describe(self) -> list[str]:
         rate = self.wgmma_flop_per_clk_sm * self.mma_sync_fraction
+        peak = self.wgmma_flop_per_clk_sm * self.sms * self.clock_ghz / 1e3
         return [
-            f"machine: {self.name}: {self.sms} SMs at {self.clock_ghz} GHz (the clock of NVIDIA's "
-            f"989 TF dense bf16 figure: {self.wgmma_flop_per_clk_sm:.0f} FLOP/clk/SM x {self.sms} SMs)",
-            f"tensor: mma.sync (HMMA) at {self.mma_sync_fraction:.3f} of the wgmma rate = "
-            f"{rate:.0f} FLOP/clk/SM ({rate * self.sms * self.clock_ghz / 1e3:.0f} TF) - an "
-            "ASSUMPTION (published microbenchmarks put mma.sync at ~60-65% of wgmma on H100); "
-            "HGMMA at the full rate",
-            f"issue: {self.issue_per_clk_sm:.0f} warp instructions per clock per SM (4 schedulers x 1);"
-            " every SASS instruction (MMA, predicated-off, barrier) takes one slot; no stalls "
-            "modelled (latency, dependencies, barriers, occupancy): an optimistic bound",
-            f"memory: L2 {self.l2_tbps} TB/s (ASSUMPTION), HBM {self.hbm_tbps} TB/s (measured copy, "
-            f"design.md), L2 {self.l2_mib:.0f} MiB",
-            f"launches: {self.launch_us} us per launch boundary (design.md's figure), added to each",
-            "per launch: time = max(issue, tensor, L2, HBM) + launch; issue and tensor per SM from "
-            "the busiest SM's CTAs (ceil(grid / SMs) CTAs: waves), i.e. the MMA and the other "
-            "instructions overlap perfectly, but nothing hides an idle SM; 'no overlap': "
-            "max(issue, tensor) + max(L2, HBM) + launch instead (memory streaming never hidden "
-            "behind issue): the two bracket the prediction",
+            f"machine: {self.name}: {self.sms} SMs at {self.clock_ghz} GHz, the clock of NVIDIA's "
+            f"989 TF dense bf16 figure ({self.wgmma_flop_per_clk_sm:.0f} FLOP/clk/SM x {self.sms} "
+            "SMs; H100 SXM and H200 share it: the 1.98 GHz maximum boost is not what the figure "
+            "assumes)",
+            f"tensor: HGMMA (wgmma) at {self.wgmma_fraction:.3f} of that peak = "
+            f"{self.wgmma_fraction * peak:.0f} TF - an ASSUMPTION (a measured cuBLAS GEMM "
+            "reaches ~800 TF: --wgmma-fraction 0.81); mma.sync (HMMA) at "
+            f"{self.mma_sync_fraction:.3f} of the peak = {rate:.0f} FLOP/clk/SM "
+            f"({rate * self.sms * self.clock_ghz / 1e3:.0f} TF) - an ASSUMPTION (published "
+            "microbenchmarks put mma.sync at ~60-65% of wgmma on H100)",
+            f"issue: {self.issue_per_clk_sm:.0f} warp instructions per clock per SM (4 schedulers "
+            "x 1); every SASS instruction (MMA, predicated-off, barrier) takes one slot; 8 warps "
+            "issue per CTA (mma.sync: all 8; sm_90a: the 8 consumer warps, the producer warp's "
+            "TMA instructions are left out); no stalls modelled (latency, dependencies, "
+            "barriers): an optimistic bound",
+            f"memory: L2 {self.l2_tbps} TB/s (ASSUMPTION), HBM {self.hbm_tbps} TB/s "
+            f"({self.hbm_source}), L2 {self.l2_mib:.0f} MiB; a backward chunk's W rows stay in L2 "
+            f"from bwd_tile to bwd_dw and bwd_dx when W chunk + dS' <= {self.l2_resident:.2f} x L2 "
+            "(ASSUMPTION), else bwd_dw's epilogue and bwd_dx read them from HBM again",
+            f"launches: {self.launch_us} us per launch boundary (design.md's figure), added to "
+            "each; the sm_90a kernels run 1 CTA per SM (384 threads, 168 registers): each CTA "
+            f"after the first on an SM adds {self.refill_us} us (ASSUMPTION: barrier init, the "
+            "first TMA stage's latency and the last wgmma's drain, which no second CTA hides)",
+            "per launch: time = max(issue, tensor + exposed epilogue, L2, HBM) + refills + launch; "
+            "issue and tensor per SM from the busiest SM's CTAs (ceil(grid / SMs) CTAs: waves): "
+            "MMA and other instructions overlap, nothing hides an idle SM; 'exposed epilogue' "
+            "(sm_90a, 1 CTA/SM): per tile, the epilogue's issue time that no queued MMA covers - "
+            "all of it in bwd_tile_sm90 and the GEMMs (the consumers wait for their last wgmma "
+            f"first), in fwd_main_sm90 beyond the {FWD_AHEAD_KBLOCKS} look-ahead k-blocks' MMA "
+            "time (the next tile's wgmmas run under the epilogue); mma.sync kernels: none "
+            "(2 CTAs/SM hide each other's epilogue). 'no overlap': max(issue, tensor + exposed) "
+            "+ max(L2, HBM) + refills + launch (memory streaming never hidden): the two bracket "
+            "the prediction",
         ]
+
+
+#: Machines of the model (--machine). H200: the H100's die (SMs, clocks, L2) with HBM3e.
+MACHINES = {
+    "h100": Machine(),
+    "h200": Machine(name="H200 SXM (model)", hbm_tbps=4.8,
+                    hbm_source="NVIDIA's vendor figure, not a measured copy: H100's measured "
+                               "3.0 is 90% of its vendor 3.35"),
+}
+
+
+#: Command-line overrides of the machine: (flag, Machine field, help).
+MACHINE_FLAGS = (
+    ("--clock-ghz", "clock_ghz", "SM clock of the model (GHz)"),
+    ("--wgmma-fraction", "wgmma_fraction", "HGMMA rate as a fraction of the nominal peak (an "
+                                           "assumption)"),
+    ("--mma-sync-fraction", "mma_sync_fraction", "mma.sync rate as a fraction of the nominal "
+                                                 "wgmma peak (an assumption)"),
+    ("--l2-tbps", "l2_tbps", "L2 bandwidth of the model (TB/s, an assumption)"),
+    ("--hbm-tbps", "hbm_tbps", "HBM bandwidth of the model (TB/s)"),
+    ("--launch-us", "launch_us", "cost of one launch boundary (us)"),
+    ("--refill-us", "refill_us", "cost of each further CTA on an SM at 1 CTA/SM (us, an "
+                                 "assumption)"),
+)
 
 
 @dataclasses.dataclass
@@ -646,20 +820,32 @@ class LaunchModel:
     l2_bytes: float  # per launch
     hbm_bytes: float  # per launch
     hgmma: bool = False
+    serial_tiles: int = 0  # tiles per CTA whose epilogue runs while the tensor cores idle
+    serial_insts: float = 0  # per such tile and warp: the epilogue's issue slots
+    cover_flop: float = 0  # per such tile: MMA work queued before its epilogue (look-ahead)
+    lone: bool = False  # 1 CTA per SM: each CTA after the first on an SM pays a refill
 
     def time(self, m: Machine) -> tuple[float, str]:
+        clk = m.clock_ghz * 1e9
         per_sm = math.ceil(self.grid / m.sms)
-        issue = per_sm * WARPS * self.insts_per_warp / m.issue_per_clk_sm / (m.clock_ghz * 1e9)
-        rate = m.wgmma_flop_per_clk_sm * (1.0 if self.hgmma else m.mma_sync_fraction)
-        tensor = per_sm * self.mma_flop_per_cta / rate / (m.clock_ghz * 1e9)
+        issue = per_sm * WARPS * self.insts_per_warp / m.issue_per_clk_sm / clk
+        rate = m.wgmma_flop_per_clk_sm * (m.wgmma_fraction if self.hgmma else m.mma_sync_fraction)
+        tensor = per_sm * self.mma_flop_per_cta / rate / clk
+        exposed = per_sm * self.serial_tiles * max(
+            0.0, WARPS * self.serial_insts / m.issue_per_clk_sm - self.cover_flop / rate) / clk
         l2 = self.l2_bytes / (m.l2_tbps * 1e12)
         hbm = self.hbm_bytes / (m.hbm_tbps * 1e12)
-        terms = {"issue": issue, "tensor": tensor, "L2": l2, "HBM": hbm}
-        bound = max(terms, key=terms.get)
-        self.terms = {k: self.count * v for k, v in terms.items()}
+        refill = (per_sm - 1) * m.refill_us * 1e-6 if self.lone else 0.0
+        bounds = {"issue": issue, "tensor": tensor + exposed, "L2": l2, "HBM": hbm}
+        bound = max(bounds, key=bounds.get)
+        label = "tensor+epi" if bound == "tensor" and exposed > 0 else bound
+        self.terms = {k: self.count * v for k, v in (("issue", issue), ("tensor", tensor),
+                                                      ("exposed", exposed), ("L2", l2),
+                                                      ("HBM", hbm), ("refill", refill))}
         # the pessimistic variant: memory streaming does not overlap instruction issue
-        self.no_overlap = self.count * (max(issue, tensor) + max(l2, hbm) + m.launch_us * 1e-6)
-        return self.count * (terms[bound] + m.launch_us * 1e-6), bound
+        self.no_overlap = self.count * (max(issue, tensor + exposed) + max(l2, hbm) + refill
+                                        + m.launch_us * 1e-6)
+        return self.count * (bounds[bound] + refill + m.launch_us * 1e-6), label
 
 
 def parse_gpu_shapes(path: Path = ROOT / "benchmarks" / "contenders.py") -> dict[str, tuple]:
@@ -685,75 +871,251 @@ def round_up(a: int, b: int) -> int:
     return ceil_div(a, b) * b
 
 
-def _per_warp(r: KernelReport, k_extent: int) -> tuple[float, float, int]:
-    """(issue slots per warp for one tile with a K extent of k_extent, MMA FLOPs per CTA,
-    mainloop iterations)."""
-    flop_per_mma = 2 * 16 * 8 * 16 if r.counts["HMMA"] else 2 * 64 * 128 * 16
-    cta_flop = 2 * BM * BN * k_extent
-    iters = cta_flop / (WARPS * r.main.mma * flop_per_mma)
-    iters_i = math.ceil(iters)
-    per_warp = (r.tile.insts - r.main.insts) + iters_i * r.main.insts
-    return per_warp, cta_flop, iters_i
+# ---------------------------------------------------------------------------------------
+# The host's launch rules, mirrored: the one place the model holds them (update with the
+# C++ named beside each). bf16/fp16, K = 1, no class_index, 16-byte aligned inputs.
+# ---------------------------------------------------------------------------------------
+
+SCRATCH_BUDGET = 16 << 20  # kScratchBudget (margin_lse_backward.cu): the dS' chunk, bytes
+PARTIAL_BUDGET = 8 << 20  # kPartialBudget (margin_lse_backward.cu): the fp32 dX partials
+MMA_SYNC_BK = 32  # Cfg<bf16>::BK (margin_lse_tile_gemm.cuh): mma.sync kernels' k-block
+SM90_BK = 64  # Sm90WarpRoles::BK (margin_lse_wgmma_desc.cuh): the sm_90a kernels' k-block
+FWD_AHEAD_KBLOCKS = 2  # kFwdAhead (margin_lse_forward_sm90.cu)
+# Sm90Cfg (margin_lse_sm90_mainloop.cuh): kMaxSmem, kMaxStages, kEngineTail, and the kernels'
+# tails: sizeof(FwdSm90Tail), sizeof(BwdTileSm90Tail) (MarginParams: 88 bytes on x86-64)
+SM90_MAX_SMEM, SM90_MAX_STAGES, SM90_ENGINE_TAIL = 227 * 1024, 4, 1120
+FWD_SM90_TAIL, BWD_TILE_SM90_TAIL = 88, 4192
 
 
-def model_shape(reports: dict[str, KernelReport], n: int, d: int, c: int, m: Machine,
-                esize: int = 2) -> dict:
-    """Predicted forward / backward launches of the bf16 K = 1 path for one shape."""
-    n_pad, d_pad = round_up(n, 128), round_up(d, 128)
-    row_tiles, d_tiles = n_pad // BM, d_pad // BN
-    n_ct = ceil_div(c, BN)
-    sms = m.sms
-    # forward (Forward::layout)
+def sm90_stages(d: int, tail: int) -> int:
+    """Sm90Cfg::stages_for: the deepest W ring (<= 4 stages of 16 KiB) that fits."""
+    s = SM90_MAX_STAGES
+    while s > 0 and (1024 + (ceil_div(d, SM90_BK) + s) * 16384 + SM90_ENGINE_TAIL + tail
+                     > SM90_MAX_SMEM):
+        s -= 1
+    return s
+
+
+def sm90_eligible(d: int, esize: int) -> dict[str, bool]:
+    """Which roles take their sm_90a kernel on compute capability 9.0: sm90_forward_eligible
+    (margin_lse_forward_sm90.cu), sm90_bwd_tile_eligible (margin_lse_bwd_tile_sm90.cu),
+    Backward::sm90_dw / sm90_dx (margin_lse_backward.cu)."""
+    wgmma = esize == 2  # bf16 / fp16
+    fwd = wgmma and (d * 2) % 16 == 0 and sm90_stages(d, FWD_SM90_TAIL) == SM90_MAX_STAGES
+    return {"fwd_main": fwd, "bwd_tile": fwd and sm90_stages(d, BWD_TILE_SM90_TAIL) >= 2,
+            "bwd_dw": wgmma, "bwd_dx": wgmma and d % 8 == 0}
+
+
+def forward_layout(n: int, c: int, sms: int) -> dict:
+    """Forward::layout (margin_lse_forward.cu): ~2 CTAs per SM, each a contiguous range of
+    class tiles of one row tile (fwd_main_sm90 runs on the same grid)."""
+    row_tiles, n_ct = round_up(n, 128) // BM, ceil_div(c, BN)
     splits0 = max(1, ceil_div(2 * sms, row_tiles))
     tps = ceil_div(n_ct, splits0)
-    splits = ceil_div(n_ct, tps)
-    fm = reports["fwd_main"]
-    tile_w, tile_flop, _ = _per_warp(fm, d_pad)
-    fixed = fm.func.insts - fm.tile.insts if fm.func and fm.tile else 0
-    fwd = [
-        LaunchModel("prep", 1, n_pad, 0, 0, 0, n * d * esize),
-        LaunchModel("fwd_main", 1, row_tiles * splits, fixed + tps * tile_w, tps * tile_flop,
-                    # x and W tile per class tile: (BM + BN) x D x esize from L2
-                    row_tiles * n_ct * (BM + BN) * d_pad * esize, c * d * esize),
-        LaunchModel("combine", 1, ceil_div(n, 256), 0, 0, 0, splits * n_pad * 20),
-    ]
-    # backward (Backward::layout), K = 1, no feature_scale
-    c_pad = round_up(c, 128)
-    fit = (16 << 20) // (n_pad * esize) // 128 * 128
-    cc = min(c_pad, max(128, fit))
-    chunks = ceil_div(c, cc)
-    tiles = row_tiles * d_tiles
-    bsplits = ceil_div(2 * sms, tiles)
-    bsplits = min(bsplits, max(1, cc // 256))
-    bsplits = min(bsplits, max(1, (8 << 20) // (n_pad * d_pad * 4)))
-    bsplits = max(1, bsplits)
-    k_split = round_up(ceil_div(cc, bsplits), 32)
-    bsplits = ceil_div(cc, k_split)
-    kc = min(cc, c)  # the model charges every chunk as a full one (the last one may be partial)
-    bt, bw, bx = reports["bwd_tile"], reports["bwd_dw"], reports["bwd_dx"]
-    t_w, t_flop, _ = _per_warp(bt, d_pad)
-    w_w, w_flop, _ = _per_warp(bw, n_pad)
-    x_w, x_flop, _ = _per_warp(bx, k_split)
-    w_chunk = kc * d * esize
-    scratch = n_pad * kc * esize
-    w_resident = w_chunk + scratch <= 0.75 * m.l2_mib * 2**20
-    bwd = [
-        LaunchModel("prep", 1, n_pad, 0, 0, 0, n * d * esize * 2),
-        LaunchModel("bwd_tile", chunks, row_tiles * ceil_div(kc, BN), t_w, t_flop,
-                    row_tiles * ceil_div(kc, BN) * (BM + BN) * d_pad * esize + scratch,
-                    w_chunk),
-        LaunchModel("bwd_dw", chunks, d_tiles * ceil_div(kc, BM), w_w, w_flop,
-                    d_tiles * ceil_div(kc, BM) * (BM + BN) * n_pad * esize + 2 * w_chunk,
-                    2 * w_chunk + (0 if w_resident else w_chunk)),
-        LaunchModel("bwd_dx", chunks, d_tiles * row_tiles * bsplits, x_w, x_flop,
-                    d_tiles * row_tiles * bsplits * (BM + BN) * k_split * esize
-                    + 2 * bsplits * n_pad * d_pad * 4,
-                    0 if w_resident else w_chunk),
-        LaunchModel("finalize", 1, n, 0, 0, 0, bsplits * n_pad * d_pad * 4 + 2 * n * d * esize),
-    ]
-    out = {"fwd": [], "bwd": [], "layout": dict(splits=splits, tiles_per_split=tps, cc=cc,
-                                                 chunks=chunks, dx_splits=bsplits,
-                                                 w_resident=w_resident)}
+    return dict(row_tiles=row_tiles, n_ct=n_ct, tiles_per_split=tps, splits=ceil_div(n_ct, tps))
+
+
+def backward_layout(n: int, d: int, c: int, sms: int, esize: int, sm90_dx: bool, *,
+                    budget: int = SCRATCH_BUDGET, cc_cap: int | None = None) -> dict:
+    """Backward::layout (margin_lse_backward.cu): class chunks of cc classes from the dS'
+    budget (cc_cap: a further cap, the chunk study's), dX splits (~2 CTAs per SM, >= 256
+    classes each, partials within their budget), k_split rounded to the k-block of the dX
+    kernel (64 for bwd_gemm_sm90<DxSm90>, 32 for bwd_dx)."""
+    n_pad, d_pad = round_up(n, 128), round_up(d, 128)
+    row_tiles, d_tiles = n_pad // BM, d_pad // BN
+    fit = budget // (n_pad * esize) // 128 * 128
+    cc = min(round_up(c, 128), max(128, fit))
+    if cc_cap is not None:
+        cc = min(cc, max(128, cc_cap // 128 * 128))
+    splits = ceil_div(2 * sms, row_tiles * d_tiles)
+    splits = min(splits, max(1, cc // 256))
+    splits = max(1, min(splits, max(1, PARTIAL_BUDGET // (n_pad * d_pad * 4))))
+    k_split = round_up(ceil_div(cc, splits), SM90_BK if sm90_dx else MMA_SYNC_BK)
+    return dict(n_pad=n_pad, d_pad=d_pad, row_tiles=row_tiles, d_tiles=d_tiles, cc=cc,
+                chunks=ceil_div(c, cc), dx_splits=ceil_div(cc, k_split), k_split=k_split)
+
+
+def bwd_tile_sm90_walk(row_tiles: int, kc: int, sms: int) -> tuple[int, int]:
+    """launch_bwd_tile_sm90 (margin_lse_bwd_tile_sm90.cu): (grid, class tiles per CTA): about
+    one CTA per SM, a row tile's chunk split over ceil(SMs / row tiles) CTAs."""
+    tiles = ceil_div(kc, BN)
+    per_split = ceil_div(tiles, min(tiles, ceil_div(sms, row_tiles)))
+    return row_tiles * ceil_div(tiles, per_split), per_split
+
+
+#: The launches of each path, per pass: (role, kernel) in launch order (Forward::run,
+#: Backward::run; prep, combine and finalize around them). On "sm_90a" a role whose
+#: sm90_eligible entry is false runs mma.sync's kernel. A new kernel: its row here, its
+#: CTAS_PER_SM entry and, for a new role, a function in LAUNCHES.
+PATHS = {
+    "mma.sync": {"fwd": (("fwd_main", "fwd_main"),),
+                 "bwd": (("bwd_tile", "bwd_tile"), ("bwd_dw", "bwd_dw"), ("bwd_dx", "bwd_dx"))},
+    "sm_90a": {"fwd": (("fwd_main", "fwd_main_sm90"),),
+               "bwd": (("bwd_tile", "bwd_tile_sm90"), ("bwd_dw", "bwd_gemm_sm90<DwSm90>"),
+                       ("bwd_dx", "bwd_gemm_sm90<DxSm90>"))},
+}
+#: CTAs per SM (launch bounds, registers, shared memory: the mma.sync kernels 2, the sm_90a
+#: ones 1: 384 threads x 168 registers). At 1 a tile's epilogue runs with the SM's tensor
+#: cores idle but for MMA queued before it (LOOKAHEAD_KBLOCKS), and each CTA after the first
+#: on an SM pays Machine.refill_us; at 2 the other CTA hides both.
+CTAS_PER_SM = {"fwd_main": 2, "bwd_tile": 2, "bwd_dw": 2, "bwd_dx": 2, "fwd_main_sm90": 1,
+               "bwd_tile_sm90": 1, "bwd_gemm_sm90<DwSm90>": 1, "bwd_gemm_sm90<DxSm90>": 1}
+#: k-blocks of the next tile a kernel issues before a tile's epilogue (kFwdAhead).
+LOOKAHEAD_KBLOCKS = {"fwd_main_sm90": FWD_AHEAD_KBLOCKS}
+
+
+def model_key(kid: KernelId) -> str:
+    """A kernel's name in PATHS: its family, with the epilogue policy of bwd_gemm_sm90."""
+    return f"{kid.name}<{kid.policy}>" if kid.policy else kid.name
+
+
+def is_sm90(r: KernelReport) -> bool:
+    return r.kid.name.endswith("_sm90")
+
+
+def k_block(r: KernelReport) -> int:
+    return SM90_BK if is_sm90(r) else MMA_SYNC_BK
+
+
+def tile_slots(r: KernelReport, k: int) -> float:
+    """Issue slots per warp of one BM x BN tile of depth k: the tile's slots beyond its
+    k-blocks, plus k (rounded up to the kernel's k-block) at the mainloop's rate."""
+    return r.tile_extra + round_up(k, k_block(r)) / r.k_per_iter() * r.main.insts
+
+
+def tile_flop(r: KernelReport, k: int) -> float:
+    return 2.0 * BM * BN * round_up(k, k_block(r))
+
+
+@dataclasses.dataclass
+class Problem:
+    """One shape on one machine with the host's layouts: what every launch needs."""
+    n: int
+    d: int
+    c: int
+    esize: int
+    m: Machine
+    fwd: dict  # forward_layout
+    bwd: dict  # backward_layout
+
+    @property
+    def n_pad(self) -> int:
+        return round_up(self.n, 128)
+
+    @property
+    def d_pad(self) -> int:
+        return round_up(self.d, 128)
+
+    @property
+    def kc(self) -> int:  # a chunk's classes (every chunk charged as a full one)
+        return min(self.bwd["cc"], self.c)
+
+    @property
+    def w_chunk(self) -> int:  # bytes of a chunk's W rows
+        return self.kc * self.d * self.esize
+
+    @property
+    def scratch(self) -> int:  # bytes of a chunk's dS'
+        return self.n_pad * self.kc * self.esize
+
+    @property
+    def w_resident(self) -> bool:  # W rows stay in L2 from bwd_tile to bwd_dw and bwd_dx
+        return self.w_chunk + self.scratch <= self.m.l2_resident * self.m.l2_mib * 2**20
+
+
+def launch(r: KernelReport, p: Problem, count: int, grid: int, tiles: int, k: int,
+           l2_bytes: float, hbm_bytes: float) -> LaunchModel:
+    """The LaunchModel of `count` launches of r on `grid` CTAs, each running `tiles` tiles of
+    depth k (plus its slots outside tiles)."""
+    key = model_key(r.kid)
+    lone = CTAS_PER_SM[key] == 1
+    return LaunchModel(key, count, grid, r.cta_extra + tiles * tile_slots(r, k),
+                       tiles * tile_flop(r, k), l2_bytes, hbm_bytes,
+                       hgmma=r.counts.get("HGMMA", 0) > 0, serial_tiles=tiles if lone else 0, serial_insts=r.tile_extra,
+                       cover_flop=LOOKAHEAD_KBLOCKS.get(key, 0) * 2.0 * BM * BN * k_block(r),
+                       lone=lone)
+
+
+def fwd_main_launch(r: KernelReport, p: Problem) -> LaunchModel:
+    fl = p.fwd
+    grid = fl["row_tiles"] * fl["splits"]
+    if is_sm90(r):  # x's row tile once per CTA (resident), a W tile per class tile
+        l2 = (grid * BM + fl["row_tiles"] * fl["n_ct"] * BN) * p.d_pad * p.esize
+    else:  # x's and W's tiles per class tile
+        l2 = fl["row_tiles"] * fl["n_ct"] * (BM + BN) * p.d_pad * p.esize
+    return launch(r, p, 1, grid, fl["tiles_per_split"], p.d if is_sm90(r) else p.d_pad, l2,
+                  p.c * p.d * p.esize)
+
+
+def bwd_tile_launch(r: KernelReport, p: Problem) -> LaunchModel:
+    rt, tiles = p.bwd["row_tiles"], ceil_div(p.kc, BN)
+    if is_sm90(r):  # a range of the chunk's class tiles per CTA, x's row tile resident
+        grid, per_cta = bwd_tile_sm90_walk(rt, p.kc, p.m.sms)
+        l2 = (grid * BM + rt * tiles * BN) * p.d_pad * p.esize + p.scratch
+        return launch(r, p, p.bwd["chunks"], grid, per_cta, p.d, l2, p.w_chunk)
+    grid = rt * tiles
+    return launch(r, p, p.bwd["chunks"], grid, 1, p.d_pad,
+                  grid * (BM + BN) * p.d_pad * p.esize + p.scratch, p.w_chunk)
+
+
+def bwd_dw_launch(r: KernelReport, p: Problem) -> LaunchModel:
+    # one tile per CTA; the epilogue reads W and writes dW (W from HBM again if not resident)
+    grid = p.bwd["d_tiles"] * ceil_div(p.kc, BM)
+    return launch(r, p, p.bwd["chunks"], grid, 1, p.n if is_sm90(r) else p.n_pad,
+                  grid * (BM + BN) * p.n_pad * p.esize + 2 * p.w_chunk,
+                  p.w_chunk + (0 if p.w_resident else p.w_chunk))
+
+
+def bwd_dx_launch(r: KernelReport, p: Problem) -> LaunchModel:
+    # one tile per CTA over k_split classes; fp32 partials read and written
+    bl = p.bwd
+    grid = bl["d_tiles"] * bl["row_tiles"] * bl["dx_splits"]
+    return launch(r, p, bl["chunks"], grid, 1, bl["k_split"],
+                  grid * (BM + BN) * bl["k_split"] * p.esize
+                  + 2 * bl["dx_splits"] * p.n_pad * p.d_pad * 4,
+                  0 if p.w_resident else p.w_chunk)
+
+
+#: The cost of each role's launches.
+LAUNCHES = {"fwd_main": fwd_main_launch, "bwd_tile": bwd_tile_launch, "bwd_dw": bwd_dw_launch,
+            "bwd_dx": bwd_dx_launch}
+
+
+def path_keys(path: str) -> list[str]:
+    """The kernels a path launches (PATHS), in order."""
+    return [key for launches in PATHS[path].values() for _, key in launches]
+
+
+def path_kernels(kernels: dict[str, KernelReport], path: str, d: int,
+                 esize: int) -> dict[str, list[tuple[str, KernelReport]]]:
+    """Per pass, the (role, kernel report) of a path's launches at feature dimension d."""
+    ok = sm90_eligible(d, esize) if path != "mma.sync" else {}
+    fallback = {role: key for launches in PATHS["mma.sync"].values() for role, key in launches}
+    return {pas: [(role, kernels[key if ok.get(role, True) else fallback[role]])
+                  for role, key in launches] for pas, launches in PATHS[path].items()}
+
+
+def model_shape(kernels: dict[str, KernelReport], n: int, d: int, c: int, m: Machine,
+                esize: int = 2, path: str = "mma.sync", *, budget: int = SCRATCH_BUDGET,
+                cc_cap: int | None = None) -> dict:
+    """Predicted forward / backward launches of one path (PATHS) for one shape, from the
+    kernels' reports keyed as in PATHS (bf16 or fp16, K = 1, no feature_scale)."""
+    k = path_kernels(kernels, path, d, esize)
+    sm90_dx = any(role == "bwd_dx" and is_sm90(r) for role, r in k["bwd"])
+    p = Problem(n, d, c, esize, m, forward_layout(n, c, m.sms),
+                backward_layout(n, d, c, m.sms, esize, sm90_dx, budget=budget, cc_cap=cc_cap))
+    n_pad, d_pad, splits = p.n_pad, p.d_pad, p.bwd["dx_splits"]
+    fwd = [LaunchModel("prep", 1, n_pad, 0, 0, 0, n * d * esize),
+           *(LAUNCHES[role](r, p) for role, r in k["fwd"]),
+           LaunchModel("combine", 1, ceil_div(n, 256), 0, 0, 0, p.fwd["splits"] * n_pad * 20)]
+    bwd = [LaunchModel("prep", 1, n_pad, 0, 0, 0, n * d * esize * 2),
+           *(LAUNCHES[role](r, p) for role, r in k["bwd"]),
+           LaunchModel("finalize", 1, n, 0, 0, 0, splits * n_pad * d_pad * 4 + 2 * n * d * esize)]
+    out = {"path": path, "fwd": [], "bwd": [],
+           "layout": dict(splits=p.fwd["splits"], tiles_per_split=p.fwd["tiles_per_split"],
+                          cc=p.bwd["cc"], chunks=p.bwd["chunks"], dx_splits=splits,
+                          k_split=p.bwd["k_split"], w_resident=p.w_resident,
+                          w_chunk=p.w_chunk, scratch=p.scratch)}
     for key, launches in (("fwd", fwd), ("bwd", bwd)):
         for lm in launches:
             t, bound = lm.time(m)
@@ -761,10 +1123,41 @@ def model_shape(reports: dict[str, KernelReport], n: int, d: int, c: int, m: Mac
     out["fwd_s"] = sum(x[3] for x in out["fwd"])
     out["bwd_s"] = sum(x[3] for x in out["bwd"])
     out["total_s"] = out["fwd_s"] + out["bwd_s"]
+    out["launches"] = sum(x[1] for x in out["fwd"] + out["bwd"])
     out["useful_tflops"] = 6 * n * c * d / out["total_s"] / 1e12
     out["no_overlap_s"] = sum(x[6] for x in out["fwd"] + out["bwd"])
     out["no_overlap_tflops"] = 6 * n * c * d / out["no_overlap_s"] / 1e12
     return out
+
+
+#: The chunk study (--chunk-study): 1m-small-batch's D and C, N = 128 and 512, class-chunk caps.
+STUDY_N, STUDY_D, STUDY_C = (128, 512), 512, 1_000_000
+STUDY_CAPS = (8192, 16384, 24576, 32768, 65536)
+
+
+def chunk_study(kernels: dict[str, KernelReport], m: Machine, path: str = "sm_90a",
+                esize: int = 2) -> list[dict]:
+    """The backward at D = 512, C = 1M for N in STUDY_N and each cap of STUDY_CAPS on the
+    class chunk: under the dS' budget, and (where the cap exceeds it) with the budget lifted
+    to fit the cap."""
+    rows = []
+    for n in STUDY_N:
+        n_pad = round_up(n, 128)
+        for cap in STUDY_CAPS:
+            for budget in sorted({SCRATCH_BUDGET, max(SCRATCH_BUDGET, n_pad * cap * esize)}):
+                res = model_shape(kernels, n, STUDY_D, STUDY_C, m, esize, path, budget=budget,
+                                  cc_cap=cap)
+                rows.append(dict(n=n, cap=cap, budget=budget, res=res))
+    return rows
+
+
+def chunk_rule(n: int, d: int, m: Machine, esize: int = 2, fraction: float | None = None) -> int:
+    """The cap the study proposes: cc <= min(the dS' budget's, fraction·L2 / ((D + N_pad)·esize)),
+    i.e. the chunk's W rows and its dS' together within the resident share of L2."""
+    f = m.l2_resident if fraction is None else fraction
+    n_pad = round_up(n, 128)
+    budget_cc = SCRATCH_BUDGET // (n_pad * esize) // 128 * 128
+    return min(budget_cc, int(f * m.l2_mib * 2**20 // ((d + n_pad) * esize)) // 128 * 128)
 
 
 # ---------------------------------------------------------------------------------------
@@ -787,7 +1180,8 @@ def kernel_table(reports: list[KernelReport], arch: str, markdown: bool) -> str:
                 if r.main and r.main.mma else "-")
         epi = (f"{fmt(r.epi_per_elem)} / {fmt(r.epi_static_per_elem)}"
                if r.epi and r.main and r.kid.name in ("fwd_main", "bwd_tile", "bwd_dw", "bwd_dx",
-                                                      "fwd_main_sm90", "bwd_tile_sm90")
+                                                      "fwd_main_sm90", "bwd_tile_sm90",
+                                                      "bwd_gemm_sm90")
                else "-")
         rows.append([r.kid.label, r.source.replace("margin_lse_", ""), str(r.res.registers),
                      f"{r.res.spill_stores}/{r.res.spill_loads}", str(r.res.stack),
@@ -812,52 +1206,171 @@ def _table(title: str, head: list[str], rows: list[list[str]], markdown: bool) -
     return "\n".join(lines)
 
 
+AUX_KERNELS = ("prep", "combine", "finalize")  # charged their HBM bytes and a launch only
+
+
+def model_kernels(reports: list[KernelReport], dtype: str) -> dict[str, KernelReport]:
+    """The K = 1, no-hard-example instantiations of `dtype` whose mainloop the tool found,
+    keyed as in PATHS."""
+    return {model_key(r.kid): r for r in reports if r.kid.dtype == dtype and not r.kid.sub
+            and not r.kid.hard and r.main is not None and r.tile is not None}
+
+
+def model_notes(m: Machine) -> list[str]:
+    """The model's assumptions, one line each (printed under the tables)."""
+    return m.describe() + [
+        "work per launch: grids and chunking mirror Forward::layout / Backward::layout and "
+        "launch_bwd_tile_sm90 (forward ~2 CTAs per SM of contiguous class tiles, on both paths;"
+        " backward: 16 MiB dS' chunks, bwd_tile + bwd_dw + bwd_dx per chunk, dX splits; "
+        "bwd_tile_sm90 ~1 CTA per SM walking a range of the chunk's class tiles); the kernels "
+        "per path follow the host's eligibility rules (at D = 512 bf16 every role takes its "
+        "sm_90a kernel); a CTA's issue slots = 8 warps x (slots outside its tiles + per tile: "
+        "the tile's slots beyond its k-blocks + k-blocks x the mainloop's slots per k-block), "
+        "k-blocks of 32 (mma.sync) or 64 (sm_90a); fwd_main_sm90's class-tile loop is unrolled "
+        "by two: a tile is half its body",
+        "L2 bytes: mma.sync kernels stream a CTA tile's A and B tiles through L2 ((BM+BN) x K x "
+        "2 B: 16 B per cosine); fwd_main_sm90 / bwd_tile_sm90 read x's row tile once per CTA "
+        "(resident in shared memory) and a W tile per class tile; plus dS', the dW epilogue's W "
+        "and dW, the dX partials (read and written); HBM bytes: W once per forward; per "
+        "backward chunk W (bwd_tile) and dW (bwd_dw), plus W again in bwd_dw's epilogue and in "
+        "bwd_dx when the chunk is not resident",
+        "the executed MMA work is 8NCD (the backward recomputes the 2NCD cosines) for 6NCD "
+        "useful; prep/combine/finalize are charged their HBM bytes and one launch",
+    ]
+
+
 def model_tables(reports: list[KernelReport], m: Machine, markdown: bool,
                  dtype: str = "bf16") -> str:
-    base = {r.kid.name: r for r in reports if r.kid.dtype == dtype and not r.kid.sub
-            and not r.kid.hard}
-    need = ("fwd_main", "bwd_tile", "bwd_dw", "bwd_dx")
-    missing = [k for k in need if k not in base or base[k].main is None or base[k].tile is None]
-    if missing:
+    kernels = model_kernels(reports, dtype)
+    paths = [p for p in PATHS if all(k in kernels for k in path_keys(p))]
+    if "mma.sync" not in paths:
+        missing = [k for k in path_keys("mma.sync") if k not in kernels]
         return f"(no model: no mainloop found in {', '.join(missing)} <{dtype}>)"
-    per_tile = []
-    for k in need:
-        r = base[k]
-        per_tile.append([f"{k}<{dtype}>", str(r.main.insts), str(r.main.mma),
-                         f"{r.main_per_mma:.2f}", str(r.tile.insts - r.main.insts),
-                         f"{r.epi.insts}", f"{r.epi_per_elem:.1f}"])
-    t1 = _table(f"Hot paths per warp, {dtype} K = 1 (input of the model)",
-                ["kernel", "mainloop insts/iter", "MMA/iter", "insts/MMA",
-                 "tile insts outside mainloop", "epilogue insts", "epilogue insts/elem"],
-                per_tile, markdown)
-    rows, detail = [], []
+    hot = []
+    for path in paths:
+        for key in path_keys(path):
+            r = kernels[key]
+            hot.append([r.kid.label, path, fmt(r.main.insts, "g"), fmt(r.main.mma, "g"),
+                        f"{r.main_per_mma:.2f}", f"{r.k_per_iter():.0f}", str(r.unroll),
+                        fmt(r.tile_extra, ".0f"), fmt(r.epi_insts, ".0f"),
+                        f"{r.epi_per_elem:.1f}", fmt(r.cta_extra, ".0f")])
+    t1 = _table(f"Hot paths per warp, {dtype} K = 1 (input of the model; sm_90a: per consumer "
+                "warp)", ["kernel", "path", "mainloop insts/iter", "MMA/iter", "insts/MMA",
+                          "K/iter", "mainloop copies per tile loop",
+                          "tile insts beyond its k-blocks", "epilogue insts",
+                          "epilogue insts/elem", "CTA insts outside tiles"], hot, markdown)
+    rows, side, detail = [], [], []
     for name, (n, d, c) in parse_gpu_shapes().items():
-        res = model_shape(base, n, d, c, m)
-        rows.append([name, f"{n}x{d}x{c}", f"{res['fwd_s'] * 1e3:.3f}", f"{res['bwd_s'] * 1e3:.3f}",
-                     f"{res['total_s'] * 1e3:.3f}", f"{res['useful_tflops']:.0f}",
-                     f"{res['no_overlap_s'] * 1e3:.3f}", f"{res['no_overlap_tflops']:.0f}",
-                     str(len([1 for x in res['fwd']]) + sum(x[1] for x in res['bwd'])),
-                     ", ".join(f"{x[0]} {x[3] * 1e3:.3f} ({x[4]})" for x in res["fwd"] + res["bwd"]
-                               if x[0] not in ("prep", "combine", "finalize"))])
-        for x in res["fwd"] + res["bwd"]:
-            if x[0] in ("prep", "combine", "finalize"):
-                continue
-            detail.append([name, x[0], str(x[1]), str(x[2]),
-                           *(f"{x[5][k] * 1e3:.3f}" for k in ("issue", "tensor", "L2", "HBM")),
-                           f"{x[1] * m.launch_us / 1e3:.3f}", f"{x[3] * 1e3:.3f}", x[4]])
-    t2 = _table(f"PREDICTED fwd+bwd time, {dtype}, K = 1, {m.name} (a model, not a measurement)",
-                ["shape", "NxDxC", "fwd ms", "bwd ms", "total ms", "useful TF/s (6NCD/t)",
-                 "total ms, no overlap", "useful TF/s, no overlap",
-                 "launches", "per kernel ms (bound)"], rows, markdown)
-    t3 = _table("PREDICTED per-kernel terms (ms, summed over a pass's launches of the kernel)",
-                ["shape", "kernel", "launches", "grid", "issue", "tensor", "L2", "HBM",
-                 "launch overhead", "time", "bound"], detail, markdown)
-    note = ""
-    if any(r.kid.name == "fwd_main_sm90" for r in reports):
-        note = ("NOTE: on compute capability 9.0 the bf16/fp16 K = 1 forward runs fwd_main_sm90 "
-                "(TMA + wgmma, warp-specialized), which this model does not cover: the forward "
-                "figures below are fwd_main's (mma.sync), the path of every other forward.\n\n")
-    return note + t1 + "\n\n" + t2 + "\n\n" + t3
+        res = {p: model_shape(kernels, n, d, c, m, path=p) for p in paths}
+        for p, r in res.items():
+            rows.append([name, f"{n}x{d}x{c}", p, f"{r['fwd_s'] * 1e3:.3f}",
+                         f"{r['bwd_s'] * 1e3:.3f}", f"{r['total_s'] * 1e3:.3f}",
+                         f"{r['useful_tflops']:.0f}", f"{r['no_overlap_s'] * 1e3:.3f}",
+                         f"{r['no_overlap_tflops']:.0f}", str(r["launches"]),
+                         ", ".join(f"{x[0]} {x[3] * 1e3:.3f} ({x[4]})" for x in r["fwd"] + r["bwd"]
+                                   if x[0] not in AUX_KERNELS)])
+            for x in r["fwd"] + r["bwd"]:
+                if x[0] in AUX_KERNELS:
+                    continue
+                detail.append([name, p, x[0], str(x[1]), str(x[2]),
+                               *(f"{x[5][k] * 1e3:.3f}" for k in ("issue", "tensor", "exposed",
+                                                                   "L2", "HBM", "refill")),
+                               f"{x[1] * m.launch_us / 1e3:.3f}", f"{x[3] * 1e3:.3f}", x[4]])
+        if len(paths) > 1:
+            a, b = res["mma.sync"], res["sm_90a"]
+            side.append([name, *(f"{a[k] * 1e3:.3f} / {b[k] * 1e3:.3f}"
+                                 for k in ("fwd_s", "bwd_s", "total_s")),
+                         f"{a['useful_tflops']:.0f} / {b['useful_tflops']:.0f}",
+                         f"{a['no_overlap_tflops']:.0f} / {b['no_overlap_tflops']:.0f}",
+                         f"{a['total_s'] / b['total_s']:.2f}x"])
+    out = [t1]
+    if side:
+        out.append(_table(f"PREDICTED, {dtype}, K = 1, {m.name}: mma.sync path / sm_90a path "
+                          "(a model, not a measurement)",
+                          ["shape", "fwd ms", "bwd ms", "total ms", "useful TF/s (6NCD/t)",
+                           "useful TF/s, no overlap", "sm_90a speed-up"], side, markdown))
+    out.append(_table(f"PREDICTED fwd+bwd time, {dtype}, K = 1, {m.name} (a model, not a "
+                      "measurement)",
+                      ["shape", "NxDxC", "path", "fwd ms", "bwd ms", "total ms",
+                       "useful TF/s (6NCD/t)", "total ms, no overlap", "useful TF/s, no overlap",
+                       "launches", "per kernel ms (bound)"], rows, markdown))
+    out.append(_table("PREDICTED per-kernel terms (ms, summed over a pass's launches of the "
+                      "kernel)", ["shape", "path", "kernel", "launches", "grid", "issue",
+                                  "tensor", "exposed epilogue", "L2", "HBM", "refills",
+                                  "launch overhead", "time", "bound"], detail, markdown))
+    return "\n\n".join(out)
+
+
+def bwd_no_overlap(res: dict) -> float:
+    """The backward's time under the 'no overlap' variant (memory never hidden)."""
+    return sum(x[6] for x in res["bwd"])
+
+
+def chunk_tables(reports: list[KernelReport], m: Machine, markdown: bool,
+                 dtype: str = "bf16") -> str:
+    """The chunk study (chunk_study) and the rule it proposes (chunk_rule)."""
+    kernels = model_kernels(reports, dtype)
+    path = "sm_90a" if all(k in kernels for k in path_keys("sm_90a")) else "mma.sync"
+    if not all(k in kernels for k in path_keys(path)):
+        return "(no chunk study: the model's kernels are missing)"
+    study = chunk_study(kernels, m, path)
+    rows, best = [], {}  # best: per N and variant, (cc, time) under the dS' budget
+    for row in study:
+        res, lay = row["res"], row["res"]["layout"]
+        over = row["budget"] > SCRATCH_BUDGET
+        fixed = sum(x[1] * m.launch_us * 1e-3 + x[5]["refill"] * 1e3 for x in res["bwd"])
+        rows.append([str(row["n"]), str(row["cap"]),
+                     f"{row['budget'] >> 20}{' (lifted)' if over else ''}", str(lay["cc"]),
+                     str(lay["chunks"]),
+                     f"{lay['w_chunk'] / 2**20:.0f} + {lay['scratch'] / 2**20:.1f}",
+                     "yes" if lay["w_resident"] else "no", str(lay["dx_splits"]),
+                     str(sum(x[1] for x in res["bwd"])), f"{fixed:.3f}",
+                     *(f"{x[3] * 1e3:.3f} ({x[4]})" for x in res["bwd"][1:4]),
+                     f"{res['bwd_s'] * 1e3:.3f}", f"{bwd_no_overlap(res) * 1e3:.3f}"])
+        for variant, t in (("overlap", res["bwd_s"]), ("no overlap", bwd_no_overlap(res))):
+            if not over and t < best.get((row["n"], variant), (0, math.inf))[1]:
+                best[row["n"], variant] = (lay["cc"], t)
+    names = [role for role, _ in PATHS[path]["bwd"]]
+    t = _table(f"PREDICTED backward at D = {STUDY_D}, C = {STUDY_C} by class-chunk cap, {path} "
+               f"path, {dtype}, {m.name} (a model, not a measurement)",
+               ["N", "cc cap", "dS' budget MiB", "cc", "chunks", "W chunk + dS' MiB",
+                "resident in L2", "dX splits", "bwd launches", "launch + refill ms",
+                *(f"{k} ms (bound)" for k in names), "bwd ms", "bwd ms, no overlap"],
+               rows, markdown)
+
+    def bwd(n: int, mm: Machine, cap: int | None) -> dict:
+        return model_shape(kernels, n, STUDY_D, STUDY_C, mm, path=path, cc_cap=cap)
+
+    def ms(res: dict) -> str:
+        return f"{res['bwd_s'] * 1e3:.3f} / {bwd_no_overlap(res) * 1e3:.3f} ms"
+
+    def rule_wins_from(n: int, rule: int) -> float | None:
+        """The L2 bandwidth (the model's weakest input; 4-16 TB/s) from which the rule's
+        backward is faster than today's, all else as `m`."""
+        for l2 in (x / 2 for x in range(8, 33)):
+            mm = dataclasses.replace(m, l2_tbps=l2)
+            if bwd(n, mm, rule)["bwd_s"] < bwd(n, mm, None)["bwd_s"]:
+                return l2
+        return None
+
+    lines = []
+    for n in STUDY_N:
+        rule = chunk_rule(n, STUDY_D, m)
+        today, capped = bwd(n, m, None), bwd(n, m, rule)
+        if capped["layout"]["cc"] == today["layout"]["cc"]:
+            verdict = "the same chunks as today's"
+        else:
+            l2 = rule_wins_from(n, rule)
+            verdict = (f"faster than today's (with overlap) from L2 >= {l2} TB/s, all else as "
+                       "above" if l2 else "slower than today's at every L2 bandwidth of 4-16 TB/s")
+        lines.append(
+            f"N = {n} (bwd with / without overlap): today's rule cc = {today['layout']['cc']} -> "
+            f"{ms(today)}; best cap under the budget: "
+            + ", ".join(f"{v}: cc = {best[n, v][0]} ({best[n, v][1] * 1e3:.3f} ms)"
+                        for v in ("overlap", "no overlap"))
+            + f"; the rule cc <= min(budget / (N_pad esize), {m.l2_resident} L2 / ((D + N_pad) "
+            f"esize)) = {capped['layout']['cc']} -> {ms(capped)}: {verdict}")
+    return t + "\n\n" + "\n".join(("- " if markdown else "  ") + x for x in lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -873,7 +1386,8 @@ def main(argv: list[str] | None = None) -> int:
                "  python tools/kernel_report.py --arch sm_80     # the sm_80 build\n"
                "  python tools/kernel_report.py --markdown       # Markdown (benchmarks/RESULTS.md)\n"
                "  python tools/kernel_report.py --kernels-only --filter bwd_tile\n"
-               "  python tools/kernel_report.py --l2-tbps 7 --mma-sync-fraction 0.6   # sensitivity\n\n"
+               "  python tools/kernel_report.py --l2-tbps 7 --mma-sync-fraction 0.6  # sensitivity\n"
+               "  python tools/kernel_report.py --machine h200 --chunk-study\n\n"
                "Cubins are cached by content under $MARGIN_OPS_KERNEL_REPORT_CACHE (default\n"
                "$TMPDIR/margin_ops_kernel_report): a first run compiles each .cu once (~1-3 min\n"
                "on 2 cores). Every time printed is a PREDICTION of the stated model, never a\n"
@@ -888,16 +1402,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"],
                     help="instantiation the model uses (default bf16)")
     ap.add_argument("--filter", default="", help="only kernels whose label contains this")
-    ap.add_argument("--clock-ghz", type=float, default=Machine.clock_ghz,
-                    help="SM clock of the model (GHz) (default %(default)s)")
-    ap.add_argument("--mma-sync-fraction", type=float, default=Machine.mma_sync_fraction,
-                    help="mma.sync rate as a fraction of wgmma's (an assumption) (default %(default)s)")
-    ap.add_argument("--l2-tbps", type=float, default=Machine.l2_tbps,
-                    help="L2 bandwidth of the model (TB/s, an assumption) (default %(default)s)")
-    ap.add_argument("--hbm-tbps", type=float, default=Machine.hbm_tbps,
-                    help="HBM bandwidth of the model (TB/s) (default %(default)s)")
-    ap.add_argument("--launch-us", type=float, default=Machine.launch_us,
-                    help="cost of one launch boundary (us) (default %(default)s)")
+    ap.add_argument("--machine", default="h100", choices=sorted(MACHINES),
+                    help="the model's machine (default %(default)s); the flags below override it")
+    # the Machine fields a flag may override: (flag, field, help)
+    for flag, field, text in MACHINE_FLAGS:
+        ap.add_argument(flag, type=float, default=None, dest=field,
+                        help=f"{text} (default: the machine's, h100 {getattr(Machine, field)})")
+    ap.add_argument("--chunk-study", action="store_true",
+                    help="also the backward at D = 512, C = 1M, N = 128 and 512 under class-chunk "
+                         "caps (PREDICTED), and the cap rule the model favours")
     args = ap.parse_args(argv)
 
     cache = args.cache or default_cache()
@@ -927,29 +1440,22 @@ def main(argv: list[str] | None = None) -> int:
           f"(or EXIT), per accumulator element ({ACC_PER_THREAD} per thread).")
     if args.kernels_only:
         return 0
-    m = Machine(clock_ghz=args.clock_ghz, mma_sync_fraction=args.mma_sync_fraction,
-                l2_tbps=args.l2_tbps, hbm_tbps=args.hbm_tbps, launch_us=args.launch_us)
+    m = dataclasses.replace(MACHINES[args.machine], **{
+        field: getattr(args, field) for _, field, _ in MACHINE_FLAGS
+        if getattr(args, field) is not None})
     print()
     if not args.arch.startswith("sm_90"):
         print(f"NOTE: {args.arch} SASS under the H100 model: an H100 runs the sm_90a build, so this "
               "compares code quality only; it is no prediction for an A100 (other SM count, "
               "clocks, rates and bandwidths).\n")
     print(model_tables(reports, m, args.markdown, args.dtype))
+    if args.chunk_study:
+        print()
+        print(chunk_tables(reports, m, args.markdown, args.dtype))
     print()
     print("Model (PREDICTIONS; every figure above that is a time is one):")
-    for line in m.describe():
+    for line in model_notes(m):
         print(f"- {line}")
-    print("- work per launch: grids and chunking mirror Forward::layout / Backward::layout "
-          "(forward ~2 CTAs per SM of contiguous class tiles; backward: 16 MiB dS' chunks, "
-          "bwd_tile + bwd_dw + bwd_dx per chunk, dX splits); a CTA's issue slots = 8 warps x "
-          "(tile's hot path outside the mainloop + iterations x mainloop hot path); "
-          "iterations = 2*BM*BN*K / (8 warps x MMAs per iteration x FLOP per MMA)")
-    print("- L2 bytes: each CTA tile streams its A and B tiles through L2 ((BM+BN) x K x 2 B: "
-          "16 B per cosine in the forward), plus dS' and partials; HBM bytes: W once per "
-          "forward, W (tile) + W and dW (dW epilogue) per backward chunk, plus W again in dX "
-          "when the W chunk and dS' exceed 75% of L2")
-    print("- the executed MMA work is 8NCD (the backward recomputes the 2NCD cosines) for "
-          "6NCD useful; prep/combine/finalize are charged their HBM bytes and one launch")
     return 0
 
 
