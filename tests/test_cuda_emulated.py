@@ -385,14 +385,25 @@ def test_sm90_forward_does_not_depend_on_thread_timing():
 SM90_BACKWARD_SHAPES = {"row-tiles": (200, 72, 700), "splits": (100, 72, 700)}
 
 
-def _sm90_grads(x, w, y, args, options, upstream):
+def _sm90_grads(x, w, y, args, options, upstream, w_offset=0):
     """(grad_x, grad_weight) of the emulated primitive told arch 90, for upstream gradients of
-    (lse, target_logit, nontarget_sum)."""
-    x, w = leaf_copy(x), leaf_copy(w)
+    (lse, target_logit, nontarget_sum); W read from w_offset elements into its storage."""
+    x = leaf_copy(x)
+    storage = torch.cat([torch.zeros(w_offset, dtype=w.dtype), w.flatten()]).requires_grad_()
+    w_in = storage[w_offset:].view(w.shape)
     with SM90.active():
-        out = torch.ops.margin.margin_lse_cuda_emulated(x, w, y, *args, *options)
+        out = torch.ops.margin.margin_lse_cuda_emulated(x, w_in, y, *args, *options)
         loss = sum((o * g).sum() for o, g in zip((out[0], out[1], out[4]), upstream))
-        return torch.autograd.grad(loss, [x, w])
+        grad_x, grad_storage = torch.autograd.grad(loss, [x, storage])
+    return grad_x, grad_storage[w_offset:].view(w.shape)
+
+
+def _reference_grads(x, w, y, args, options, upstream):
+    """The float64 reference's (grad_x, grad_weight) for the upstream gradients of _sm90_grads."""
+    x64, w64 = leaf_copy(x, F64), leaf_copy(w, F64)
+    want = reference.margin_lse(x64, w64, y, *args, *options)
+    return torch.autograd.grad(
+        sum((o * g.double()).sum() for o, g in zip((want[0], want[1], want[4]), upstream)), [x64, w64])
 
 
 @pytest.mark.parametrize("shape", SM90_BACKWARD_SHAPES)
@@ -412,10 +423,7 @@ def test_sm90_backward_across_chunks_tiles_and_schedules(dtype, shape):
     y[7] = c - 1  # a target in the partial last tile of the last chunk
     y[9] = 255  # the last class of a tile (and of the first chunk at N = 200)
     upstream = [torch.randn(n, dtype=torch.float32) for _ in range(3)]
-    x64, w64 = leaf_copy(x, F64), leaf_copy(w, F64)
-    want = reference.margin_lse(x64, w64, y, *args, *options)
-    want_grads = torch.autograd.grad(
-        sum((o * g.double()).sum() for o, g in zip((want[0], want[1], want[4]), upstream)), [x64, w64])
+    want_grads = _reference_grads(x, w, y, args, options, upstream)
     grad_tol = SM90.tolerances[dtype][1]
     results = []
     try:
@@ -428,3 +436,32 @@ def test_sm90_backward_across_chunks_tiles_and_schedules(dtype, shape):
     assert_close(results[0][1], want_grads[1], grad_tol, "grad_weight")
     for schedule, other in enumerate(results[1:], 1):
         assert all(torch.equal(a, b) for a, b in zip(results[0], other)), f"schedule {schedule} differs"
+
+
+#: dW's sm_90a epilogue (DwSm90::store): (D, sub-centers, class_index, W's storage offset in
+#: elements). D = 200: two D tiles, the second partial, 16-byte runs; with 2 sub-centers
+#: and a class_index (gathered rows; dX then takes bwd_dx_kernel). D = 132: rows not
+#: 16-byte aligned, element by element, a tail of 4 in the second D tile. Offset 2: W
+#: 4 bytes past a 16-byte boundary, element by element although D % 8 == 0.
+SM90_DW_CASES = {"runs-subcenters-sampled": (200, 2, True, 0), "d-not-8": (132, 1, False, 0),
+                 "unaligned-weight": (136, 1, False, 2)}
+
+
+@pytest.mark.parametrize("case", SM90_DW_CASES)
+def test_sm90_weight_gradient_runs_and_tails(case):
+    """bwd_gemm_sm90_kernel's dW stores (rows regrouped across each quad of lanes into runs of
+    8 columns: 16-byte accesses where the rows allow, element by element otherwise) on
+    partial row, class and D tiles: the float64 reference's gradients."""
+    d, subcenters, sampled, offset = SM90_DW_CASES[case]
+    n = 70
+    weight_rows, classes, options = primitive_options(n, 300, subcenters=subcenters, sampled=sampled)
+    x, w, _ = make_inputs(n, d, weight_rows, BF16, requires_grad=False)
+    y = torch.randint(0, classes, (n,))
+    y[1] = -100
+    args = PRIMITIVE_ARGS[3]
+    upstream = [torch.randn(n, dtype=torch.float32) for _ in range(3)]
+    got = _sm90_grads(x, w, y, args, options, upstream, w_offset=offset)
+    want = _reference_grads(x, w, y, args, options, upstream)
+    grad_tol = SM90.tolerances[BF16][1]
+    assert_close(got[0], want[0], grad_tol, "grad_x")
+    assert_close(got[1], want[1], grad_tol, "grad_weight")

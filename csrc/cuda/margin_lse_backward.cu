@@ -470,26 +470,60 @@ struct DwSm90 {
             int((args.n + G::BK - 1) / G::BK)};
   }
 
+  // Runs of 8 columns (for_each_row_run): where every row is 16-byte aligned (d % 8 == 0,
+  // W and dW aligned), a 16-byte load of W and store of dW per run: a quad's four runs are
+  // 64 contiguous bytes of a row. Otherwise element by element, up to d.
   __device__ void store(const float (&acc)[64], int row0, int lane) const {
     const int64_t d0 = int64_t(blockIdx.x) * G::BN;
-    const int64_t m0 = int64_t(blockIdx.y) * G::BM;
+    const int64_t m0 = int64_t(blockIdx.y) * G::BM + row0 + (lane >> 2);
     const int64_t sub = blockIdx.z;
+    const bool vec = args.d % 8 == 0 && ((reinterpret_cast<uintptr_t>(args.weight) |
+                                          reinterpret_cast<uintptr_t>(args.grad_weight)) &
+                                         15u) == 0;
+    float coef[2];
+    int64_t row[2];  // of dW's row of rows g and g + 8 (-1 past the chunk's classes)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int64_t m = m0 + row0 + (lane >> 2) + 8 * r;
-      if (m >= args.kc) continue;
-      const float coef = dw_coef(args, sub * args.cc, m);
-      const int64_t row = dw_row(args, m, sub);
+      const int64_t m = m0 + 8 * r;
+      coef[r] = m < args.kc ? dw_coef(args, sub * args.cc, m) : 0.f;
+      row[r] = m < args.kc ? dw_row(args, m, sub) : -1;
+    }
+    for_each_row_run<8>(acc, lane, [&](int r, int col, const float (&v)[8]) {
+      const int64_t dd = d0 + col;
+      if (row[r] < 0 || dd >= args.d) return;
+      if (vec) {
+        // (as an index into uint4 arrays: through a cast T pointer, nvcc splits some of
+        // the stores into four 4-byte ones)
+        const int64_t i = (row[r] + dd) / 8;
+        const uint4 wbits = reinterpret_cast<const uint4*>(args.weight)[i];
+        T w[8];
+        static_assert(sizeof(w) == sizeof(uint4), "8 elements per 16-byte access");
+        memcpy(w, &wbits, sizeof(w));
+        uint32_t pairs[4];
 #pragma unroll
-      for (int c = 0; c < 16; ++c) {
+        for (int e = 0; e < 8; e += 2) {
+          pairs[e / 2] = bits16(Type<T>::store(v[e] + coef[r] * Type<T>::load(w[e]))) |
+                         bits16(Type<T>::store(v[e + 1] + coef[r] * Type<T>::load(w[e + 1])))
+                             << 16;
+        }
+        reinterpret_cast<uint4*>(args.grad_weight)[i] =
+            make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+      } else {
+        const T* w = args.weight + row[r] + dd;
+        T* out = args.grad_weight + row[r] + dd;
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int64_t dd = d0 + 8 * c + 2 * (lane & 3) + e;
-          if (dd >= args.d) continue;
-          const float w = Type<T>::load(args.weight[row + dd]);
-          args.grad_weight[row + dd] = Type<T>::store(acc[4 * c + 2 * r + e] + coef * w);
+        for (int e = 0; e < 8; ++e) {
+          if (dd + e < args.d) out[e] = Type<T>::store(v[e] + coef[r] * Type<T>::load(w[e]));
         }
       }
+    });
+  }
+
+  static __device__ uint32_t bits16(T v) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      return __bfloat16_as_ushort(v);
+    } else {
+      return __half_as_ushort(v);
     }
   }
 };
@@ -507,24 +541,21 @@ struct DxSm90 {
             k1 > k0 ? int((k1 - k0 + G::BK - 1) / G::BK) : 0};
   }
 
+  // Runs of 4 columns (for_each_row_run): one 16-byte read-modify-write of the partial each
+  // (the tile lies inside the n_pad x d_pad partial, rows 16-byte aligned).
   __device__ void store(const float (&acc)[64], int row0, int lane) const {
     const int64_t split = blockIdx.z;
-    const int64_t row = split * args.n_pad + int64_t(blockIdx.y) * G::BM + row0;
-    float* out = args.part + row * args.d_pad + int64_t(blockIdx.x) * G::BN + 2 * (lane & 3);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float* o = out + int64_t((lane >> 2) + 8 * r) * args.d_pad;
-#pragma unroll
-      for (int c = 0; c < 16; ++c) {
-        float2* e = reinterpret_cast<float2*>(o + 8 * c);  // d_pad, n_pad even: 8-byte aligned
-        float2 v = make_float2(acc[4 * c + 2 * r], acc[4 * c + 2 * r + 1]);
-        if (args.accumulate) {
-          const float2 old = *e;
-          v = make_float2(old.x + v.x, old.y + v.y);
-        }
-        *e = v;
+    const int64_t row = split * args.n_pad + int64_t(blockIdx.y) * G::BM + row0 + (lane >> 2);
+    float* out = args.part + row * args.d_pad + int64_t(blockIdx.x) * G::BN;
+    for_each_row_run<4>(acc, lane, [&](int r, int col, const float (&v)[4]) {
+      float4* e = reinterpret_cast<float4*>(out + 8 * r * args.d_pad + col);
+      float4 n = make_float4(v[0], v[1], v[2], v[3]);
+      if (args.accumulate) {
+        const float4 old = *e;
+        n = make_float4(old.x + n.x, old.y + n.y, old.z + n.z, old.w + n.w);
       }
-    }
+      *e = n;
+    });
   }
 };
 

@@ -23,8 +23,16 @@
 //     8-k groups, LBO 8192 between the two 64-wide MN boxes, a k16 step is +2048 bytes),
 //     with wgmma's tnsp flag set for the MN-major operands.
 //
-// Shared memory: 1024 (alignment) + 4 x 32 KiB + mbarriers ≈ 129 KiB (1 CTA per SM; the K
-// loops are short: ceil(N / 64) blocks for dW, k_split / 64 >= 4 for dX).
+//   * The epilogue gets the accumulator in registers; for_each_row_run regroups it across
+//     each quad of lanes so that the policy's global accesses are 16 bytes wide and cover
+//     whole 32-byte sectors (no shared memory: the ring may still be read by the other
+//     consumer warpgroup's last wgmmas, and a warp needs no barrier for shuffles).
+//
+// Shared memory: 1024 (alignment) + 4 x 32 KiB + mbarriers ≈ 129 KiB, 1 CTA per SM (the K
+// loops are short: ceil(N / 64) blocks for dW, k_split / 64 >= 4 for dX). Two CTAs per SM
+// would take a shallower ring (3 stages ≈ 97 KiB) and 80 registers per thread at launch
+// (65536 / 768, a multiple of 8), which ptxas applies to the whole kernel, setmaxnreg
+// regions included: a wgmma m64n128 (64 accumulator registers + descriptors) needs >= 90.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap
@@ -148,6 +156,60 @@ __device__ __forceinline__ void gemm_sm90(const CUtensorMap& tmap_a, const CUten
 #else
   __trap();  // sm_90a only: its callers never launch it elsewhere
 #endif
+}
+
+// The accumulator of store() regrouped across each quad of the warp (lanes 4g .. 4g + 3,
+// which share rows g and g + 8) by __shfl_xor_sync, so that each thread holds kRun
+// contiguous columns of one row:
+//   kRun = 4, one exchange with lane q ^ 1: columns 8c + 4 (q >> 1) .. + 3 of c = 2p + (q & 1)
+//   kRun = 8, then one with lane q ^ 2:     columns 8c .. 8c + 7 of c = 4p + q
+// (q = lane & 3; before, lane q holds columns 8c + 2q, + 1 of every c). f(r, col, v) is
+// called for each run: row g + 8r of the warp's 16, first column col, v[0 .. kRun).
+template <int kRun, class F>
+__device__ __forceinline__ void for_each_row_run(const float (&acc)[64], int lane, F&& f) {
+  static_assert(kRun == 4 || kRun == 8, "runs of 4 or 8 columns");
+  constexpr int kGroup = kRun / 2;  // column blocks c regrouped together
+  const int q = lane & 3;
+  const bool odd = (q & 1) != 0, hi = (q & 2) != 0;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+#pragma unroll
+    for (int c0 = 0; c0 < 16; c0 += kGroup) {
+      // Exchange 1: of the blocks c0 + 2h, c0 + 2h + 1, keep the one of parity q & 1 and
+      // send the other: t[h][s] = block c0 + 2h + (q & 1), columns 2 (q & 2 | s) .. + 1.
+      float t[kGroup / 2][2][2];
+#pragma unroll
+      for (int h = 0; h < kGroup / 2; ++h) {
+        const int ce = 4 * (c0 + 2 * h) + 2 * r, co = ce + 4;  // blocks c0 + 2h, + 1
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float keep = odd ? acc[co + e] : acc[ce + e];
+          const float got = __shfl_xor_sync(0xffffffffu, odd ? acc[ce + e] : acc[co + e], 1);
+          t[h][0][e] = odd ? got : keep;
+          t[h][1][e] = odd ? keep : got;
+        }
+      }
+      float v[kRun];
+      if constexpr (kRun == 4) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[e] = t[0][e / 2][e % 2];
+        f(r, 8 * (c0 + (q & 1)) + 4 * (q >> 1), v);
+      } else {
+        // Exchange 2: keep h = q >> 1 (block c0 + q, from lanes of bit 1 = hi), send the other.
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float keep = hi ? t[1][s][e] : t[0][s][e];
+            const float got = __shfl_xor_sync(0xffffffffu, hi ? t[0][s][e] : t[1][s][e], 2);
+            v[2 * s + e] = hi ? got : keep;      // columns 2s + e: from the lanes of bit 1 clear
+            v[4 + 2 * s + e] = hi ? keep : got;  // columns 4 + 2s + e: of bit 1 set
+          }
+        }
+        f(r, 8 * (c0 + q), v);
+      }
+    }
+  }
 }
 
 }  // namespace dev
