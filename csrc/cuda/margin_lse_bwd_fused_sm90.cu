@@ -88,7 +88,7 @@ struct BwdFusedSm90Tail {
 
 constexpr size_t bwd_fused_smem_bytes(int64_t d) {
   using G = BwdFusedSm90Cfg;
-  return 1024 + size_t(d / G::BK + 4 * G::dw_blocks(d) + 2) * G::kBlockBytes +
+  return 1024 + size_t(6 * G::dw_blocks(d) + 2) * G::kBlockBytes +
          sizeof(BwdFusedSm90Tail);
 }
 static_assert(bwd_fused_smem_bytes(BwdFusedSm90Cfg::kMaxD) <= BwdFusedSm90Cfg::kMaxSmem,
@@ -159,14 +159,15 @@ __global__ void __launch_bounds__(Sm90WarpRoles::kThreads, 1)
   using F = WgmmaFragN32;
   using Epi = GradEpilogue<F, kHard>;
   constexpr float kLog2e = Consts<float>::kLog2e;
-  constexpr int kXBytes = 2 * kDB * G::kBlockBytes;  // an x buffer: 2·kDB D blocks of 64 rows
+  constexpr int kBlocks = 2 * kDB;  // D blocks of W and of an x buffer (those past d: zeros)
+  constexpr int kXBytes = kBlocks * G::kBlockBytes;
   constexpr int kOutPitch = 2 * kDB * G::BK * 2;     // dW staging row: 128·kDB elements
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* const sw = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023u)) & 1023u);
   const int64_t d = args.in.d;
-  const int nkb = int(d / G::BK);  // W and x k-blocks loaded
-  unsigned char* const sx = sw + nkb * G::kBlockBytes;
+  const int nkb = int(d / G::BK);  // W and x k-blocks loaded: kBlocks or kBlocks − 1
+  unsigned char* const sx = sw + kXBytes;
   unsigned char* const sds = sx + 2 * kXBytes;
   BwdFusedSm90Tail* const tail = reinterpret_cast<BwdFusedSm90Tail*>(sds + 2 * G::kBlockBytes);
 
@@ -186,13 +187,13 @@ __global__ void __launch_bounds__(Sm90WarpRoles::kThreads, 1)
     tail->margin = args.margin;
     fence_mbarrier_init();
   }
-  // The x buffers' D blocks past d (none or one each, never loaded) read as zeros by dW.
-  {
-    const int zero_blocks = 2 * kDB - nkb;
-    const int per_buffer = zero_blocks * G::kBlockBytes / 16;
-    for (int i = tid; i < 2 * per_buffer; i += G::kThreads) {
-      const int b = i / per_buffer, j = i % per_buffer;
-      reinterpret_cast<uint4*>(sx + b * kXBytes + nkb * G::kBlockBytes)[j] = make_uint4(0, 0, 0, 0);
+  // The D blocks past d of W and of both x buffers (none or one each, never loaded) are
+  // zeros for the wgmmas, whose loops then have no trip count to branch on.
+  if (nkb < kBlocks) {
+    constexpr int kPerBlock = G::kBlockBytes / 16;
+    for (int i = tid; i < 3 * kPerBlock; i += G::kThreads) {
+      reinterpret_cast<uint4*>(sw + (i / kPerBlock) * kXBytes + nkb * G::kBlockBytes)[i % kPerBlock] =
+          make_uint4(0, 0, 0, 0);
     }
     fence_proxy_async_shared_cta();  // wgmma reads them through the async proxy
   }
@@ -299,15 +300,19 @@ __global__ void __launch_bounds__(Sm90WarpRoles::kThreads, 1)
     // S = x_tile W_wgᵀ (x's k-blocks K-major as A, the warpgroup's 32 W rows as B).
     const uint32_t x_addr = smem_addr(sx + b * kXBytes);
     float acc[16];
-#pragma unroll
-    for (int i = 0; i < 16; ++i) acc[i] = 0.f;
     mbarrier_wait_parity(&tail->x_full[b], unsigned(t >> 1) & 1u);
     wgmma_fence();
-    for (int kb = 0; kb < nkb; ++kb) {
+#pragma unroll
+    for (int kb = 0; kb < kBlocks; ++kb) {
 #pragma unroll
       for (int k = 0; k < G::BK / 16; ++k) {
-        wgmma_m64n32k16_ss<T>(acc, sw128_desc_kmajor(x_addr + kb * G::kBlockBytes + k * 32),
-                              sw128_desc_kmajor(w_addr + kb * G::kBlockBytes + k * 32), 1);
+        const uint64_t da = sw128_desc_kmajor(x_addr + kb * G::kBlockBytes + k * 32);
+        const uint64_t db = sw128_desc_kmajor(w_addr + kb * G::kBlockBytes + k * 32);
+        if (kb == 0 && k == 0) {
+          wgmma_m64n32k16_ss_zero<T>(acc, da, db);
+        } else {
+          wgmma_m64n32k16_ss<T>(acc, da, db, 1);
+        }
       }
     }
     wgmma_commit_group();
@@ -355,6 +360,7 @@ __global__ void __launch_bounds__(Sm90WarpRoles::kThreads, 1)
     // dW += stagedᵀ x_tile over the tile's 64 rows (4 k16 steps of 16 rows, 2048 bytes).
     const uint32_t ds_addr = smem_addr(stage);
     const uint32_t xd_addr = x_addr + uint32_t(wg * kDB * G::kBlockBytes);
+    wgmma_fence_operand(acc_w);
     wgmma_fence();
 #pragma unroll
     for (int k = 0; k < G::BM / 16; ++k) {

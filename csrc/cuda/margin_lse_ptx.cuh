@@ -246,6 +246,21 @@ __device__ __forceinline__ void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc
     MARGIN_OPS_WGMMA_N32_ASM("f16", "+f");
   }
 }
+// The same with scale_d = 0 and d an output only (D = A B^T): a tile's first k16 step, so
+// that the accumulator's previous values (the last tile's epilogue, partly lane-divergent)
+// are dead and ptxas need not order the wgmma after them.
+template <class T, int kTransA = 0, int kTransB = 0>
+__device__ __forceinline__ void wgmma_m64n32k16_ss_zero(float (&d)[16], uint64_t desc_a,
+                                                        uint64_t desc_b) {
+  static_assert((kTransA == 0 || kTransA == 1) && (kTransB == 0 || kTransB == 1), "0 or 1");
+  const int scale_d = 0;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    MARGIN_OPS_WGMMA_N32_ASM("bf16", "=f");
+  } else {
+    static_assert(std::is_same_v<T, __half>, "wgmma: bf16 or fp16");
+    MARGIN_OPS_WGMMA_N32_ASM("f16", "=f");
+  }
+}
 #undef MARGIN_OPS_WGMMA_N32_ASM
 #define MARGIN_OPS_WGMMA_N64_ASM(TYPE, C)                                             \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                              \
