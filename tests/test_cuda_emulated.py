@@ -498,14 +498,15 @@ def _backward_launches(x, w, y, args, options, upstream):
         return grads, emulator().take_launched_kernels()
 
 
-@pytest.mark.parametrize("case", ["eligible", "d-72", "class_index"])
+@pytest.mark.parametrize("case", ["eligible", "d-72", "one-class-tile", "class_index"])
 def test_sm90_fused_backward_runs_where_eligible(case):
-    """Told arch 90, an eligible problem (d % 64 == 0, K = 1, no class_index) runs
-    bwd_fused_sm90_kernel once per class chunk and besides it only prep, bwd_dx per chunk and
-    finalize: 2 launches per chunk (no feature scale: no bwd_corr).
-    d = 72 runs bwd_tile_sm90_kernel instead, class_index the mma.sync path; all three give
-    the reference's gradients."""
-    n, c = 100, 700  # N_pad = 128: chunks of 512 classes (the emulated scratch budget), 2 chunks
+    """Told arch 90, an eligible problem (d % 64 == 0, K = 1, no class_index, at least one
+    64-class tile per SM: the emulated build's 2) runs bwd_fused_sm90_kernel once per class
+    chunk and besides it only prep, bwd_dx per chunk and finalize: 2 launches per chunk (no
+    feature scale: no bwd_corr). d = 72 and a single 64-class tile run bwd_tile_sm90_kernel
+    instead, class_index the mma.sync path; all give the reference's gradients."""
+    # N_pad = 128: chunks of 512 classes (the emulated scratch budget), 2 chunks
+    n, c = 100, 60 if case == "one-class-tile" else 700
     d = 72 if case == "d-72" else 128
     weight_rows, classes, options = primitive_options(n, c, sampled=case == "class_index")
     x, w, _ = make_inputs(n, d, weight_rows, BF16, requires_grad=False)
@@ -524,4 +525,4 @@ def test_sm90_fused_backward_runs_where_eligible(case):
         assert len(names) == 2 + 2 * chunks, names  # prep, {fused, bwd_dx} per chunk, finalize
     else:
         assert not fused, names
-        assert bool(tile90) == (case == "d-72"), names
+        assert bool(tile90) == (case != "class_index"), names

@@ -653,10 +653,14 @@ struct Backward {
   }
 
   // bwd_fused_sm90_kernel for bwd_tile + bwd_dw where it applies (then neither runs, nor
-  // does prep write x̂: the fused kernel's dW reads x itself).
+  // does prep write x̂: the fused kernel's dW reads x itself) and a chunk's 64-class tiles
+  // give every SM a CTA: each CTA walks all N rows, so with fewer tiles (large N, hence
+  // small chunks, or few classes) the separate kernels' grids spread the work better (a
+  // prediction: not measured).
   template <class T>
-  static bool sm90_fused(const BackwardParams& p) {
-    return kWgmmaType<T> && sm90_bwd_fused_eligible(p);
+  static bool sm90_fused(const BackwardParams& p, const BwdLayout& l) {
+    return kWgmmaType<T> && sm90_bwd_fused_eligible(p) &&
+           ceil_div(std::min(l.cc, p.c), int64_t(kBwdFusedClasses)) >= std::max(p.num_sms, 1);
   }
 
   template <class T>
@@ -726,7 +730,7 @@ struct Backward {
         sub ? (hard ? bwd_tile_kernel<T, true, true> : bwd_tile_kernel<T, true, false>)
             : (hard ? bwd_tile_kernel<T, false, true> : bwd_tile_kernel<T, false, false>);
     if ((err = allow_smem(tile_kernel, tile_smem)) != cudaSuccess) return err;
-    const bool fused90 = sm90_fused<T>(p);
+    const bool fused90 = sm90_fused<T>(p, l);
     const bool tile90 = !fused90 && sm90_tile<T>(p);
     BwdTileSm90Maps map_tile;  // x, W
     BwdFusedSm90Maps map_fused;  // x, W
