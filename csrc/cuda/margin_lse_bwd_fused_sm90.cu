@@ -20,9 +20,13 @@
 //     dW[64 classes, its half of D] += stagedᵀ x_tile (tnsp-a and tnsp-b: the staged tile
 //     and x's k-blocks are read MN-major, x's k-blocks being 64-wide D boxes LBO = 8 KiB
 //     apart; the same x k-blocks are S's K-major A operand). dW accumulates in registers:
-//     kDB·32 fp32 per thread, kDB = ceil(D / 128) 64-wide D blocks per warpgroup (those past
-//     D are zeroed once and never loaded); m64n256k16 at kDB = 4, m64n128k16 at 2, else
-//     kDB x m64n64k16.
+//     kDB·32 fp32 per thread, kDB = ceil(D / 128) 64-wide D blocks per warpgroup; m64n256k16
+//     at kDB = 4, m64n128k16 at 2, else kDB x m64n64k16.
+//   * W and both x buffers have 2·kDB D blocks; the one past D when D / 64 is odd is zeroed
+//     once and never loaded, so S's k loop is unrolled with no trip count to branch on, and
+//     its first k16 step writes the accumulator without reading it (..._zero): the last
+//     tile's epilogue writes it in lane-divergent code, after which ptxas would otherwise
+//     serialize every wgmma of the kernel (C7518).
 //   * Why raw x instead of bwd_dw's x̂ workspace: dS' / ‖x_i‖ is rounded once to 16 bits,
 //     where bwd_dw rounds dS' and x̂ = x / ‖x‖ each once; x itself is exact, so the product
 //     carries one rounding of the same size as before (and prep need not write x̂).
@@ -34,9 +38,11 @@
 //     ‖w_c‖² (‖w_c‖ and w_c from the resident W tile) is staged as 16-bit in the first x
 //     buffer (16-byte chunks swizzled by class row) and copied out as 16-byte stores: the
 //     CTA's 64 classes are 64 consecutive rows of dW, one contiguous block.
-//   * Shared memory: W (D / 64 blocks of 8 KiB) + 2 x buffers (2·kDB blocks each) + 2
-//     staging tiles + mbarriers and small arrays: 212 KiB at D = 512. Grid: ceil(kc / 64)
-//     CTAs; each reads x once per chunk (from L2 after the first CTAs).
+//   * Shared memory: W and 2 x buffers (2·kDB blocks of 8 KiB each) + 2 staging tiles +
+//     mbarriers and small arrays (2952 bytes): 67.9 / 115.9 / 163.9 / 211.9 KiB at kDB = 1..4
+//     (D <= 128, 256, 384, 512). Grid: ceil(kc / 64) CTAs, 1 per SM; each reads all of x
+//     per chunk (from L2 after the first CTAs), hence Backward::sm90_fused asks for at least
+//     one CTA per SM.
 //   * Deterministic: fixed summation orders, each output element written by one thread of one
 //     CTA, no atomics.
 #include <cuda.h>  // CUtensorMap (types only: no -lcuda)
