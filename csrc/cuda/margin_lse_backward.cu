@@ -654,13 +654,14 @@ struct Backward {
 
   // bwd_fused_sm90_kernel for bwd_tile + bwd_dw where it applies (then neither runs, nor
   // does prep write x̂: the fused kernel's dW reads x itself) and a chunk's 64-class tiles
-  // give every SM a CTA: each CTA walks all N rows, so with fewer tiles (large N, hence
-  // small chunks, or few classes) the separate kernels' grids spread the work better (a
-  // prediction: not measured).
+  // give at least 7 / 8 of the SMs a CTA: each CTA walks all N rows, so with fewer tiles
+  // (large N, hence small chunks, or few classes) the separate kernels' grids spread the
+  // work better (a prediction: not measured). On 132 SMs in bf16: N <= 1024.
   template <class T>
   static bool sm90_fused(const BackwardParams& p, const BwdLayout& l) {
+    const int64_t tiles = ceil_div(std::min(l.cc, p.c), int64_t(kBwdFusedClasses));
     return kWgmmaType<T> && sm90_bwd_fused_eligible(p) &&
-           ceil_div(std::min(l.cc, p.c), int64_t(kBwdFusedClasses)) >= std::max(p.num_sms, 1);
+           8 * tiles >= 7 * int64_t(std::max(p.num_sms, 1));
   }
 
   template <class T>
