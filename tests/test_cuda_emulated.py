@@ -500,8 +500,8 @@ def _backward_launches(x, w, y, args, options, upstream):
 
 @pytest.mark.parametrize("case", ["eligible", "d-72", "one-class-tile", "class_index"])
 def test_sm90_fused_backward_runs_where_eligible(case):
-    """Told arch 90, an eligible problem (d % 64 == 0, K = 1, no class_index, at least one
-    64-class tile per SM: the emulated build's 2) runs bwd_fused_sm90_kernel once per class
+    """Told arch 90, an eligible problem (d % 64 == 0, K = 1, no class_index, 64-class tiles
+    for at least 7/8 of the SMs: 2 in the emulated build) runs bwd_fused_sm90_kernel once per class
     chunk and besides it only prep, bwd_dx per chunk and finalize: 2 launches per chunk (no
     feature scale: no bwd_corr). d = 72 and a single 64-class tile run bwd_tile_sm90_kernel
     instead, class_index the mma.sync path; all give the reference's gradients."""

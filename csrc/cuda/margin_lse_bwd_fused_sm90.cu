@@ -41,8 +41,8 @@
 //   * Shared memory: W and 2 x buffers (2·kDB blocks of 8 KiB each) + 2 staging tiles +
 //     mbarriers and small arrays (2952 bytes): 67.9 / 115.9 / 163.9 / 211.9 KiB at kDB = 1..4
 //     (D <= 128, 256, 384, 512). Grid: ceil(kc / 64) CTAs, 1 per SM; each reads all of x
-//     per chunk (from L2 after the first CTAs), hence Backward::sm90_fused asks for at least
-//     one CTA per SM.
+//     per chunk (from L2 after the first CTAs), hence Backward::sm90_fused asks for CTAs on
+//     at least 7/8 of the SMs.
 //   * Deterministic: fixed summation orders, each output element written by one thread of one
 //     CTA, no atomics.
 #include <cuda.h>  // CUtensorMap (types only: no -lcuda)

@@ -129,8 +129,8 @@
 //   bwd_fused_sm90  replaces bwd_tile + bwd_dw (2 launches per chunk instead of 3: fused,
 //             bwd_dx; + bwd_corr with feature_scale) where sm90_bwd_fused_eligible holds
 //             (sm_90a, bf16/fp16, K = 1, no class_index, d % 64 == 0, d <= 512, 16-byte
-//             aligned x / W / dW) and a chunk has at least one 64-class tile per SM
-//             (Backward::sm90_fused). A CTA owns 64 classes of the chunk, keeps their W rows
+//             aligned x / W / dW) and a chunk's 64-class tiles give at least 7/8 of the
+//             SMs a CTA (Backward::sm90_fused: N <= 1024 on 132 SMs in bf16). A CTA owns 64 classes of the chunk, keeps their W rows
 //             resident (TMA) and walks every 64-row tile of x (TMA, two buffers, full / empty
 //             mbarriers; a producer warpgroup, two consumer warpgroups): S on wgmma m64n32 (32
 //             classes per warpgroup), GradEpilogue as bwd_tile (dS' into the scratch for bwd_dx,
