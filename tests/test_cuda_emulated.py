@@ -465,3 +465,94 @@ def test_sm90_weight_gradient_runs_and_tails(case):
     grad_tol = SM90.tolerances[BF16][1]
     assert_close(got[0], want[0], grad_tol, "grad_x")
     assert_close(got[1], want[1], grad_tol, "grad_weight")
+
+
+# ---- the sm_90a fused backward (bwd_fused_sm90_kernel: bwd_tile + bwd_dw in one kernel) ----
+
+#: (N, D, C), each with 4 row tiles of 64 (the last of 8 rows: N = 200, N_pad = 256) and 3
+#: class chunks of 256, 256 and the rest (the emulated build's scratch budget): "d64": the
+#: last chunk 188 classes, 3 CTAs of 64 classes, the last with 60 (its second warpgroup's S
+#: half partial); "d512": the last chunk 150, its last CTA with 22 classes (the second half
+#: empty); D = 64: one D block per consumer warpgroup, the second zero (x and W never loaded
+#: there); D = 512: m64n256 dW accumulators.
+SM90_FUSED_SHAPES = {"d64": (200, 64, 700), "d512": (200, 512, 662)}
+
+
+def _sm90_fused_problem(shape, dtype, hard=True):
+    n, d, c = SM90_FUSED_SHAPES[shape] if isinstance(shape, str) else shape
+    _, _, options = primitive_options(n, c, hard=hard)
+    x, w, _ = make_inputs(n, d, c, dtype, requires_grad=False)
+    y = torch.randint(0, c, (n,))
+    y[5] = -100
+    y[7] = c - 1  # a target in the last CTA of the last chunk
+    y[9] = 255  # the last class of the first chunk
+    y[n - 1] = 63  # the last class of a CTA, in the last (8-row) row tile
+    upstream = [torch.randn(n, dtype=torch.float32) for _ in range(3)]
+    return x, w, y, options, upstream
+
+
+@pytest.mark.parametrize("shape", SM90_FUSED_SHAPES)
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=DTYPE_IDS.get)
+def test_sm90_fused_backward_across_chunks_tiles_and_schedules(dtype, shape):
+    """bwd_fused_sm90_kernel (with prep, bwd_corr, bwd_dx, finalize) on several class chunks,
+    row tiles and partial class tiles, hard examples with margin "external" and feature scale:
+    the float64 reference's gradients at the FUSED tolerances, and the same bits under the
+    emulator's four schedules (the x buffers' full / empty phases, the consumer barrier before
+    dW, the staging tiles' and row sums' alternation must order the warpgroups)."""
+    x, w, y, options, upstream = _sm90_fused_problem(shape, dtype)
+    args = PRIMITIVE_ARGS[9]  # external, feature scale
+    want = _reference_grads(x, w, y, args, options, upstream)
+    grad_tol = SM90.tolerances[dtype][1]
+    results = []
+    try:
+        for schedule in (0, 1, 2, 3):
+            emulator().set_schedule(schedule)
+            results.append(_sm90_grads(x, w, y, args, options, upstream))
+    finally:
+        emulator().set_schedule(0)
+    assert_close(results[0][0], want[0], grad_tol, "grad_x")
+    assert_close(results[0][1], want[1], grad_tol, "grad_weight")
+    for schedule, other in enumerate(results[1:], 1):
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other)), f"schedule {schedule} differs"
+
+
+def _backward_launches(x, w, y, args, options, upstream):
+    """The gradients and the kernels the emulated backward launched (demangled names; "?" for
+    the kernels of anonymous namespaces), told arch 90."""
+    x, w = leaf_copy(x), leaf_copy(w)
+    with SM90.active():
+        out = torch.ops.margin.margin_lse_cuda_emulated(x, w, y, *args, *options)
+        emulator().take_launched_kernels()  # the forward's
+        loss = sum((o * g).sum() for o, g in zip((out[0], out[1], out[4]), upstream))
+        grads = torch.autograd.grad(loss, [x, w])
+        return grads, emulator().take_launched_kernels()
+
+
+@pytest.mark.parametrize("case", ["eligible", "d-72", "one-class-tile", "class_index"])
+def test_sm90_fused_backward_runs_where_eligible(case):
+    """Told arch 90, an eligible problem (d % 64 == 0, K = 1, no class_index, 64-class tiles
+    for at least 7/8 of the SMs: 2 in the emulated build) runs bwd_fused_sm90_kernel once per class
+    chunk and besides it only prep, bwd_dx per chunk and finalize: 2 launches per chunk (no
+    feature scale: no bwd_corr). d = 72 and a single 64-class tile run bwd_tile_sm90_kernel
+    instead, class_index the mma.sync path; all give the reference's gradients."""
+    # N_pad = 128: chunks of 512 classes (the emulated scratch budget), 2 chunks
+    n, c = 100, 60 if case == "one-class-tile" else 700
+    d = 72 if case == "d-72" else 128
+    weight_rows, classes, options = primitive_options(n, c, sampled=case == "class_index")
+    x, w, _ = make_inputs(n, d, weight_rows, BF16, requires_grad=False)
+    y = torch.randint(0, classes, (n,))
+    upstream = [torch.randn(n, dtype=torch.float32) for _ in range(3)]
+    args = PRIMITIVE_ARGS[0]
+    grads, names = _backward_launches(x, w, y, args, options, upstream)
+    want = _reference_grads(x, w, y, args, options, upstream)
+    assert_close(grads[0], want[0], SM90.tolerances[BF16][1], "grad_x")
+    assert_close(grads[1], want[1], SM90.tolerances[BF16][1], "grad_weight")
+    fused = [name for name in names if "bwd_fused_sm90_kernel" in name]
+    tile90 = [name for name in names if "bwd_tile_sm90_kernel" in name]
+    if case == "eligible":
+        chunks = 2
+        assert len(fused) == chunks and not tile90, names
+        assert len(names) == 2 + 2 * chunks, names  # prep, {fused, bwd_dx} per chunk, finalize
+    else:
+        assert not fused, names
+        assert bool(tile90) == (case != "class_index"), names

@@ -18,8 +18,8 @@
 // Design (the algorithm: docs/design.md §2)
 // ---------------------------------------------------------------------------------------
 // Files: this header (parameters, launchers), margin_lse_forward.cu, margin_lse_forward_sm90.cu
-// (+ .cuh: its host entry), margin_lse_backward.cu, margin_lse_bwd_tile_sm90.cu (+ .cuh: its
-// host entry), and the device headers they share:
+// (+ .cuh: its host entry), margin_lse_backward.cu, margin_lse_bwd_tile_sm90.cu and
+// margin_lse_bwd_fused_sm90.cu (+ .cuh: their host entries), and the device headers they share:
 // margin_lse_epilogue.cuh (the forward main kernels' arguments and per-tile epilogue),
 // margin_lse_bwd_epilogue.cuh (bwd_tile's arguments and per-element gradient epilogue),
 // margin_lse_sm90_mainloop.cuh (the sm_90a engine of both passes' cosine tiles),
@@ -105,7 +105,8 @@
 //
 // Backward: the classes are processed in chunks of `cc` classes (cc = the largest multiple
 // of 128 with N_pad * cc * sizeof(T) <= 16 MiB, at least 128; e.g. 16384 at N = 512 in bf16,
-// so 62 chunks at C = 1M). Per chunk, 3 launches (all stream-ordered, no host sync):
+// so 62 chunks at C = 1M). Per chunk, 3 launches (all stream-ordered, no host sync; 2 where
+// bwd_fused_sm90 applies, below):
 //   bwd_tile  grid (row tile, class tile): recompute the cos tile (+ W norms), form
 //             dc = s_i * (g_lse * P + g_target * [c = y] + g_sum * [c != y]) * F'(c) (P = 0
 //             at the target for "external"), store dS' = dc / ‖w_c‖ (dtype T) into an
@@ -125,6 +126,21 @@
 //             row order after an mbarrier (design details: margin_lse_bwd_tile_sm90.cu). The
 //             ring keeps 4 stages (3 at 577 <= d <= 640, where the kernel's 4 KiB of column
 //             sums would exceed 227 KiB).
+//   bwd_fused_sm90  replaces bwd_tile + bwd_dw (2 launches per chunk instead of 3: fused,
+//             bwd_dx; + bwd_corr with feature_scale) where sm90_bwd_fused_eligible holds
+//             (sm_90a, bf16/fp16, K = 1, no class_index, d % 64 == 0, d <= 512, 16-byte
+//             aligned x / W / dW) and a chunk's 64-class tiles give at least 7/8 of the
+//             SMs a CTA (Backward::sm90_fused: N <= 1024 on 132 SMs in bf16). A CTA owns 64 classes of the chunk, keeps their W rows
+//             resident (TMA) and walks every 64-row tile of x (TMA, two buffers, full / empty
+//             mbarriers; a producer warpgroup, two consumer warpgroups): S on wgmma m64n32 (32
+//             classes per warpgroup), GradEpilogue as bwd_tile (dS' into the scratch for bwd_dx,
+//             corr_part per (64-class tile, row)), dS' / ‖x_i‖ staged in shared memory as the
+//             A operand of dW[64 classes, D] += (dS' / ‖x‖)ᵀ x_tile (wgmma, the same x k-blocks
+//             read MN-major; each consumer warpgroup owns half of D in registers, up to
+//             m64n256). r_c = Σ dc ĉ stays in registers over the walk; dW = acc − w_c r_c /
+//             ‖w_c‖² is written once, as 16-byte stores of the CTA's 64 consecutive dW rows. So
+//             dS' is written once and read once (by bwd_dx) per chunk, x̂, r_part and w_norm
+//             are not needed (design details: margin_lse_bwd_fused_sm90.cu).
 //   bwd_corr  feature_scale only: adds the chunk's class-tile partials to the per-row
 //             correction, in tile order.
 //   bwd_dw    dW (chunk) = dS'ᵀ x̂ − w_c r_c / ‖w_c‖²: GEMM with K = N over the scratch;
@@ -162,13 +178,14 @@
 // Extra memory (beyond inputs and outputs): forward 8 + 20 x splits bytes per padded row
 // (fp32 statistics); backward x̂ + the dS' chunk scratch (<= 16 MiB unless N is so large that
 // even 128 classes exceed it) + the split partials (<= 8 MiB, or one N_pad x D_pad
-// accumulator when that alone is larger) + O(N_pad + cc * N_pad / 128) (r_c partials, the
-// feature-scale row partials). At N = 512, D = 512,
+// accumulator when that alone is larger) + O(N_pad + cc * N_pad / 64) (r_c partials, the
+// feature-scale row partials per 128-class tile, or 64 in 16-bit for bwd_fused_sm90). At N = 512, D = 512,
 // C = 1M, bf16: 0.5 + 16 + 8 + 0.3 ≈ 25 MiB. (kScratchBudget / kPartialBudget in
 // margin_lse_backward.cu.)
 //
 // Precision: cosines, statistics, dc and every reduction in fp32 (fp64 for float64), from
-// the inputs as given; only the backward GEMMs' operands x̂ and dS' are rounded to T (a
+// the inputs as given; only the backward GEMMs' operands x̂ and dS' are rounded to T
+// (bwd_fused_sm90: dS' for dX, dS' / ‖x‖ with x itself for dW: one rounding either way) (a
 // gradient-only error of the size of the 16-bit output rounding; these kernels run under
 // the host emulator (tools/cuda_emulator) at N = 64-128, D = 128-256, C = 1000-2000, ArcFace s = 64, gave bf16
 // gradients within 3.1e-3 to 5.2e-3 of their largest entry, against 2.3e-3 to 2.8e-3 for

@@ -8,6 +8,8 @@
 #include "emulator.h"
 
 #include <cuda.h>  // CUtensorMap and cuTensorMapEncodeTiled
+#include <cxxabi.h>
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -145,6 +147,7 @@ struct State {
   uint64_t random_state = 1;  // kRandom's generator (splitmix64)
   uint64_t block_serial = 0;                       // of the running block, across launches
   std::map<void*, uint64_t> poisoned_in_block;     // static __shared__ variable -> block
+  std::vector<const void*> launched;               // kernels run, until take_launched_kernels
 };
 
 State& state() {
@@ -881,6 +884,23 @@ std::string last_error() {
   return e;
 }
 
+std::vector<std::string> take_launched_kernels() {
+  std::vector<std::string> names;
+  for (const void* id : state().launched) {
+    Dl_info info{};
+    std::string name = "?";
+    if (dladdr(id, &info) != 0 && info.dli_sname != nullptr && info.dli_saddr == id) {
+      int status = 0;
+      char* demangled = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+      name = status == 0 ? demangled : info.dli_sname;
+      std::free(demangled);
+    }
+    names.push_back(std::move(name));
+  }
+  state().launched.clear();
+  return names;
+}
+
 cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, const void* kernel_id,
                      const std::function<void()>& body) {
   State& s = state();
@@ -900,6 +920,7 @@ cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, const void* kerne
                          std::to_string(smem_bytes) + " bytes of dynamic shared memory, limit " +
                              std::to_string(limit) + " for this kernel");
   }
+  s.launched.push_back(kernel_id);
   if (s.fibers.size() < size_t(threads)) s.fibers.resize(threads);
   s.body = &body;
   s.failed = false;

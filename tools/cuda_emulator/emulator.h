@@ -41,6 +41,7 @@
 #include <functional>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace emu {
 
@@ -153,6 +154,11 @@ void wgmma_check_registers(const float* d, int count);
 
 // The message of the last failed launch ("" if none since the last call), and clears it.
 std::string last_error();
+
+// The kernels launched since the last call, in launch order, and clears the list: each the
+// demangled name of its exported symbol (dladdr), or "?" for one without (a kernel in an
+// anonymous namespace). Lets a test check which kernels a path ran.
+std::vector<std::string> take_launched_kernels();
 
 // Which runnable thread goes next. kRoundRobin interleaves the warps finely; the two warp
 // orders run one warp as far as it can get (to a block barrier) before the next, lowest or

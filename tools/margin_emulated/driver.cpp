@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "cuda/launch_params.h"
 #include "margin_checks.h"
@@ -21,6 +22,7 @@ namespace emu {
 std::string last_error();
 enum class Schedule : int;
 void set_schedule(Schedule schedule, uint64_t seed);
+std::vector<std::string> take_launched_kernels();
 }
 
 namespace {
@@ -202,6 +204,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("arch") = 80);
   m.def("probe_mma", &probe_mma, "one emulated mma.sync: kind 0 bf16, 1 fp16, 2 tf32");
   m.def("probe_ldmatrix", &probe_ldmatrix, "one emulated ldmatrix.x4 (.trans)");
+  m.def("take_launched_kernels", &emu::take_launched_kernels,
+        "the kernels launched since the last call, in order (demangled names; \"?\" for one "
+        "in an anonymous namespace), and clears the list");
   m.def("set_schedule",
         [](int schedule, uint64_t seed) { emu::set_schedule(static_cast<emu::Schedule>(schedule), seed); },
         "thread schedule of later launches: 0 round robin, 1 / 2 warp by warp (lowest / highest "

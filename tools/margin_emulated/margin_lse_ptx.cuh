@@ -46,6 +46,22 @@ template <class T, int kTransA = 0, int kTransB = 0>
 inline void wgmma_m64n128k16_ss_zero(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
   ::emu::ptx::wgmma_ss<T, 128>(d, desc_a, desc_b, 0, kTransA, kTransB);
 }
+template <class T, int kTransA = 0, int kTransB = 0>
+inline void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  ::emu::ptx::wgmma_ss<T, 32>(d, desc_a, desc_b, scale_d, kTransA, kTransB);
+}
+template <class T, int kTransA = 0, int kTransB = 0>
+inline void wgmma_m64n32k16_ss_zero(float (&d)[16], uint64_t desc_a, uint64_t desc_b) {
+  ::emu::ptx::wgmma_ss<T, 32>(d, desc_a, desc_b, 0, kTransA, kTransB);
+}
+template <class T, int kTransA = 0, int kTransB = 0>
+inline void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  ::emu::ptx::wgmma_ss<T, 64>(d, desc_a, desc_b, scale_d, kTransA, kTransB);
+}
+template <class T, int kTransA = 0, int kTransB = 0>
+inline void wgmma_m64n256k16_ss(float (&d)[128], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  ::emu::ptx::wgmma_ss<T, 256>(d, desc_a, desc_b, scale_d, kTransA, kTransB);
+}
 
 }  // namespace dev
 }  // namespace cuda
