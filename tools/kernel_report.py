@@ -1031,7 +1031,8 @@ def launch(r: KernelReport, p: Problem, count: int, grid: int, tiles: int, k: in
     lone = CTAS_PER_SM[key] == 1
     return LaunchModel(key, count, grid, r.cta_extra + tiles * tile_slots(r, k),
                        tiles * tile_flop(r, k), l2_bytes, hbm_bytes,
-                       hgmma=r.counts.get("HGMMA", 0) > 0, serial_tiles=tiles if lone else 0, serial_insts=r.tile_extra,
+                       hgmma=r.counts.get("HGMMA", 0) > 0, serial_tiles=tiles if lone else 0,
+                       serial_insts=r.tile_extra,
                        cover_flop=LOOKAHEAD_KBLOCKS.get(key, 0) * 2.0 * BM * BN * k_block(r),
                        lone=lone)
 
