@@ -177,12 +177,6 @@ def test_second_device(gpu_backend):
         assert torch.equal(g.cpu(), e.cpu()), f"{what} differs on cuda:1"
 
 
-#: The sm_90a kernels (TMA + wgmma) an eligible problem must run on compute capability 9.0
-#: (csrc/cuda/margin_lse_kernels.cuh: bf16/fp16, one sub-center, no class_index, 16-byte
-#: rows and bases, d within the shared-memory budget).
-SM90_KERNELS = ("fwd_main_sm90_kernel", "bwd_tile_sm90_kernel", "bwd_gemm_sm90_kernel")
-
-
 def _kernel_names(fn) -> set[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
@@ -190,22 +184,56 @@ def _kernel_names(fn) -> set[str]:
     return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
 
 
+#: Which kernels a bf16 ArcFace step runs on compute capability 9.0, per problem
+#: (csrc/cuda/margin_lse_kernels.cuh says where each applies): (N, D, C, sub-centers, W's
+#: storage offset in elements, kernels that must run, kernels that must not).
+SM90_CASES = {
+    # d % 64 == 0, d <= 512, N <= 1024: the fused backward; bwd_gemm_sm90 for dX
+    "fused": (256, 512, 20011, 1, 0, ("fwd_main_sm90_kernel", "bwd_fused_sm90_kernel", "bwd_gemm_sm90_kernel"),
+              ("bwd_tile_sm90_kernel", "fwd_main_kernel")),
+    # d % 64 != 0: the three-launch sm_90a backward
+    "d-not-64": (256, 520, 20011, 1, 0, ("fwd_main_sm90_kernel", "bwd_tile_sm90_kernel", "bwd_gemm_sm90_kernel"),
+                 ("bwd_fused_sm90_kernel", "fwd_main_kernel")),
+    # sub-centers: the mma.sync cosine kernels; dW / dX read them through strided tensor maps
+    "subcenters": (256, 512, 20011, 2, 0, ("fwd_main_kernel", "bwd_gemm_sm90_kernel"),
+                   ("fwd_main_sm90_kernel", "bwd_tile_sm90_kernel", "bwd_fused_sm90_kernel")),
+    # W 4 bytes past a 16-byte boundary: no TMA of W (the mma.sync cosine kernels, bwd_dx),
+    # the sm_90a dW GEMM storing element by element (its 16-byte path needs aligned rows)
+    "unaligned-weight": (100, 136, 3001, 1, 2, ("fwd_main_kernel", "bwd_gemm_sm90_kernel", "bwd_dx_kernel"),
+                         ("fwd_main_sm90_kernel", "bwd_tile_sm90_kernel", "bwd_fused_sm90_kernel")),
+}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="needs a compute capability 9.0 GPU (H100 / H200)")
-def test_sm90_kernels_run_where_eligible():
-    """No silent slow path: on sm_90 an eligible bf16 problem runs the wgmma kernels, and a
-    problem outside their conditions (sub-centers) runs the mma.sync cosine kernels, both correctly
-    (values: the conformance suite)."""
+@pytest.mark.parametrize("case", SM90_CASES)
+def test_sm90_kernels_run_where_eligible(case):
+    """No silent slow path and no wrong fast one: on sm_90 each problem runs the kernels its
+    conditions select, and its loss and gradients match the float64 reference at bf16's
+    fused tolerances."""
     if backends.available_backends()["cuda"] is not None:
         pytest.skip("the CUDA kernels are not built")
-    x, w, y = make_inputs(256, 512, 20011, BF16, requires_grad=False, device=DEVICE)
+    n, d, c, k, offset, must, must_not = SM90_CASES[case]
+    x, w, y = make_inputs(n, d, c * k, BF16, requires_grad=False, device=DEVICE)
+    y = y % c
+    storage = torch.cat([torch.zeros(offset, dtype=BF16, device=DEVICE), w.flatten()]).requires_grad_()
+    w_in = storage[offset:].view(w.shape)
+    x = x.clone().requires_grad_()
     with margin_ops.backend("cuda"):
-        names = _kernel_names(lambda: _step("arcface", x, w, y))
-        for kernel in SM90_KERNELS:
-            assert any(kernel in n for n in names), f"{kernel} did not run; ran: {sorted(names)}"
-        w2 = torch.cat([w, w.flip(0)])  # 2 sub-centers per class: the mma.sync path
-        names = _kernel_names(lambda: _step("arcface", x, w2, y, subcenters=2))
-    # (bwd_dw / bwd_dx read sub-centers through strided tensor maps: they stay on sm_90a)
-    assert not any("fwd_main_sm90" in n or "bwd_tile_sm90" in n for n in names), \
-        f"an sm_90a cosine kernel ran with sub-centers: {sorted(names)}"
-    assert any("fwd_main_kernel" in n for n in names), sorted(names)
+        def step():
+            loss = torch.ops.margin.arcface(x, w_in, y, subcenters=k)
+            loss.backward()
+            return loss.detach()
+        names = _kernel_names(step)
+        x.grad = storage.grad = None
+        loss = step()
+    for kernel in must:
+        assert any(kernel in name for name in names), f"{kernel} did not run; ran: {sorted(names)}"
+    for kernel in must_not:
+        assert not any(kernel in name for name in names), f"{kernel} ran: {sorted(names)}"
+    x64, w64 = x.detach().double().requires_grad_(), w.double().requires_grad_()
+    want = reference.arcface(x64, w64, y, subcenters=k)
+    want.backward()
+    assert_close(loss, want, 1e-4, "loss")
+    assert_close(x.grad, x64.grad, 1e-2, "grad_x")
+    assert_close(storage.grad[offset:].view(w.shape), w64.grad, 1e-2, "grad_weight")
