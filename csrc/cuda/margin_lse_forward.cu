@@ -17,6 +17,21 @@ using namespace dev;
 
 namespace {
 
+// The running statistics of a row tile, one slot per (warp column, row): the log2-domain
+// (max, sum-exp), the best (cosine, class) and Σ F of the classes seen so far. One shared
+// object rather than five arrays: on sm_90 every __shared__ variable has its own uniform
+// base, and a thread kept the address of its (warp_n, rows) in one register per array
+// across the class-tile loop; the fields of one object are immediate offsets from a single
+// such address (sm_80 addresses shared variables by immediates either way).
+template <class Acc, int kCols, int kRows>
+struct RunningRows {
+  Acc max[kCols][kRows];
+  Acc sum[kCols][kRows];
+  Acc cos[kCols][kRows];
+  int32_t idx[kCols][kRows];
+  Acc nts[kCols][kRows];
+};
+
 // Instantiated per option, so that a kernel carries only what its problem needs: kSub, K > 1
 // sub-centers per class (K cosine passes per tile, their maximum kept in registers); kHard,
 // hard examples (the per-row threshold and t).
@@ -32,11 +47,7 @@ __global__ void __launch_bounds__(kThreads, kSub ? 1 : Cfg<T>::kMinBlocks)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   __shared__ CosineTile<T> tile;
-  __shared__ Acc s_max[C::kWarpsN][C::BM];
-  __shared__ Acc s_sum[C::kWarpsN][C::BM];
-  __shared__ Acc s_cos[C::kWarpsN][C::BM];
-  __shared__ int32_t s_idx[C::kWarpsN][C::BM];
-  __shared__ Acc s_nts[C::kWarpsN][C::BM];
+  __shared__ RunningRows<Acc, C::kWarpsN, C::BM> s_run;
   __shared__ MarginParams s_margin;
 
   const int tid = threadIdx.x;
@@ -46,11 +57,11 @@ __global__ void __launch_bounds__(kThreads, kSub ? 1 : Cfg<T>::kMinBlocks)
   if (tid == 0) s_margin = args.margin;
   tile.load_rows(args.in, wk.row0, args.x_norm, args.scale);
   for (int k = tid; k < C::kWarpsN * C::BM; k += kThreads) {
-    s_max[k / C::BM][k % C::BM] = kNegInf;
-    s_sum[k / C::BM][k % C::BM] = Acc(0);
-    s_cos[k / C::BM][k % C::BM] = kNegInf;
-    s_idx[k / C::BM][k % C::BM] = 0;
-    s_nts[k / C::BM][k % C::BM] = Acc(0);
+    s_run.max[k / C::BM][k % C::BM] = kNegInf;
+    s_run.sum[k / C::BM][k % C::BM] = Acc(0);
+    s_run.cos[k / C::BM][k % C::BM] = kNegInf;
+    s_run.idx[k / C::BM][k % C::BM] = 0;
+    s_run.nts[k / C::BM][k % C::BM] = Acc(0);
   }
   __syncthreads();
 
@@ -85,19 +96,19 @@ __global__ void __launch_bounds__(kThreads, kSub ? 1 : Cfg<T>::kMinBlocks)
       const Acc nts = lanes_sum<0, 2>(sh.nts);
       // The running best of (warp_n, r), visible since the GEMM's closing barrier, merged
       // with the lane's columns where they can change it, then over the 4 lanes.
-      Acc best = s_cos[warp_n][r];
-      int32_t best_idx = s_idx[warp_n][r];
+      Acc best = s_run.cos[warp_n][r];
+      int32_t best_idx = s_run.idx[warp_n][r];
       Epi::argmax(acc, ri, lane, sh, c_lim, col0 + wn0, best, best_idx);
       lanes_best<0, 2>(best, best_idx);
       // Lane 0 of the group owns (warp_n, r) in shared memory: no other thread writes it.
       if ((lane & 3) == 0) {
-        Acc m = s_max[warp_n][r], s = s_sum[warp_n][r];
+        Acc m = s_run.max[warp_n][r], s = s_run.sum[warp_n][r];
         merge_lse(m, s, tile_max, sum);
-        s_max[warp_n][r] = m;
-        s_sum[warp_n][r] = s;
-        s_cos[warp_n][r] = best;
-        s_idx[warp_n][r] = best_idx;
-        s_nts[warp_n][r] += nts;
+        s_run.max[warp_n][r] = m;
+        s_run.sum[warp_n][r] = s;
+        s_run.cos[warp_n][r] = best;
+        s_run.idx[warp_n][r] = best_idx;
+        s_run.nts[warp_n][r] += nts;
       }
     }
   }
@@ -107,13 +118,13 @@ __global__ void __launch_bounds__(kThreads, kSub ? 1 : Cfg<T>::kMinBlocks)
   for (int r = tid; r < C::BM; r += kThreads) {
     const int64_t gr = wk.row0 + r;
     if (gr >= args.in.n) continue;
-    Acc m = s_max[0][r], s = s_sum[0][r], b = s_cos[0][r], nts = s_nts[0][r];
-    int32_t idx = s_idx[0][r];
+    Acc m = s_run.max[0][r], s = s_run.sum[0][r], b = s_run.cos[0][r], nts = s_run.nts[0][r];
+    int32_t idx = s_run.idx[0][r];
 #pragma unroll
     for (int w = 1; w < C::kWarpsN; ++w) {
-      merge_lse(m, s, s_max[w][r], s_sum[w][r]);
-      merge_best(b, idx, s_cos[w][r], s_idx[w][r]);
-      nts += s_nts[w][r];
+      merge_lse(m, s, s_run.max[w][r], s_run.sum[w][r]);
+      merge_best(b, idx, s_run.cos[w][r], s_run.idx[w][r]);
+      nts += s_run.nts[w][r];
     }
     const int64_t o = wk.split * args.n_pad + gr;
     args.part_max[o] = m;

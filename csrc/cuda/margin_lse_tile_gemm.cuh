@@ -288,6 +288,11 @@ struct TileGemm {
   // Tensor cores on TF32: per 8-wide k step, each lane reads its A (16 x 8) and B (8 x 8)
   // fragment elements from shared memory (ldmatrix moves 16-bit elements only) and rounds
   // them to TF32; g = lane / 4 indexes M (or N), t = lane % 4 indexes K.
+  // Order: the k step's B fragments (8 registers) first, then one m16 block's A fragment
+  // (4) at a time, dead after its NB MMAs. The 16-bit loop's order (all MI A fragments,
+  // then B) keeps 16 A registers live; with the rounding between each load and its MMA
+  // that put the TF32 mainloop over the 128 registers of 2 CTAs/SM (fwd_main, bwd_tile
+  // spilled). Each accumulator still sees the same MMAs in the same k order: same bits.
   static __device__ __forceinline__ void warp_mma_tf32(Acc (&acc)[C::TR][C::TC], const T* sa,
                                                        const T* sb, int wm0, int wn0, int lane) {
     constexpr int MI = C::TR / 2, NB = C::TC / 2;
@@ -300,23 +305,22 @@ struct TileGemm {
     };
 #pragma unroll
     for (int kk = 0; kk < C::BK; kk += 8) {
-      uint32_t af[MI][4];
-#pragma unroll
-      for (int mi = 0; mi < MI; ++mi) {
-        const int m = wm0 + mi * 16 + g;
-        af[mi][0] = a_at(m, kk + t);
-        af[mi][1] = a_at(m + 8, kk + t);
-        af[mi][2] = a_at(m, kk + t + 4);
-        af[mi][3] = a_at(m + 8, kk + t + 4);
-      }
+      uint32_t bf[NB][2];
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb) {
         const int n = wn0 + nb * 8 + g;
-        const uint32_t bf[2] = {b_at(n, kk + t), b_at(n, kk + t + 4)};
+        bf[nb][0] = b_at(n, kk + t);
+        bf[nb][1] = b_at(n, kk + t + 4);
+      }
 #pragma unroll
-        for (int mi = 0; mi < MI; ++mi) {
+      for (int mi = 0; mi < MI; ++mi) {
+        const int m = wm0 + mi * 16 + g;
+        const uint32_t af[4] = {a_at(m, kk + t), a_at(m + 8, kk + t), a_at(m, kk + t + 4),
+                                a_at(m + 8, kk + t + 4)};
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) {
           mma_1688_tf32(acc[2 * mi][2 * nb], acc[2 * mi][2 * nb + 1], acc[2 * mi + 1][2 * nb],
-                        acc[2 * mi + 1][2 * nb + 1], af[mi], bf);
+                        acc[2 * mi + 1][2 * nb + 1], af, bf[nb]);
         }
       }
     }
