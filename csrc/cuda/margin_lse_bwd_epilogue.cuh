@@ -68,6 +68,35 @@ struct RowGrad {
   }
 };
 
+// What the sm_90a gradient epilogues keep in registers of one row (16-bit inputs: float):
+// its RowGrad, 1 / max(‖x‖, eps), g_target and label (-1: none in [0, C)). A row past n gets
+// zeros, no target and no hard examples, so that its entries contribute nothing.
+template <bool kHard>
+struct RowInputs {
+  RowGrad<float, kHard> g;
+  float xinv, gt;
+  int32_t label;
+};
+
+template <bool kHard, class T>
+__device__ __forceinline__ RowInputs<kHard> load_row_inputs(const TileArgs<T>& args, int64_t gr) {
+  constexpr float kLog2e = Consts<float>::kLog2e;
+  RowInputs<kHard> r{{0.f, 0.f, 0.f, 0.f, 0.f, 2.f, 0.f}, 0.f, 0.f, -1};
+  if (gr < args.in.n) {
+    const float sc = args.scale[gr];
+    r.g = {sc, sc * kLog2e, args.lse[gr] * kLog2e, args.g_lse[gr], args.g_sum[gr], 2.f, 0.f};
+    if constexpr (kHard) {
+      r.g.thr = args.in.hard_threshold[gr];
+      r.g.ht = args.in.hard_t[gr];
+    }
+    r.xinv = inverse_norm(args.x_norm[gr]);
+    r.gt = args.g_t[gr];
+    const int64_t lab = args.in.labels[gr];
+    if (lab >= 0 && lab < args.in.c) r.label = int32_t(lab);
+  }
+  return r;
+}
+
 template <class F, bool kHard>
 struct GradEpilogue {
   // Row ri of the thread's accumulators (its F::TC columns of one row of the warp's tile).

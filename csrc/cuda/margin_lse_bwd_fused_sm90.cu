@@ -164,7 +164,6 @@ __global__ void __launch_bounds__(Sm90WarpRoles::kThreads, 1)
   using G = BwdFusedSm90Cfg;
   using F = WgmmaFragN32;
   using Epi = GradEpilogue<F, kHard>;
-  constexpr float kLog2e = Consts<float>::kLog2e;
   constexpr int kBlocks = 2 * kDB;  // D blocks of W and of an x buffer (those past d: zeros)
   constexpr int kXBytes = kBlocks * G::kBlockBytes;
   constexpr int kOutPitch = 2 * kDB * G::BK * 2;     // dW staging row: 128·kDB elements
@@ -275,33 +274,11 @@ __global__ void __launch_bounds__(Sm90WarpRoles::kThreads, 1)
     const int b = t & 1;
     const int64_t row0 = int64_t(t) * G::BM;
 
-    // The factors of the thread's 2 rows (rows past n: zeros, no target, no hard examples).
-    RowGrad<float, kHard> rg[F::TR];
-    float xinv[F::TR], gt[F::TR];
-    int32_t label[F::TR];
+    // The factors of the thread's 2 rows.
+    RowInputs<kHard> row[F::TR];
 #pragma unroll
-    for (int ri = 0; ri < F::TR; ++ri) {
-      const int64_t gr = row0 + wm0 + F::row(ri, lane);
-      float sc = 0.f, lse2 = 0.f, gl = 0.f, gs = 0.f, thr = 2.f, ht = 0.f;
-      xinv[ri] = 0.f;
-      gt[ri] = 0.f;
-      label[ri] = -1;
-      if (gr < args.in.n) {
-        sc = args.scale[gr];
-        lse2 = args.lse[gr] * kLog2e;
-        gl = args.g_lse[gr];
-        gs = args.g_sum[gr];
-        xinv[ri] = inverse_norm(args.x_norm[gr]);
-        gt[ri] = args.g_t[gr];
-        const int64_t lab = args.in.labels[gr];
-        if (lab >= 0 && lab < args.in.c) label[ri] = int32_t(lab);
-        if constexpr (kHard) {
-          thr = args.in.hard_threshold[gr];
-          ht = args.in.hard_t[gr];
-        }
-      }
-      rg[ri] = RowGrad<float, kHard>{sc, sc * kLog2e, lse2, gl, gs, thr, ht};
-    }
+    for (int ri = 0; ri < F::TR; ++ri)
+      row[ri] = load_row_inputs<kHard>(args, row0 + wm0 + F::row(ri, lane));
 
     // S = x_tile W_wgᵀ (x's k-blocks K-major as A, the warpgroup's 32 W rows as B).
     const uint32_t x_addr = smem_addr(sx + b * kXBytes);
@@ -334,17 +311,18 @@ __global__ void __launch_bounds__(Sm90WarpRoles::kThreads, 1)
       const int r = wm0 + F::row(ri, lane);
       const int64_t gr = row0 + r;
       const bool row_ok = gr < args.in.n;
-      const int64_t yt = int64_t(label[ri]) - col0;
-      const int yl = label[ri] >= 0 && yt >= 0 && yt < G::kHalfN ? int(yt) : -1;
+      const int64_t yt = int64_t(row[ri].label) - col0;
+      const int yl = row[ri].label >= 0 && yt >= 0 && yt < G::kHalfN ? int(yt) : -1;
       float corr = 0.f;
-      Epi::row(acc, ri, lane, rg[ri], xinv[ri], inv, interior && row_ok, row_ok ? c_lim : 0, yl,
-               gt[ri], &tail->margin, external, fs, rsum, corr);
+      Epi::row(acc, ri, lane, row[ri].g, row[ri].xinv, inv, interior && row_ok,
+               row_ok ? c_lim : 0, yl, row[ri].gt, &tail->margin, external, fs, rsum, corr);
       T* out = args.scratch + gr * args.ld + ct_local0 + G::kHalfN * wg + 2 * (lane & 3);
 #pragma unroll
       for (int j = 0; j < F::TC / 2; ++j) {
         const float v0 = F::at(acc, ri, 2 * j), v1 = F::at(acc, ri, 2 * j + 1);
         const T pair[2] = {Type<T>::store(v0), Type<T>::store(v1)};
-        const T staged[2] = {Type<T>::store(v0 * xinv[ri]), Type<T>::store(v1 * xinv[ri])};
+        const float xinv = row[ri].xinv;
+        const T staged[2] = {Type<T>::store(v0 * xinv), Type<T>::store(v1 * xinv)};
         uint32_t bits;
         memcpy(&bits, pair, sizeof(bits));
         *reinterpret_cast<uint32_t*>(out + 8 * j) = bits;

@@ -90,7 +90,6 @@ __global__ void __launch_bounds__(Sm90Cfg::kThreads, 1)
   using G = Sm90Cfg;
   using F = WgmmaFrag;
   using Epi = GradEpilogue<F, kHard>;
-  constexpr float kLog2e = Consts<float>::kLog2e;
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const int kb_count = int(G::k_blocks(args.in.d));
@@ -128,33 +127,11 @@ __global__ void __launch_bounds__(Sm90Cfg::kThreads, 1)
   const bool external = args.margin.kind == MarginKind::External;
   const bool fs = args.margin.feature_scale;
 
-  // The factors of the thread's 2 rows (rows past n: zeros, no target, no hard examples).
-  RowGrad<float, kHard> rg[F::TR];
-  float xinv[F::TR], gt[F::TR];
-  int32_t label[F::TR];
+  // The factors of the thread's 2 rows.
+  RowInputs<kHard> row[F::TR];
 #pragma unroll
-  for (int ri = 0; ri < F::TR; ++ri) {
-    const int64_t gr = row0 + wm0 + F::row(ri, lane);
-    float sc = 0.f, lse2 = 0.f, gl = 0.f, gs = 0.f, thr = 2.f, ht = 0.f;
-    xinv[ri] = 0.f;
-    gt[ri] = 0.f;
-    label[ri] = -1;
-    if (gr < args.in.n) {
-      sc = args.scale[gr];
-      lse2 = args.lse[gr] * kLog2e;
-      gl = args.g_lse[gr];
-      gs = args.g_sum[gr];
-      xinv[ri] = inverse_norm(args.x_norm[gr]);
-      gt[ri] = args.g_t[gr];
-      const int64_t lab = args.in.labels[gr];
-      if (lab >= 0 && lab < args.in.c) label[ri] = int32_t(lab);
-      if constexpr (kHard) {
-        thr = args.in.hard_threshold[gr];
-        ht = args.in.hard_t[gr];
-      }
-    }
-    rg[ri] = RowGrad<float, kHard>{sc, sc * kLog2e, lse2, gl, gs, thr, ht};
-  }
+  for (int ri = 0; ri < F::TR; ++ri)
+    row[ri] = load_row_inputs<kHard>(args, row0 + wm0 + F::row(ri, lane));
 
   ml.wait_x();
   RingPos pos;
@@ -176,11 +153,11 @@ __global__ void __launch_bounds__(Sm90Cfg::kThreads, 1)
     for (int ri = 0; ri < F::TR; ++ri) {
       const int64_t gr = row0 + wm0 + F::row(ri, lane);
       const bool row_ok = gr < args.in.n;
-      const int64_t yt = int64_t(label[ri]) - col0;
-      const int yl = label[ri] >= 0 && yt >= 0 && yt < G::BN ? int(yt) : -1;
+      const int64_t yt = int64_t(row[ri].label) - col0;
+      const int yl = row[ri].label >= 0 && yt >= 0 && yt < G::BN ? int(yt) : -1;
       float corr = 0.f;
-      Epi::row(acc, ri, lane, rg[ri], xinv[ri], inv, interior && row_ok, row_ok ? c_lim : 0, yl,
-               gt[ri], &tail->margin, external, fs, rsum, corr);
+      Epi::row(acc, ri, lane, row[ri].g, row[ri].xinv, inv, interior && row_ok,
+               row_ok ? c_lim : 0, yl, row[ri].gt, &tail->margin, external, fs, rsum, corr);
       // dS' of the row: columns 8j + 2q, 8j + 2q + 1 as one 4-byte store per j.
       T* out = args.scratch + gr * args.ld + ct_local0 + 2 * (lane & 3);
 #pragma unroll
