@@ -481,3 +481,137 @@ def test_sm90a_gemm_kernels_issue_hgmma_without_spills(capsys):
     out = capsys.readouterr().out
     assert status == 0, out
     assert out.startswith("PASS"), out
+
+
+def test_fused_backward_kernel_id_and_shared_memory():
+    k = kr.kernel_id("void margin_ops::cuda::dev::bwd_fused_sm90_kernel<__nv_bfloat16, true, 4>"
+                     "(CUtensorMap, CUtensorMap, margin_ops::cuda::dev::TileArgs<__nv_bfloat16>, "
+                     "__nv_bfloat16*)")
+    assert (k.name, k.dtype, k.sub, k.hard, k.int_param("kDB")) == ("bwd_fused_sm90", "bf16",
+                                                                    False, True, 4)
+    assert k.label == "bwd_fused_sm90<bf16, hard, kDB=4>"
+    assert kr.model_key(k) == "bwd_fused_sm90<kDB=4>"
+    k1 = kr.kernel_id("void margin_ops::cuda::dev::bwd_fused_sm90_kernel<__half, false, 1>(...)")
+    assert (k1.hard, k1.label) == (False, "bwd_fused_sm90<fp16, kDB=1>")
+    # bwd_fused_smem_bytes: 1024 + (6 kDB + 2) 8 KiB blocks + sizeof(BwdFusedSm90Tail): 6
+    # mbarriers, inv / nrm / coef (64 floats each), r[8][32], corr[2][2][64], MarginParams
+    tail = 6 * 8 + 3 * 64 * 4 + 8 * 32 * 4 + 2 * 2 * 64 * 4 + 88
+    assert tail == 2952
+    assert kr.dynamic_smem(k) == 1024 + 26 * 8192 + tail == 216968  # 211.9 KiB, <= 227 KiB
+    assert kr.dynamic_smem(k1) == 1024 + 8 * 8192 + tail == 69512
+    assert [kr.fused_dw_blocks(d) for d in (64, 128, 192, 256, 320, 448, 512)] == [1, 1, 2, 2, 3,
+                                                                                    4, 4]
+    assert "bwd_fused_sm90" in kr.HGMMA_KERNELS
+    assert "bwd_fused_sm90<bf16>: not in the build" in kr.gate([_gated("bf16"), _gated("fp16")])
+
+
+# bwd_fused_sm90's row-tile loop in cuobjdump -sass form: the row factors, a wait that
+# leaves a group in flight (no serial point), S (2 unrolled m64n32k16), the wait for all
+# wgmmas, an epilogue with a branch, then dW (1 m64n256k16) left in flight at the back edge;
+# a prologue before and the dW write after.
+FUSED_LOOP = """
+		Function : _Z5fused
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   LDS R2, [R0] ;
+        /*0020*/                   LDG.E R3, desc[UR4][R8.64] ;
+        /*0030*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0040*/                   HGMMA.64x32x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT ;
+        /*0050*/                   HGMMA.64x32x16.F32.BF16 R24, gdesc[UR12], R24, gsb0 ;
+        /*0060*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0070*/               @P1 BRA 0xa0 ;
+        /*0080*/                   MUFU.EX2 R40, R24 ;
+        /*0090*/                   FADD R41, R40, R41 ;
+        /*00a0*/                   STG.E desc[UR4][R10.64], R24 ;
+        /*00b0*/                   STS [R12], R24 ;
+        /*00c0*/                   WARPGROUP.ARRIVE ;
+        /*00d0*/                   HGMMA.64x256x16.F32.BF16 R88, gdesc[UR16].tnspA.tnspB, R88, gsb0 ;
+        /*00e0*/               @!P0 BRA 0x20 ;
+        /*00f0*/                   STG.E.128 desc[UR4][R14.64], R88 ;
+        /*0100*/                   EXIT ;
+        /*0110*/                   BRA 0x110 ;
+"""
+
+
+def test_fused_row_tile_loop_serial_segment_and_mixed_mma_flop():
+    insts = kr.parse_sass(FUSED_LOOP)["_Z5fused"]
+    a = kr.analyze_function(insts)
+    ml = kr.find_mainloop(insts)
+    assert (insts[ml.start].addr, insts[ml.end].addr) == (0x20, 0xE0)
+    assert a["outer_kind"] == "exit" and a["main"].insts == 13 and a["main"].mma == 3
+    # a warp's share of 2 x m64n32k16 + 1 x m64n256k16
+    assert a["main_flop"] == (2 * 2 * 64 * 32 * 16 + 2 * 64 * 256 * 16) / 4
+    # no MMA in flight from the wait (0x60) to before dW's first HGMMA (0xd0), the EX2 path
+    assert (a["serial"].insts, a["serial"].ex2, a["serial"].mma) == (7, 1, 0)
+    r = kr.KernelReport("m", "d", kr.KernelId("bwd_fused_sm90", "bf16", ints=(("kDB", 4),)),
+                        "x.cu", kr.Resources(), kr.count_ops(insts), len(insts), **a)
+    assert r.outside_main == 2 + 2  # 0x0, 0x10 before the loop; 0xf0, 0x100 after it
+    # the k-loops of the other sm_90a kernels wait for older wgmmas only: no serial segment
+    assert kr.analyze_function(kr.parse_sass(SM90_TILE_LOOP)["_Z4sm90"])["serial"] is None
+
+
+def _fused_report(main_insts=900, serial_insts=400, outside=800):
+    r = _sm90_report("bwd_fused_sm90", main_insts=main_insts, hgmma=36,
+                     tile_insts=main_insts + outside, tile_hgmma=36,
+                     func_insts=main_insts + outside, func_hgmma=36)
+    r.kid = kr.KernelId("bwd_fused_sm90", "bf16", ints=(("kDB", 4),))
+    r.main_flop = (32 * 2 * 64 * 32 * 16 + 4 * 2 * 64 * 256 * 16) / 4  # D = 512: S + dW
+    r.serial = kr.HotPath(serial_insts, 0, 0, 16)
+    return r
+
+
+def test_model_of_the_fused_backward_closed_form():
+    reps = {
+        "fwd_main_sm90": _sm90_report("fwd_main_sm90"),
+        "bwd_gemm_sm90<DxSm90>": _sm90_report("bwd_gemm_sm90", "DxSm90"),
+        "bwd_fused_sm90<kDB=4>": _fused_report(),
+    }
+    m = kr.Machine()
+    clk = m.clock_ghz * 1e9
+    n, d, c = 512, 512, 1_000_000
+    assert kr.path_applies(kr.FUSED_PATH, n, d, c, m)
+    res = kr.model_shape(reps, n, d, c, m, path=kr.FUSED_PATH)
+    bwd = {x[0]: x for x in res["bwd"]}
+    assert [x[0] for x in res["bwd"]] == ["prep", "bwd_fused_sm90<kDB=4>",
+                                          "bwd_gemm_sm90<DxSm90>", "finalize"]
+    # prep reads x and writes no x̂: n d 2 bytes of HBM
+    assert bwd["prep"][5]["HBM"] == pytest.approx(n * d * 2 / 3e12)
+    # 62 chunks of 16384 classes: 256 CTAs of 64 classes, each walking 8 row tiles; 2 per SM
+    _, count, grid, t, bound, terms, _ = bwd["bwd_fused_sm90<kDB=4>"]
+    assert (count, grid) == (62, 256)
+    # per tile and CTA: 8 warps x 900 / 4 = 1800 issue clocks; 8 x 1048576 / 4096 = 2048
+    # tensor clocks (4 x 64 x 64 x 512 FLOP); the epilogue 8 x 400 / 4 = 800 clocks exposed
+    assert 8 * reps["bwd_fused_sm90<kDB=4>"].main_flop == 4 * 64 * 64 * 512
+    assert terms["issue"] == pytest.approx(62 * 2 * 8 * (800 + 8 * 900) / 4 / clk)
+    assert terms["tensor"] == pytest.approx(62 * 2 * 8 * 2048 / clk)
+    assert terms["exposed"] == pytest.approx(62 * 2 * 8 * 800 / clk)
+    # L2 per chunk: every CTA reads x (512 x 512 x 2) and 64 B of row factors per row; W's
+    # 16384 x 512 x 2 once; dS' 512 x 16384 x 2 written; dW written once
+    w = 16384 * 512 * 2
+    l2 = 256 * 512 * (1024 + 64) + w + 512 * 16384 * 2 + w
+    assert terms["L2"] == pytest.approx(62 * l2 / 5.5e12)
+    assert terms["HBM"] == pytest.approx(62 * 2 * w / 3e12)  # W read, dW written
+    assert terms["refill"] == pytest.approx(62 * 0.5e-6)  # 256 CTAs on 132 SMs: 1 more each
+    # time = max(issue, tensor + exposed, L2, HBM) + refill + launch: x re-read per CTA
+    # makes it L2-bound (35 us per chunk against 2 x 8 x (2048 + 800) clocks = 25 us)
+    assert 2 * 8 * (800 + 8 * 900) / 4 < 2 * 8 * (2048 + 800) < l2 / 5.5e12 * clk
+    assert bound == "L2" and t == pytest.approx(62 * (l2 / 5.5e12 + 0.5e-6 + 3e-6))
+    assert res["launches"] == 1 + 1 + 1 + 1 + 2 * 62 + 1  # fwd: prep, main, combine
+
+
+def test_fused_backward_eligibility_mirrored():
+    m = kr.Machine()
+    # Backward::sm90_fused: 8 ceil(min(cc, C) / 64) >= 7 x 132 = 924 tiles x 8
+    assert kr.sm90_fused_eligible(512, 2, 7424, 132)  # 116 tiles: 928
+    assert not kr.sm90_fused_eligible(512, 2, 7360, 132)  # 115 tiles: 920
+    assert kr.sm90_fused_eligible(512, 2, 7 * 64, 8)  # 8 SMs: 7 tiles, 56 >= 56 exactly
+    assert not kr.sm90_fused_eligible(512, 2, 6 * 64 + 64, 9)  # 9 SMs: 7 tiles, 56 < 63
+    assert not kr.sm90_fused_eligible(512, 4, 65536, 132)  # fp32
+    for d, ok in ((64, True), (192, True), (512, True), (576, False), (328, False), (32, False)):
+        assert kr.sm90_fused_eligible(d, 2, 65536, 132) == ok
+    # through the layout: N <= 1024 at D = 512 on 132 SMs (cc = 8192: 128 tiles; N = 1152:
+    # cc = 7168, 112 tiles); few classes fail too
+    assert kr.path_applies(kr.FUSED_PATH, 1024, 512, 1_000_000, m)
+    assert not kr.path_applies(kr.FUSED_PATH, 1152, 512, 1_000_000, m)
+    assert kr.path_applies(kr.FUSED_PATH, 128, 512, 7424, m)
+    assert not kr.path_applies(kr.FUSED_PATH, 128, 512, 7360, m)
+    assert kr.path_applies("sm_90a", 1152, 512, 1_000_000, m)

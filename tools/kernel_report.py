@@ -25,12 +25,18 @@ prints:
    the mainloop (fwd_main_sm90: unrolled by two for its two accumulator sets, the next
    tile's first k-blocks issued before the current tile's epilogue) is that many tiles: a
    tile is its body's hot path divided by the copies, the epilogue that tile beyond its
-   k-blocks;
+   k-blocks. bwd_fused_sm90 has no k-loop: its S and dW wgmmas are unrolled, so its
+   mainloop is the row-tile loop (one iteration = one 64-row x tile; "insts/MMA" mixes
+   S's m64n32k16 and dW's m64n256k16), and its epilogue is the segment of that loop with
+   no MMA in flight (from the wait for all wgmmas to dW's first: serial_segment), per S
+   element of a thread (16 per tile);
 3. a PREDICTED time per named shape (benchmarks/contenders.py GPU_SHAPES), forward and
    backward, for the bf16 K = 1 instantiations, from the model printed after the tables: on
-   sm_90a for two paths side by side, the mma.sync kernels and the sm_90a kernels (TMA +
-   wgmma) that replace them where the host's eligibility rules allow (``--chunk-study``
-   adds the backward under class-chunk caps at D = 512, C = 1M).
+   sm_90a for three paths side by side, the mma.sync kernels, the sm_90a kernels (TMA +
+   wgmma) that replace them where the host's eligibility rules allow, and the sm_90a path
+   with the fused backward (bwd_fused_sm90 for bwd_tile + bwd_dw) where Backward::sm90_fused
+   holds (``--chunk-study`` adds the 3-launch sm_90a backward under class-chunk caps at
+   D = 512, C = 1M).
 
 Hot path: the loop body (or the epilogue region) is cut into basic blocks; back edges inside
 it are dropped (an inner loop counts once) and edges leaving it are ignored; among the paths
@@ -285,19 +291,27 @@ class KernelId:
     sub: bool = False  # K > 1 sub-centers
     hard: bool = False  # hard examples
     policy: str = ""  # the epilogue policy of a kernel family that takes one (bwd_gemm_sm90)
+    ints: tuple[tuple[str, int], ...] = ()  # int template parameters after the flags (INT_PARAMS)
 
     @property
     def label(self) -> str:
         opts = [o for o, on in (("K>1", self.sub), ("hard", self.hard)) if on] + \
-            ([self.policy] if self.policy else [])
+            ([self.policy] if self.policy else []) + [f"{k}={v}" for k, v in self.ints]
         return f"{self.name}<{self.dtype}{''.join(', ' + o for o in opts)}>"
+
+    def int_param(self, name: str) -> int | None:
+        return dict(self.ints).get(name)
 
 
 #: The bool template parameters after the element type, in order, of each kernel family
 #: (the others: <T, kSub, kHard>).
-FLAG_PARAMS = {"fwd_main_sm90": ("hard",), "bwd_tile_sm90": ("hard",), "bwd_gemm_sm90": ()}
+FLAG_PARAMS = {"fwd_main_sm90": ("hard",), "bwd_tile_sm90": ("hard",), "bwd_gemm_sm90": (),
+               "bwd_fused_sm90": ("hard",)}
 #: Kernel families whose second template parameter is an epilogue policy (a type).
 POLICY_FAMILIES = ("bwd_gemm_sm90",)
+#: The int template parameters after the flags, in order: bwd_fused_sm90's kDB, the 64-wide
+#: D blocks of dW per consumer warpgroup (ceil(D / 128): D <= 128·kDB).
+INT_PARAMS = {"bwd_fused_sm90": ("kDB",)}
 
 
 def kernel_id(demangled: str) -> KernelId:
@@ -313,7 +327,10 @@ def kernel_id(demangled: str) -> KernelId:
     flags = {p: a == "true" for p, a in zip(params, args[1:1 + len(params)])}
     policy = re.sub(r".*::", "", re.sub(r"<.*", "", args[1])) \
         if name in POLICY_FAMILIES and len(args) > 1 else ""
-    return KernelId(name, dtype, flags.get("sub", False), flags.get("hard", False), policy)
+    rest = args[1 + len(params):]
+    ints = tuple((p, int(re.sub(r"^\(\w+\)", "", a)))  # "4" or "(int)4"
+                 for p, a in zip(INT_PARAMS.get(name, ()), rest))
+    return KernelId(name, dtype, flags.get("sub", False), flags.get("hard", False), policy, ints)
 
 
 # ---------------------------------------------------------------------------------------
@@ -536,11 +553,26 @@ ACC_PER_THREAD = BM * BN // THREADS
 STAGES = 3
 
 
+#: bwd_fused_sm90 (margin_lse_bwd_fused_sm90.cu): BwdFusedSm90Cfg::kBlockBytes (a 64 x 64
+#: 16-bit k-block or staging tile) and sizeof(BwdFusedSm90Tail) (5 mbarriers, 3 x 64 floats
+#: per class, 8 warps x 32 column sums, 2 x 2 x 64 feature-scale sums, MarginParams: 88 bytes
+#: on x86-64).
+FUSED_BLOCK_BYTES, FUSED_TAIL = 64 * 64 * 2, 6 * 8 + 3 * 64 * 4 + 8 * 32 * 4 + 2 * 2 * 64 * 4 + 88
+
+
+def fused_smem(k_db: int) -> int:
+    """bwd_fused_smem_bytes: 1024 (alignment) + W and two x buffers of 2·kDB blocks each + two
+    staging tiles + the tail."""
+    return 1024 + (6 * k_db + 2) * FUSED_BLOCK_BYTES + FUSED_TAIL
+
+
 def dynamic_smem(kid: KernelId, subcenters: int = 2) -> int | None:
     """The launch's dynamic shared memory (TileGemm<T, ATrans, BTrans>::kSmemBytes mirrored;
-    K > 1 adds K x BN x 4 bytes, printed for K = `subcenters`); None for the sm_90a kernels,
-    whose figure depends on D (Sm90Cfg::smem_bytes: 194 KiB at D = 512) or is fixed
-    (Sm90GemmCfg::kSmemBytes: 129 KiB)."""
+    K > 1 adds K x BN x 4 bytes, printed for K = `subcenters`; bwd_fused_sm90: fused_smem of
+    its kDB); None for the other sm_90a kernels, whose figure depends on D
+    (Sm90Cfg::smem_bytes: 194 KiB at D = 512) or is fixed (Sm90GemmCfg::kSmemBytes: 129 KiB)."""
+    if kid.name == "bwd_fused_sm90" and kid.int_param("kDB") is not None:
+        return fused_smem(kid.int_param("kDB"))
     if kid.name.endswith("_sm90"):
         return None
     if kid.dtype in ("bf16", "fp16"):
@@ -584,6 +616,8 @@ class KernelReport:
     outer_kind: str = ""  # "loop" (class-tile loop) or "exit"
     unroll: int = 1  # copies of the mainloop in the class-tile loop (the tile: 1 / unroll of it)
     mma_flop: float | None = None  # FLOP of one warp's share of one mainloop MMA
+    main_flop: float = 0.0  # FLOP of one warp's share of all of one mainloop iteration's MMAs
+    serial: HotPath | None = None  # a mainloop's segment with no MMA in flight (serial_segment)
 
     @property
     def main_per_mma(self) -> float | None:
@@ -613,6 +647,12 @@ class KernelReport:
         """A CTA's issue slots per warp outside its tiles (0 for one tile per CTA)."""
         return self.func.insts - kblock_slots(self.func, self.main) - self.unroll * self.tile_extra
 
+    @property
+    def outside_main(self) -> float:
+        """Issue slots per warp outside the mainloop (the function's hot path holds one
+        iteration): a row-walk kernel's (bwd_fused_sm90) prologue and final dW write."""
+        return self.func.insts - self.main.insts
+
     def k_per_iter(self) -> float:
         """The K depth one mainloop iteration covers for the CTA's BM x BN tile."""
         return WARPS * self.main.mma * self.mma_flop / (2 * BM * BN)
@@ -628,7 +668,8 @@ def kblock_slots(path: HotPath, main: HotPath) -> float:
 def analyze_function(insts: list[Inst]) -> dict:
     """Mainloop / epilogue figures of one function's instructions."""
     out: dict = {"main": None, "main_static": 0, "epi": None, "epi_kblocks": 0, "epi_static": 0,
-                 "tile": None, "func": None, "outer_kind": "", "unroll": 1, "mma_flop": None}
+                 "tile": None, "func": None, "outer_kind": "", "unroll": 1, "mma_flop": None,
+                 "main_flop": 0.0, "serial": None}
     if not insts:
         return out
     loops = find_loops(insts)
@@ -645,6 +686,10 @@ def analyze_function(insts: list[Inst]) -> dict:
     out["mma_flop"] = next(mma_flop_per_warp(i.opcode) for i in insts[ml.start:ml.end + 1]
                            if i.base in MMA_OPS)
     main_mma = count_ops(insts, ml.start, ml.end)["MMA"]
+    # every MMA of the body (bwd_fused_sm90 mixes S's m64n32k16 and dW's m64n256k16)
+    out["main_flop"] = sum(mma_flop_per_warp(i.opcode) or 0.0
+                           for i in insts[ml.start:ml.end + 1] if i.base in MMA_OPS)
+    out["serial"] = serial_segment(insts, ml)
 
     # k-blocks outside the mainloop (straight-line ones, the other copies of an unrolled
     # mainloop) count at the mainloop's rate (for "all": its static size per MMA)
@@ -676,6 +721,19 @@ def analyze_function(insts: list[Inst]) -> dict:
     return out
 
 
+def serial_segment(insts: list[Inst], ml: Loop) -> HotPath | None:
+    """A mainloop that waits for all its wgmmas (WARPGROUP.DEPBAR.LE gsb0, 0x0) and then
+    issues more (bwd_fused_sm90's row-tile loop: S, the epilogue, dW) runs the code between
+    that wait and the next MMA with no MMA in flight: that segment's hot path (None where
+    the body has no such wait before an MMA: the k-loops of the other kernels)."""
+    for k in range(ml.start, ml.end + 1):
+        if re.match(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", insts[k].text):
+            nxt = next((j for j in range(k + 1, ml.end + 1) if insts[j].base in MMA_OPS), None)
+            if nxt is not None:
+                return hot_path(insts, k, nxt - 1)
+    return None
+
+
 def report_kernels(compiled: list[Compiled]) -> list[KernelReport]:
     reports: list[KernelReport] = []
     for c in compiled:
@@ -702,7 +760,7 @@ def report_kernels(compiled: list[Compiled]) -> list[KernelReport]:
 
 #: Kernel families of the sm_90a build that must issue warpgroup MMA (HGMMA) without
 #: spilling, in every 16-bit instantiation.
-HGMMA_KERNELS = ("fwd_main_sm90", "bwd_tile_sm90", "bwd_gemm_sm90")
+HGMMA_KERNELS = ("fwd_main_sm90", "bwd_tile_sm90", "bwd_gemm_sm90", "bwd_fused_sm90")
 
 
 def gate(reports: list[KernelReport], families: tuple[str, ...] | None = None) -> list[str]:
@@ -935,6 +993,24 @@ def backward_layout(n: int, d: int, c: int, sms: int, esize: int, sm90_dx: bool,
                 chunks=ceil_div(c, cc), dx_splits=ceil_div(cc, k_split), k_split=k_split)
 
 
+FUSED_CLASSES, FUSED_ROWS = 64, 64  # kBwdFusedClasses, BwdFusedSm90Cfg::BM
+FUSED_MAX_D = 512  # BwdFusedSm90Cfg::kMaxD
+
+
+def fused_dw_blocks(d: int) -> int:
+    """BwdFusedSm90Cfg::dw_blocks: the kernel's kDB, 64-wide D blocks per warpgroup."""
+    return (d // SM90_BK + 1) // 2
+
+
+def sm90_fused_eligible(d: int, esize: int, kc: int, sms: int) -> bool:
+    """Backward::sm90_fused (margin_lse_backward.cu) with sm90_bwd_fused_eligible
+    (margin_lse_bwd_fused_sm90.cu), K = 1, no class_index, aligned inputs: 16-bit, d % 64 == 0,
+    64 <= d <= 512, and the chunk's 64-class tiles (kc = min(cc, C) classes) give at least
+    7 / 8 of the SMs a CTA."""
+    return (esize == 2 and d % SM90_BK == 0 and SM90_BK <= d <= FUSED_MAX_D
+            and 8 * ceil_div(kc, FUSED_CLASSES) >= 7 * max(sms, 1))
+
+
 def bwd_tile_sm90_walk(row_tiles: int, kc: int, sms: int) -> tuple[int, int]:
     """launch_bwd_tile_sm90 (margin_lse_bwd_tile_sm90.cu): (grid, class tiles per CTA): about
     one CTA per SM, a row tile's chunk split over ceil(SMs / row tiles) CTAs."""
@@ -953,20 +1029,41 @@ PATHS = {
     "sm_90a": {"fwd": (("fwd_main", "fwd_main_sm90"),),
                "bwd": (("bwd_tile", "bwd_tile_sm90"), ("bwd_dw", "bwd_gemm_sm90<DwSm90>"),
                        ("bwd_dx", "bwd_gemm_sm90<DxSm90>"))},
+    # where sm90_fused_eligible holds (else the host runs "sm_90a"): bwd_fused_sm90 replaces
+    # bwd_tile + bwd_dw, and prep writes no x̂
+    "sm_90a fused": {"fwd": (("fwd_main", "fwd_main_sm90"),),
+                     "bwd": (("bwd_fused", "bwd_fused_sm90"),
+                             ("bwd_dx", "bwd_gemm_sm90<DxSm90>"))},
 }
+FUSED_PATH = "sm_90a fused"
 #: CTAs per SM (launch bounds, registers, shared memory: the mma.sync kernels 2, the sm_90a
 #: ones 1: 384 threads x 168 registers). At 1 a tile's epilogue runs with the SM's tensor
 #: cores idle but for MMA queued before it (LOOKAHEAD_KBLOCKS), and each CTA after the first
 #: on an SM pays Machine.refill_us; at 2 the other CTA hides both.
 CTAS_PER_SM = {"fwd_main": 2, "bwd_tile": 2, "bwd_dw": 2, "bwd_dx": 2, "fwd_main_sm90": 1,
-               "bwd_tile_sm90": 1, "bwd_gemm_sm90<DwSm90>": 1, "bwd_gemm_sm90<DxSm90>": 1}
+               "bwd_tile_sm90": 1, "bwd_gemm_sm90<DwSm90>": 1, "bwd_gemm_sm90<DxSm90>": 1,
+               "bwd_fused_sm90": 1}
 #: k-blocks of the next tile a kernel issues before a tile's epilogue (kFwdAhead).
 LOOKAHEAD_KBLOCKS = {"fwd_main_sm90": FWD_AHEAD_KBLOCKS}
 
 
 def model_key(kid: KernelId) -> str:
-    """A kernel's name in PATHS: its family, with the epilogue policy of bwd_gemm_sm90."""
+    """A kernel's name in PATHS: its family, with the epilogue policy of bwd_gemm_sm90 (and
+    bwd_fused_sm90's kDB: instance_key)."""
+    if kid.ints:
+        return instance_key(kid.name, kid.int_param("kDB"))
     return f"{kid.name}<{kid.policy}>" if kid.policy else kid.name
+
+
+def instance_key(key: str, k_db: int | None) -> str:
+    """bwd_fused_sm90's model key for one kDB (the instantiation a D runs); other keys as
+    they are."""
+    return f"{key}<kDB={k_db}>" if key == "bwd_fused_sm90" else key
+
+
+def family_key(key: str) -> str:
+    """A model key without bwd_fused_sm90's kDB (the key of PATHS and CTAS_PER_SM)."""
+    return re.sub(r"<kDB=\d+>$", "", key)
 
 
 def is_sm90(r: KernelReport) -> bool:
@@ -1028,7 +1125,7 @@ def launch(r: KernelReport, p: Problem, count: int, grid: int, tiles: int, k: in
     """The LaunchModel of `count` launches of r on `grid` CTAs, each running `tiles` tiles of
     depth k (plus its slots outside tiles)."""
     key = model_key(r.kid)
-    lone = CTAS_PER_SM[key] == 1
+    lone = CTAS_PER_SM[family_key(key)] == 1
     return LaunchModel(key, count, grid, r.cta_extra + tiles * tile_slots(r, k),
                        tiles * tile_flop(r, k), l2_bytes, hbm_bytes,
                        hgmma=r.counts.get("HGMMA", 0) > 0, serial_tiles=tiles if lone else 0,
@@ -1077,14 +1174,51 @@ def bwd_dx_launch(r: KernelReport, p: Problem) -> LaunchModel:
                   0 if p.w_resident else p.w_chunk)
 
 
+#: bwd_fused_sm90's global loads per row and CTA besides x: each consumer warpgroup loads
+#: its rows' factors (scale, lse, g_lse, g_sum, x_norm, g_t: fp32; the label: int64).
+FUSED_ROW_FACTOR_BYTES = 2 * (6 * 4 + 8)
+
+
+def bwd_fused_launch(r: KernelReport, p: Problem) -> LaunchModel:
+    """bwd_fused_sm90 per chunk: ceil(kc / 64) CTAs, 1 per SM, each walking every 64-row x
+    tile (one mainloop iteration: S and dW, see analyze_function). Per CTA: the slots
+    outside the row-tile loop + per row tile the loop body's hot path; the MMA work of the
+    loop body's wgmmas (S 64 x 64 x D and dW 64 x D x 64, the zero D block of an odd D / 64
+    included). The serial segment (from the wait on S to the first dW wgmma: the epilogue)
+    runs with the tensor cores idle; the rest of the body (the dW and next S issue, the row
+    factors) overlaps the wgmmas in flight. L2: x whole per CTA (TMA: the n rows that exist;
+    the rows past n are zero-filled), the row factors per CTA, W's tile once, dS' written
+    (every row tile's 64 rows), dW written once; HBM: W read and dW written."""
+    row_tiles = ceil_div(p.n, FUSED_ROWS)
+    grid = ceil_div(p.kc, FUSED_CLASSES)
+    key = model_key(r.kid)
+    l2 = (grid * p.n * (p.d * p.esize + FUSED_ROW_FACTOR_BYTES) + p.w_chunk
+          + row_tiles * FUSED_ROWS * grid * FUSED_CLASSES * p.esize + p.w_chunk)
+    return LaunchModel(key, p.bwd["chunks"], grid, r.outside_main + row_tiles * r.main.insts,
+                       row_tiles * WARPS * r.main_flop, l2, 2 * p.w_chunk, hgmma=True,
+                       serial_tiles=row_tiles, serial_insts=r.serial.insts,
+                       lone=CTAS_PER_SM[family_key(key)] == 1)
+
+
 #: The cost of each role's launches.
 LAUNCHES = {"fwd_main": fwd_main_launch, "bwd_tile": bwd_tile_launch, "bwd_dw": bwd_dw_launch,
-            "bwd_dx": bwd_dx_launch}
+            "bwd_dx": bwd_dx_launch, "bwd_fused": bwd_fused_launch}
 
 
-def path_keys(path: str) -> list[str]:
-    """The kernels a path launches (PATHS), in order."""
-    return [key for launches in PATHS[path].values() for _, key in launches]
+def path_keys(path: str, d: int = 512) -> list[str]:
+    """The kernels a path launches (PATHS), in order, at feature dimension d (bwd_fused_sm90's
+    instantiation: kDB from d)."""
+    return [instance_key(key, fused_dw_blocks(d)) for launches in PATHS[path].values()
+            for _, key in launches]
+
+
+def path_applies(path: str, n: int, d: int, c: int, m: Machine, esize: int = 2) -> bool:
+    """Whether the host runs `path` for this shape: the fused path only where
+    sm90_fused_eligible holds (the mma.sync and sm_90a paths always, role by role)."""
+    if path != FUSED_PATH:
+        return True
+    kc = min(backward_layout(n, d, c, m.sms, esize, True)["cc"], c)
+    return sm90_fused_eligible(d, esize, kc, m.sms)
 
 
 def path_kernels(kernels: dict[str, KernelReport], path: str, d: int,
@@ -1092,7 +1226,8 @@ def path_kernels(kernels: dict[str, KernelReport], path: str, d: int,
     """Per pass, the (role, kernel report) of a path's launches at feature dimension d."""
     ok = sm90_eligible(d, esize) if path != "mma.sync" else {}
     fallback = {role: key for launches in PATHS["mma.sync"].values() for role, key in launches}
-    return {pas: [(role, kernels[key if ok.get(role, True) else fallback[role]])
+    return {pas: [(role, kernels[instance_key(key, fused_dw_blocks(d)) if ok.get(role, True)
+                                 else fallback[role]])
                   for role, key in launches] for pas, launches in PATHS[path].items()}
 
 
@@ -1109,7 +1244,9 @@ def model_shape(kernels: dict[str, KernelReport], n: int, d: int, c: int, m: Mac
     fwd = [LaunchModel("prep", 1, n_pad, 0, 0, 0, n * d * esize),
            *(LAUNCHES[role](r, p) for role, r in k["fwd"]),
            LaunchModel("combine", 1, ceil_div(n, 256), 0, 0, 0, p.fwd["splits"] * n_pad * 20)]
-    bwd = [LaunchModel("prep", 1, n_pad, 0, 0, 0, n * d * esize * 2),
+    fused = any(role == "bwd_fused" for role, _ in k["bwd"])
+    # prep reads x and writes x̂ (not on the fused path: its dW reads x itself)
+    bwd = [LaunchModel("prep", 1, n_pad, 0, 0, 0, n * d * esize * (1 if fused else 2)),
            *(LAUNCHES[role](r, p) for role, r in k["bwd"]),
            LaunchModel("finalize", 1, n, 0, 0, 0, splits * n_pad * d_pad * 4 + 2 * n * d * esize)]
     out = {"path": path, "fwd": [], "bwd": [],
@@ -1184,6 +1321,9 @@ def kernel_table(reports: list[KernelReport], arch: str, markdown: bool) -> str:
                                                       "fwd_main_sm90", "bwd_tile_sm90",
                                                       "bwd_gemm_sm90")
                else "-")
+        if r.kid.name == "bwd_fused_sm90" and r.serial is not None:
+            # per row tile: the segment with no MMA in flight, per S element of a thread
+            epi = f"{r.serial.insts / FUSED_ELEMS:.1f} / -"
         rows.append([r.kid.label, r.source.replace("margin_lse_", ""), str(r.res.registers),
                      f"{r.res.spill_stores}/{r.res.spill_loads}", str(r.res.stack),
                      str(r.res.smem), "-" if dyn is None else str(dyn),
@@ -1237,32 +1377,82 @@ def model_notes(m: Machine) -> list[str]:
         "bwd_dx when the chunk is not resident",
         "the executed MMA work is 8NCD (the backward recomputes the 2NCD cosines) for 6NCD "
         "useful; prep/combine/finalize are charged their HBM bytes and one launch",
+        f"'{FUSED_PATH}' (only where Backward::sm90_fused's rule holds: d % 64 == 0, d <= 512, "
+        "8 ceil(min(cc, C) / 64) >= 7 SMs): prep (no x̂ write), per chunk bwd_fused_sm90 + "
+        "bwd_gemm_sm90<DxSm90>, finalize. bwd_fused_sm90: ceil(kc / 64) CTAs at 1 per SM, "
+        "each walking all ceil(N / 64) row tiles; per tile the row-tile loop's hot path (S and "
+        "dW issue, row factors, epilogue) and its wgmmas' FLOP from the SASS; its schedule is "
+        "serial (S, wait, epilogue, dW issued and left in flight under the next tile's S "
+        "issue), so the epilogue - the segment from the wait to the first dW wgmma - is "
+        "exposed: tile time = max(issue, tensor + epilogue issue); slots outside the loop "
+        "(W norms, the final dW write; its loops counted once) per CTA. L2: all of x (n rows) "
+        f"and the row factors ({FUSED_ROW_FACTOR_BYTES} B per row) per CTA, W's tile once, dS' "
+        "written, dW written once; HBM: W read, dW written",
     ]
+
+
+def fused_tile_figures(r: KernelReport, m: Machine) -> dict:
+    """bwd_fused_sm90 per 64-row x tile and CTA (8 consumer warps): issue, tensor and serial
+    clocks, and the tile's time max(issue, tensor + serial) (LaunchModel.time per tile)."""
+    rate = m.wgmma_flop_per_clk_sm * m.wgmma_fraction
+    issue = WARPS * r.main.insts / m.issue_per_clk_sm
+    tensor = WARPS * r.main_flop / rate
+    serial = WARPS * r.serial.insts / m.issue_per_clk_sm
+    return dict(issue=issue, tensor=tensor, serial=serial, tile=max(issue, tensor + serial))
+
+
+FUSED_ELEMS = FUSED_ROWS * FUSED_CLASSES // THREADS  # S elements per consumer thread and tile
 
 
 def model_tables(reports: list[KernelReport], m: Machine, markdown: bool,
                  dtype: str = "bf16") -> str:
     kernels = model_kernels(reports, dtype)
-    paths = [p for p in PATHS if all(k in kernels for k in path_keys(p))]
-    if "mma.sync" not in paths:
+    if not all(k in kernels for k in path_keys("mma.sync")):
         missing = [k for k in path_keys("mma.sync") if k not in kernels]
         return f"(no model: no mainloop found in {', '.join(missing)} <{dtype}>)"
-    hot = []
-    for path in paths:
-        for key in path_keys(path):
-            r = kernels[key]
-            hot.append([r.kid.label, path, fmt(r.main.insts, "g"), fmt(r.main.mma, "g"),
-                        f"{r.main_per_mma:.2f}", f"{r.k_per_iter():.0f}", str(r.unroll),
-                        fmt(r.tile_extra, ".0f"), fmt(r.epi_insts, ".0f"),
-                        f"{r.epi_per_elem:.1f}", fmt(r.cta_extra, ".0f")])
-    t1 = _table(f"Hot paths per warp, {dtype} K = 1 (input of the model; sm_90a: per consumer "
-                "warp)", ["kernel", "path", "mainloop insts/iter", "MMA/iter", "insts/MMA",
-                          "K/iter", "mainloop copies per tile loop",
-                          "tile insts beyond its k-blocks", "epilogue insts",
-                          "epilogue insts/elem", "CTA insts outside tiles"], hot, markdown)
+    shapes = parse_gpu_shapes()
+    hot, fused_rows, seen = [], [], set()
+    for path in PATHS:
+        for d in sorted({d for _, d, _ in shapes.values()}):
+            for key in path_keys(path, d):
+                if key not in kernels or key in seen:
+                    continue
+                seen.add(key)
+                r = kernels[key]
+                if family_key(key) == "bwd_fused_sm90":
+                    f = fused_tile_figures(r, m)
+                    fused_rows.append([r.kid.label, fmt(r.main.insts, "g"), str(r.main.mma),
+                                       fmt(r.main.insts - r.serial.insts, "g"),
+                                       fmt(r.serial.insts, "g"),
+                                       f"{r.serial.insts / FUSED_ELEMS:.1f}",
+                                       f"{WARPS * r.main_flop / 1e6:.2f}",
+                                       *(f"{f[k]:.0f}" for k in ("issue", "tensor", "serial",
+                                                                 "tile")),
+                                       fmt(r.outside_main, ".0f")])
+                    continue
+                hot.append([r.kid.label, path, fmt(r.main.insts, "g"), fmt(r.main.mma, "g"),
+                            f"{r.main_per_mma:.2f}", f"{r.k_per_iter():.0f}", str(r.unroll),
+                            fmt(r.tile_extra, ".0f"), fmt(r.epi_insts, ".0f"),
+                            f"{r.epi_per_elem:.1f}", fmt(r.cta_extra, ".0f")])
+    out = [_table(f"Hot paths per warp, {dtype} K = 1 (input of the model; sm_90a: per consumer "
+                  "warp)", ["kernel", "path", "mainloop insts/iter", "MMA/iter", "insts/MMA",
+                            "K/iter", "mainloop copies per tile loop",
+                            "tile insts beyond its k-blocks", "epilogue insts",
+                            "epilogue insts/elem", "CTA insts outside tiles"], hot, markdown)]
+    if fused_rows:
+        out.append(_table(
+            f"bwd_fused_sm90 per 64-row x tile (its mainloop: the row-tile loop, S and dW "
+            f"unrolled in it), {dtype}: per consumer warp, and per CTA (8 warps) in clocks "
+            "(input of the model)",
+            ["kernel", "insts/tile", "HGMMA/tile", "insts beside MMA in flight",
+             "insts with no MMA in flight (epilogue)", "epilogue insts/S elem",
+             "MFLOP/tile (CTA)", "issue clk", "tensor clk", "epilogue clk",
+             "tile clk = max(issue, tensor + epilogue)", "insts outside the loop"],
+            fused_rows, markdown))
     rows, side, detail = [], [], []
-    for name, (n, d, c) in parse_gpu_shapes().items():
-        res = {p: model_shape(kernels, n, d, c, m, path=p) for p in paths}
+    for name, (n, d, c) in shapes.items():
+        res = {p: model_shape(kernels, n, d, c, m, path=p) for p in PATHS
+               if all(k in kernels for k in path_keys(p, d)) and path_applies(p, n, d, c, m)}
         for p, r in res.items():
             rows.append([name, f"{n}x{d}x{c}", p, f"{r['fwd_s'] * 1e3:.3f}",
                          f"{r['bwd_s'] * 1e3:.3f}", f"{r['total_s'] * 1e3:.3f}",
@@ -1277,19 +1467,29 @@ def model_tables(reports: list[KernelReport], m: Machine, markdown: bool,
                                *(f"{x[5][k] * 1e3:.3f}" for k in ("issue", "tensor", "exposed",
                                                                    "L2", "HBM", "refill")),
                                f"{x[1] * m.launch_us / 1e3:.3f}", f"{x[3] * 1e3:.3f}", x[4]])
-        if len(paths) > 1:
-            a, b = res["mma.sync"], res["sm_90a"]
-            side.append([name, *(f"{a[k] * 1e3:.3f} / {b[k] * 1e3:.3f}"
-                                 for k in ("fwd_s", "bwd_s", "total_s")),
-                         f"{a['useful_tflops']:.0f} / {b['useful_tflops']:.0f}",
-                         f"{a['no_overlap_tflops']:.0f} / {b['no_overlap_tflops']:.0f}",
-                         f"{a['total_s'] / b['total_s']:.2f}x"])
-    out = [t1]
+        cols = [p for p in PATHS if p in res]
+        if len(cols) > 1:
+            def both(key: str, spec: str, scale: float = 1.0) -> str:
+                return " / ".join(format(res[p][key] * scale, spec) if p in res else "n/a"
+                                  for p in PATHS)
+            base = res["mma.sync"]["total_s"]
+            f = res.get(FUSED_PATH)
+            side.append([name, both("fwd_s", ".3f", 1e3), both("bwd_s", ".3f", 1e3),
+                         both("total_s", ".3f", 1e3), both("useful_tflops", ".0f"),
+                         both("no_overlap_tflops", ".0f"),
+                         " / ".join(f"{base / res[p]['total_s']:.2f}x" if p in res else "n/a"
+                                    for p in PATHS if p != "mma.sync"),
+                         f"{res['sm_90a']['bwd_s'] / f['bwd_s']:.2f}x" if f and "sm_90a" in res
+                         else "n/a (rule fails: the host runs sm_90a)"])
     if side:
-        out.append(_table(f"PREDICTED, {dtype}, K = 1, {m.name}: mma.sync path / sm_90a path "
-                          "(a model, not a measurement)",
+        out.append(_table(f"PREDICTED, {dtype}, K = 1, {m.name}: {' / '.join(PATHS)} (the "
+                          f"fused path only where the host's rule holds; a model, not a "
+                          "measurement)",
                           ["shape", "fwd ms", "bwd ms", "total ms", "useful TF/s (6NCD/t)",
-                           "useful TF/s, no overlap", "sm_90a speed-up"], side, markdown))
+                           "useful TF/s, no overlap",
+                           "speed-up vs mma.sync ("
+                           + " / ".join(p for p in PATHS if p != "mma.sync") + ")",
+                           "fused bwd speed-up vs sm_90a bwd"], side, markdown))
     out.append(_table(f"PREDICTED fwd+bwd time, {dtype}, K = 1, {m.name} (a model, not a "
                       "measurement)",
                       ["shape", "NxDxC", "path", "fwd ms", "bwd ms", "total ms",
