@@ -15,8 +15,9 @@ way CuTe does therefore cannot share a misunderstanding with the emulator unless
 it too. The negative tests show the emulator failing on the mistakes a Hopper kernel makes:
 no wgmma.fence, reading or writing accumulators before wgmma.wait_group, overwriting an
 operand in flight, a descriptor with the wrong swizzle, an mbarrier wait on the wrong
-phase, an expect_tx that never completes, a missing or misplaced proxy fence, setmaxnreg
-by part of a warpgroup or with differing counts.
+phase, an expect_tx that never completes, a missing or misplaced proxy fence, a bulk or TMA
+copy issued into an operand of a wgmma not yet retired, setmaxnreg by part of a warpgroup or
+with differing counts.
 """
 
 from __future__ import annotations
@@ -400,6 +401,61 @@ def test_bulk_copy_on_an_unfenced_mbarrier_init_fails(probe, mode):
     fence.proxy.async) between its mbarrier.init and the copy fails at the copy."""
     with pytest.raises(RuntimeError, match="cp.async.bulk: its mbarrier was initialised without a fence.mbarrier_init"):
         probe.probe_mbarrier_init(torch.zeros(16), mode)
+
+
+# ---------------------------------------------------------------------------------------
+# A bulk or TMA copy issued into shared memory that an in-flight wgmma reads (modes:
+# hopper_probe.cpp's ReleaseCase). The copy may land at any time after its issue, so the
+# wgmma must be retired by a wait_group ordered before the issue (here: the consumer's
+# arrival on `empty`, which the producer waits for). The emulator lands copies only when
+# their mbarrier is waited on, after the wait_group in the emulated execution, so only a
+# check at the issue, against what the issuing thread knows to be retired, can see it.
+
+
+def _run_refill(probe, mode, tma, schedule=0):
+    """Two (A 64 x 16, B 8 x 16) images, K-major without swizzle, copied one after the other
+    into one buffer; returns (D of each image per (thread, value), A B^T of each there)."""
+    g = torch.Generator().manual_seed(7)
+    a_tile, b_tile = SmemTile("K", "INTER", 64, 16, base=0), SmemTile("K", "INTER", 8, 16, base=2048)
+    images = torch.zeros(2, 2304 // 2, dtype=torch.int16)
+    products = []
+    for i in range(2):
+        a, b = torch.randn(64, 16, generator=g).to(BF16), torch.randn(8, 16, generator=g).to(BF16)
+        a_tile.place(images[i], _bits(a))
+        b_tile.place(images[i], _bits(b))
+        products.append(a.double() @ b.double().t())
+    probe.set_schedule(schedule)
+    try:
+        d = probe.probe_refill(images, a_tile.descriptor(0), b_tile.descriptor(0), mode, tma)
+    finally:
+        probe.set_schedule(0)
+    thr, val = _c_layout(8)
+    pos = torch.tensor([[cute_index(*thr, t) + cute_index(*val, v) for v in range(4)] for t in range(128)])
+    return d, torch.stack([p[pos % 64, pos // 64] for p in products])
+
+
+@pytest.mark.parametrize("schedule", [0, 1, 2, 3])
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "bulk"])
+def test_copy_into_a_buffer_released_after_wait_group_passes(probe, tma, schedule):
+    """The consumer arrives on `empty` after the wait_group that retires the wgmma reading the
+    buffer; the producer's second copy into it then passes under every schedule, and each
+    wgmma reads its own image."""
+    _assert_matches(*_run_refill(probe, 0, tma, schedule))
+
+
+@pytest.mark.parametrize("schedule", [0, 1, 2, 3])
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "bulk"])
+def test_copy_into_an_in_flight_wgmma_operand_fails(probe, tma, schedule):
+    """The consumer arrives on `empty` between its commit_group and its wait_group (the
+    release moved above the wait): the producer's copy into the buffer fails at its issue,
+    under every schedule, naming the bytes, the warpgroup and the wgmma; so does the
+    consumer's own copy into the buffer before its wait_group."""
+    copy = r"TMA copy \(cp.async.bulk.tensor\)" if tma else r"bulk copy \(cp.async.bulk\)"
+    for mode in (1, 2):
+        with pytest.raises(RuntimeError, match=copy + r" into shared memory bytes \[0, 2304\) read by an in-flight "
+                           r"wgmma of warpgroup 0 \(its wgmma.mma_async #1 in this block, operand A, not retired by "
+                           r"a wgmma.wait_group ordered before this copy"):
+            _run_refill(probe, mode, tma, schedule)
 
 
 # ---------------------------------------------------------------------------------------

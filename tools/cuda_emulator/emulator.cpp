@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
@@ -29,6 +30,19 @@ constexpr size_t kDefaultSmemLimit = size_t(48) << 10;  // without cudaFuncSetAt
 constexpr size_t kOptInSmemLimit = size_t(227) << 10;   // H100's per-block maximum
 constexpr int kWarpSlotBytes = 64;
 
+// What a thread knows to be retired of each warpgroup's wgmmas: per warpgroup, the highest
+// issue number (1, 2, ... in the warpgroup's issue order) retired by a wgmma.wait_group that
+// happens before the thread's present point: in its own program order, or carried by a block
+// or warp barrier, a warpgroup rendezvous, or an mbarrier's arrivals to the wait that sees
+// their phase complete. wait_group retires the oldest groups first, so the retired wgmmas of
+// a warpgroup are always a prefix of its issue order and one number says which.
+constexpr int kMaxWarpGroups = 8;  // 1024 threads
+using Retired = std::array<uint64_t, kMaxWarpGroups>;
+
+void learn(Retired& into, const Retired& from) {
+  for (int g = 0; g < kMaxWarpGroups; ++g) into[g] = std::max(into[g], from[g]);
+}
+
 struct PendingCopy {
   void* dst;
   unsigned char data[16];
@@ -42,6 +56,7 @@ struct PendingWgmma {
   int count = 0;
   std::vector<float> value;
   bool superseded = false;  // a later wgmma on the same registers carries its result on
+  uint64_t serial = 0;      // its warpgroup's issue number (WarpGroup::issued)
   std::vector<std::pair<uint32_t, uint16_t>> operands;
 };
 
@@ -53,6 +68,8 @@ struct Mbarrier {
   long long tx = 0;                    // transaction bytes still to come in this phase
   uint64_t phase = 0;                  // completed phases
   std::vector<Fiber*> waiting;
+  Retired arrived{};    // what the current phase's arrivals knew (released to its waiters)
+  Retired completed{};  // ... the completed phases' arrivals, all together
 };
 
 struct BulkCopy {
@@ -86,11 +103,13 @@ struct Fiber {
   std::vector<std::shared_ptr<PendingWgmma>> wgmma_open;               // not yet committed
   std::deque<std::vector<std::shared_ptr<PendingWgmma>>> wgmma_groups;  // oldest first
   Mbarrier* waiting_on = nullptr;
+  Retired retired{};  // the wgmmas this thread knows to be retired
 };
 
 struct Barrier {
   int arrived = 0;
   std::vector<Fiber*> waiting;
+  Retired retired{};  // what the threads arrived so far know: every one leaves knowing it
 };
 
 struct Warp {
@@ -112,6 +131,12 @@ struct WarpGroup {
   unsigned char slots[128][kWarpGroupSlotBytes];
   std::vector<double> product;  // 64 x N, row-major: A B of the rendezvous in progress
   std::vector<std::pair<uint32_t, uint16_t>> operands;
+  uint64_t issued = 0;  // wgmmas issued by the warpgroup in this block (the last one's number)
+  // Per 16-byte chunk of dynamic shared memory (wgmma operands and bulk / TMA destinations
+  // come in whole chunks): (number << 1 | operand is B) of the last of the warpgroup's
+  // wgmmas that read it, 0 if none; empty until the warpgroup's first wgmma. The last reader
+  // is enough: a thread that knows it retired knows every earlier one retired (Retired).
+  std::vector<uint64_t> readers;
 };
 
 struct State {
@@ -180,14 +205,21 @@ void make_runnable(Fiber* f) {
 }
 
 void release(Barrier& b) {
-  for (Fiber* f : b.waiting) make_runnable(f);
+  for (Fiber* f : b.waiting) {
+    learn(f->retired, b.retired);
+    make_runnable(f);
+  }
   b.waiting.clear();
   b.arrived = 0;
+  b.retired = Retired{};
 }
 
 // The calling fiber waits at `b` until `expected` threads have arrived.
 void arrive(Barrier& b, int expected) {
+  Fiber& f = running();
+  learn(b.retired, f.retired);
   if (++b.arrived == expected) {
+    learn(f.retired, b.retired);
     release(b);
     return;
   }
@@ -262,6 +294,7 @@ void init_fiber(Fiber& f) {
   f.wgmma_open.clear();
   f.wgmma_groups.clear();
   f.waiting_on = nullptr;
+  f.retired = Retired{};
 }
 
 // Removes and returns the next thread to run under the current schedule.
@@ -316,8 +349,11 @@ void maybe_complete(Mbarrier& m) {
   if (m.pending != 0 || m.tx != 0) return;
   ++m.phase;
   m.pending = m.expected;
+  learn(m.completed, m.arrived);
+  m.arrived = Retired{};
   for (Fiber* f : m.waiting) {
     f->waiting_on = nullptr;
+    learn(f->retired, m.completed);
     make_runnable(f);
   }
   m.waiting.clear();
@@ -394,6 +430,38 @@ Mbarrier& async_mbarrier(const void* bar, const char* what) {
          "see the initialisation");
   }
   return m;
+}
+
+// A bulk or TMA copy may write its destination at any time between its issue and its
+// completion, whenever the emulator lands it, so it must not be issued while a wgmma that
+// reads those bytes may still be in flight: the wgmma's warpgroup must have retired it with
+// a wgmma.wait_group that happens before the issue (Retired). A wait_group that comes later
+// in the emulated execution but is not ordered before the issue (the consumer's arrival on
+// the producer's "empty" mbarrier placed above its wait_group) does not count: that is the
+// race, whichever schedule runs it and whenever the copy lands.
+void check_copy_spares_wgmma_operands(uint32_t dst, uint32_t bytes, const char* what) {
+  State& s = state();
+  const Fiber& f = running();
+  for (size_t w = 0; w < s.warpgroups.size(); ++w) {
+    const WarpGroup& g = s.warpgroups[w];
+    if (g.readers.empty()) continue;
+    uint64_t reader = 0;
+    uint32_t lo = 0, hi = 0;
+    for (uint32_t c = dst / 16; c < (dst + bytes + 15) / 16; ++c) {
+      if ((g.readers[c] >> 1) <= f.retired[w]) continue;
+      if (reader == 0) reader = g.readers[c], lo = c * 16;
+      hi = c * 16 + 16;
+    }
+    if (reader == 0) continue;  // [lo, hi): from the first to the last such chunk
+    const uint64_t serial = reader >> 1;
+    fail(std::string(what) + " into shared memory bytes [" + std::to_string(std::max(lo, dst)) + ", " +
+         std::to_string(std::min(hi, dst + bytes)) + ") read by an in-flight wgmma of warpgroup " +
+         std::to_string(w) + " (its wgmma.mma_async #" + std::to_string(serial) + " in this block, operand " +
+         ((reader & 1) != 0 ? "B" : "A") +
+         ", not retired by a wgmma.wait_group ordered before this copy by program order, a barrier or an "
+         "mbarrier arrive -> wait): the copy may overwrite the operand while the wgmma reads it; release the "
+         "buffer to the copy's issuer only after the wgmma.wait_group that retires the wgmma");
+  }
 }
 
 // ---- warpgroup-wide instructions ----
@@ -484,6 +552,8 @@ void wgmma_product(WarpGroup& g) {
   const bool bf16 = a0.type == 0;
   const int n = a0.n;
   g.operands.clear();
+  ++g.issued;
+  if (g.readers.empty()) g.readers.assign((s.smem_size + 15) / 16, 0);
   auto load = [&](uint64_t desc, bool mn_major, int mn, int k, char operand) {
     const uint32_t addr = operand_address(desc, mn_major, mn, k);
     if (addr % 2 != 0 || size_t(addr) + 2 > s.smem_size) {
@@ -498,6 +568,7 @@ void wgmma_product(WarpGroup& g) {
     uint16_t bits;
     std::memcpy(&bits, s.smem + addr, 2);
     g.operands.emplace_back(addr, bits);
+    g.readers[addr / 16] = (g.issued << 1) | uint64_t(operand == 'B');
     return b16_to_float(bits, bf16);
   };
   std::vector<double> a(64 * 16), b(size_t(n) * 16);
@@ -660,6 +731,7 @@ uint64_t mbarrier_arrive(void* bar, unsigned count) {
   }
   const uint64_t token = m.phase;
   m.pending -= count;
+  learn(m.arrived, running().retired);  // released to the threads that see the phase complete
   maybe_complete(m);
   return token;
 }
@@ -675,17 +747,24 @@ uint64_t mbarrier_arrive_expect_tx(void* bar, unsigned tx_bytes) {
   return mbarrier_arrive(bar, 1);
 }
 
+// Whether the phase of that parity is complete; if so, the calling thread acquires what the
+// completed phases' arrivals knew.
+bool phase_complete(Mbarrier& m, unsigned parity) {
+  if ((m.phase & 1) == (parity & 1)) return false;
+  learn(running().retired, m.completed);
+  return true;
+}
+
 bool mbarrier_test_wait_parity(void* bar, unsigned parity) {
-  Mbarrier& m = mbarrier_at(bar, "mbarrier.test_wait");
-  return (m.phase & 1) != (parity & 1);
+  return phase_complete(mbarrier_at(bar, "mbarrier.test_wait"), parity);
 }
 
 bool mbarrier_try_wait_parity(void* bar, unsigned parity) {
   Mbarrier& m = mbarrier_at(bar, "mbarrier.try_wait");
-  if ((m.phase & 1) != (parity & 1)) return true;  // the phase of that parity is complete
+  if (phase_complete(m, parity)) return true;
   land_bulk_copies(bar);
   if (state().failed) fail(state().error);
-  if ((m.phase & 1) != (parity & 1)) return true;
+  if (phase_complete(m, parity)) return true;
   Fiber& f = running();
   f.waiting_on = &m;
   m.waiting.push_back(&f);
@@ -695,12 +774,13 @@ bool mbarrier_try_wait_parity(void* bar, unsigned parity) {
 
 void bulk_copy_g2s(void* smem_dst, const void* gmem_src, unsigned bytes, void* bar) {
   State& s = state();
-  shared_offset(smem_dst, bytes, "cp.async.bulk destination");
+  const uint32_t dst = shared_offset(smem_dst, bytes, "cp.async.bulk destination");
   if (reinterpret_cast<uintptr_t>(smem_dst) % 16 != 0 || reinterpret_cast<uintptr_t>(gmem_src) % 16 != 0) {
     fail("cp.async.bulk: addresses must be 16-byte aligned");
   }
   if (bytes == 0 || bytes % 16 != 0) fail("cp.async.bulk: size must be a nonzero multiple of 16");
   async_mbarrier(bar, "cp.async.bulk");
+  check_copy_spares_wgmma_operands(dst, bytes, "bulk copy (cp.async.bulk)");
   BulkCopy c;
   c.dst = smem_dst;
   c.data.assign(static_cast<const unsigned char*>(gmem_src), static_cast<const unsigned char*>(gmem_src) + bytes);
@@ -719,6 +799,7 @@ void tma_load_2d(void* smem_dst, const void* tensor_map, int x, int y, void* bar
   const uint32_t dst = shared_offset(smem_dst, total, "cp.async.bulk.tensor destination");
   if (dst % 128 != 0) fail("cp.async.bulk.tensor: shared-memory destination not 128-byte aligned");
   async_mbarrier(bar, "cp.async.bulk.tensor");
+  check_copy_spares_wgmma_operands(dst, total, "TMA copy (cp.async.bulk.tensor)");
   // The box lands row after row (dim 0 fastest), row_bytes apart; with a swizzle the
   // 16-byte chunk c of the row at shared address a goes to chunk c ^ ((a >> 7) & (span/16 - 1)),
   // i.e. CuTe's Swizzle<log2(span/16),4,3> on the shared-memory byte address. Elements
@@ -806,6 +887,7 @@ void wgmma_mma_async(int type, int n, float* d, const uint32_t* a_regs, uint64_t
     fail("wgmma.mma_async: accumulator registers overlap those of an in-flight wgmma");
   }
   auto rec = std::make_shared<PendingWgmma>();
+  rec->serial = g.issued;
   rec->d = d;
   rec->count = count;
   rec->value.resize(count);
@@ -836,6 +918,7 @@ void wgmma_wait_group(int pending_groups_allowed) {
   Fiber& f = running();
   while (int(f.wgmma_groups.size()) > pending_groups_allowed) {
     for (auto& r : f.wgmma_groups.front()) {
+      f.retired[f.linear / 128] = std::max(f.retired[f.linear / 128], r->serial);
       // A superseded wgmma's result travels on with the later one on the same registers;
       // its shared-memory operands are released here, when its own group completes.
       if (!r->superseded) {

@@ -21,7 +21,8 @@
 // What it reports as a launch failure (cudaGetLastError, then emu::last_error()): a
 // deadlock, a diverged or partial warp at a warp-synchronous operation (or warpgroup at a
 // warpgroup-wide one), a missing proxy fence (the Hopper section below), a misaligned or
-// non-shared address given to cp.async / ldmatrix, a cp.async group never waited for,
+// non-shared address given to cp.async / ldmatrix, a cp.async group never waited for, a
+// bulk or TMA copy issued into shared memory that a wgmma not yet retired reads,
 // dynamic shared memory above 48 KiB without cudaFuncSetAttribute (or above 227 KiB).
 // It does not detect out-of-bounds global accesses or report timing.
 #pragma once
@@ -114,12 +115,17 @@ uint64_t mbarrier_arrive_expect_tx(void* bar, unsigned tx_bytes);
 bool mbarrier_test_wait_parity(void* bar, unsigned parity);  // never blocks
 bool mbarrier_try_wait_parity(void* bar, unsigned parity);   // blocks until true
 // cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes: the source is read at
-// issue, the destination reads as 0xff bytes until the copy lands.
+// issue, the destination reads as 0xff bytes until the copy lands. A copy may land any time
+// after its issue, so it fails at issue if a wgmma reads any of its destination bytes that
+// the issuing thread does not know to be retired: no wgmma.wait_group retiring it happens
+// before the issue (its own program order, __syncthreads, warp and warpgroup rendezvous, or
+// mbarrier arrivals carried to the wait that sees their phase complete), whenever the copy
+// lands and whatever the emulated order of the wait_group and the issue.
 void bulk_copy_g2s(void* smem_dst, const void* gmem_src, unsigned bytes, void* bar);
 // cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes of the box
 // at element coordinates (x: dim 0, y: dim 1) of a tensor map made by the emulator's
 // cuTensorMapEncodeTiled (emulator.cpp: 2-D, swizzle none/32B/64B/128B, OOB -> zeros);
-// completes box bytes on `bar` when it lands (as bulk_copy_g2s).
+// completes box bytes on `bar` when it lands, and spares in-flight wgmma operands (as bulk_copy_g2s).
 void tma_load_2d(void* smem_dst, const void* tensor_map, int x, int y, void* bar);
 
 // Proxies (PTX ISA, memory consistency model). Threads' stores and cp.async landings write

@@ -1,6 +1,7 @@
 // Probe kernels for the emulator's sm_90a instructions (emulated_ptx.cuh: mbarrier, bulk
-// copies, wgmma, proxy fences, setmaxnreg), run one instruction sequence at a time on operands given from Python, so
-// that tests/test_emulator_hopper.py can check them against an independent transcription of
+// copies, wgmma, proxy fences, setmaxnreg, copies into an in-flight wgmma's operands), run
+// one instruction sequence at a time on operands given from Python, so that
+// tests/test_emulator_hopper.py can check them against an independent transcription of
 // CuTe's GMMA layout atoms and MMA traits, and show that the expected mistakes fail. Built
 // with emulator.cpp alone (build.py: build_hopper_probe), independent of any project kernel.
 #include <torch/extension.h>  // before emulator.h, whose macros are for kernel code
@@ -305,6 +306,68 @@ void init_kernel(const InitProbe* p) {
   if (threadIdx.x == 0) std::memcpy(p->landed, smem, 64);
 }
 
+// ---- a copy into a buffer that an in-flight wgmma reads ----
+
+// Where the consumer releases the buffer to the producer (correct first).
+enum ReleaseCase : int {
+  kReleaseAfterWait = 0,   // wgmma, commit, wait_group<0>, arrive on `empty`
+  kReleaseBeforeWait = 1,  // wgmma, commit, arrive on `empty`, wait_group<0>: the race
+  kRefillBeforeWait = 2,   // wgmma, commit, the consumer's thread 0 refills the buffer itself
+};
+
+struct RefillProbe {
+  const CUtensorMap* map;  // rows of 64 int16; the two images are rows 0-17 and 18-35
+  const int16_t* images;   // the same rows, for bulk copies
+  uint64_t desc_a, desc_b;
+  int mode, tma;           // tma: TMA boxes, else bulk copies
+  float* d;                // (2, 128, 4): D = A B^T of each image
+};
+
+// Warpgroup 1's thread 128 (the producer) copies image 0, then, once the consumer has
+// released the buffer on `empty`, image 1 into the same 2304 bytes; warpgroup 0 (the
+// consumer) runs one m64n8k16 wgmma on each image as it lands on `full`.
+void refill_kernel(const RefillProbe* p) {
+  constexpr unsigned kBytes = 2304;
+  unsigned char* smem = emu::dynamic_smem();
+  auto* full = reinterpret_cast<uint64_t*>(smem + kBytes);
+  uint64_t* empty = full + 1;
+  const int t = int(threadIdx.x);
+  auto copy = [&](int image) {
+    ptx::mbarrier_arrive_expect_tx(full, kBytes);
+    if (p->tma) {
+      ptx::tma_load_2d(smem, p->map, 0, 18 * image, full);
+    } else {
+      ptx::bulk_copy_g2s(smem, p->images + image * kBytes / 2, kBytes, full);
+    }
+  };
+  if (t == 0) {
+    ptx::mbarrier_init(full, 1);
+    ptx::mbarrier_init(empty, 128);
+    ptx::fence_mbarrier_init();
+  }
+  __syncthreads();
+  if (t >= 128) {
+    if (t != 128) return;
+    for (int image = 0; image < 2; ++image) {
+      ptx::mbarrier_wait_parity(empty, unsigned(image & 1) ^ 1u);
+      if (image == 0 || p->mode != kRefillBeforeWait) copy(image);
+    }
+    return;
+  }
+  for (int image = 0; image < 2; ++image) {
+    ptx::mbarrier_wait_parity(full, unsigned(image & 1));
+    float acc[4];
+    ptx::wgmma_fence();
+    ptx::wgmma_ss<__nv_bfloat16, 8>(acc, p->desc_a, p->desc_b, 0);
+    ptx::wgmma_commit_group();
+    if (image == 0 && p->mode == kReleaseBeforeWait) ptx::mbarrier_arrive(empty);
+    if (image == 0 && p->mode == kRefillBeforeWait && t == 0) copy(1);
+    ptx::wgmma_wait_group<0>();
+    if (image == 0 && p->mode != kReleaseBeforeWait) ptx::mbarrier_arrive(empty);
+    for (int i = 0; i < 4; ++i) p->d[(image * 128 + t) * 4 + i] = acc[i];
+  }
+}
+
 // ---- setmaxnreg: warpgroup-wide ----
 
 enum RegsCase : int {
@@ -410,6 +473,29 @@ at::Tensor probe_mbarrier_init(const at::Tensor& src, int64_t mode) {
   return landed;
 }
 
+// (2, 128, 4) float32: D of one m64n8k16 bf16 wgmma (scale-d 0) on each of the two images
+// (2, 1152) int16 (A and B K-major without swizzle, as the descriptors address them), copied
+// one after the other into the same shared-memory buffer, by TMA boxes (tma) or bulk
+// copies, the consumer releasing it as ReleaseCase `mode` says.
+at::Tensor probe_refill(const at::Tensor& images, int64_t desc_a, int64_t desc_b, int64_t mode, bool tma) {
+  const auto ic = images.contiguous();
+  TORCH_CHECK(ic.numel() == 2 * 1152, "two images of 2304 bytes");
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {64, 36};
+  const cuuint64_t strides[1] = {128};
+  const cuuint32_t box[2] = {64, 18};
+  const cuuint32_t ones[2] = {1, 1};
+  const CUresult r = cuTensorMapEncodeTiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, ic.data_ptr(), dims, strides,
+                                            box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                                            CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(r == CUDA_SUCCESS, emu::last_error());
+  auto d = at::zeros({2, 128, 4}, at::kFloat);
+  RefillProbe p{&map, ic.data_ptr<int16_t>(), uint64_t(desc_a), uint64_t(desc_b), int(mode), int(tma),
+                d.data_ptr<float>()};
+  check(emu::launch(dim3(1), dim3(256), 2304 + 16, nullptr, refill_kernel, &p));
+  return d;
+}
+
 // (256,) int32: 1 for each thread of two warpgroups that got past setmaxnreg as RegsCase
 // `mode` uses it (`regs`: the count of kRegsCount).
 at::Tensor probe_setmaxnreg(int64_t mode, int64_t regs) {
@@ -452,5 +538,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("probe_proxy", &probe_proxy);
   m.def("probe_mbarrier_init", &probe_mbarrier_init);
   m.def("probe_setmaxnreg", &probe_setmaxnreg);
+  m.def("probe_refill", &probe_refill);
   m.def("set_schedule", &set_schedule);
 }
