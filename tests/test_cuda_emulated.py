@@ -382,7 +382,11 @@ def test_sm90_forward_does_not_depend_on_thread_timing():
 #: walks 2 class tiles), 3 class chunks of 256, 256 and 188 classes (the emulated build's
 #: scratch budget), the last with a partial tile; N = 100: one row tile, 2 chunks (512,
 #: 188), 2 class splits of 2 tiles. D = 72: a second k-block zero-filled past D by TMA.
-SM90_BACKWARD_SHAPES = {"row-tiles": (200, 72, 700), "splits": (100, 72, 700)}
+#: D = 320 (D_pad = 384): bwd_gemm_sm90<DxSm90>'s 128 x 256 dX tiles, the second with its
+#: last 64 columns zero-filled by TMA and its last 128 past D_pad (not stored), over 2 dX
+#: splits of 256 classes (the emulated partial budget) and 2 chunks.
+SM90_BACKWARD_SHAPES = {"row-tiles": (200, 72, 700), "splits": (100, 72, 700),
+                        "dx-256": (100, 320, 700)}
 
 
 def _sm90_grads(x, w, y, args, options, upstream, w_offset=0):

@@ -246,6 +246,18 @@ def test_kernel_id_of_the_sm90_forward_reads_its_one_flag_as_hard():
                      "CUtensorMap, margin_ops::cuda::(anonymous namespace)::DxSm90<__nv_bfloat16>)")
     assert (k.name, k.dtype, k.sub, k.hard, k.label) == ("bwd_gemm_sm90", "bf16", False, False,
                                                          "bwd_gemm_sm90<bf16, DxSm90>")
+    # the policy's tile width (c++filt's spelling, "> >"): its own model key; 128 keeps the
+    # family's
+    wide = kr.kernel_id("void margin_ops::cuda::(anonymous namespace)::bwd_gemm_sm90_kernel<"
+                        "__half, margin_ops::cuda::(anonymous namespace)::DxSm90<__half, 256> >("
+                        "CUtensorMap_st, CUtensorMap_st, margin_ops::cuda::(anonymous namespace)::"
+                        "DxSm90<__half, 256>)")
+    assert (wide.label, kr.model_key(wide)) == ("bwd_gemm_sm90<fp16, DxSm90, BN=256>",
+                                                "bwd_gemm_sm90<DxSm90><BN=256>")
+    narrow = kr.kernel_id("void ns::bwd_gemm_sm90_kernel<__half, ns::DxSm90<__half, 128>>(A, B)")
+    assert kr.model_key(narrow) == "bwd_gemm_sm90<DxSm90>"
+    assert [kr.instance_key("bwd_gemm_sm90<DxSm90>", d) for d in (128, 129, 320, 512)] == [
+        "bwd_gemm_sm90<DxSm90>"] + ["bwd_gemm_sm90<DxSm90><BN=256>"] * 3
 
 
 def _gated(dtype: str, hgmma: int = 8, spills: int = 0) -> "kr.KernelReport":
@@ -339,6 +351,15 @@ def _sm90_report(name, policy="", *, main_insts=200, hgmma=4, tile_insts=1000, t
     return r
 
 
+def _sm90_dx256_report():
+    """bwd_gemm_sm90<DxSm90<·, 256>>: the _sm90_report figures with m64n256k16 (4 HGMMA per
+    k-block of 64 for a 128 x 256 tile)."""
+    r = _sm90_report("bwd_gemm_sm90", "DxSm90")
+    r.kid = kr.KernelId("bwd_gemm_sm90", "bf16", policy="DxSm90", ints=(("BN", 256),))
+    r.mma_flop = 2 * 64 * 256 * 16 / 4
+    return r
+
+
 def test_model_of_the_sm90_path_closed_form():
     # per k-block of 64: 4 HGMMA in 200 slots; a tile: 1000 slots with 2 k-blocks (8 HGMMA)
     # on its path, so 1000 - 2 * 200 = 600 beyond its k-blocks; fwd_main_sm90's loop holds
@@ -348,7 +369,7 @@ def test_model_of_the_sm90_path_closed_form():
                                       func_insts=2 * 1000 + 2 * 200 + 100, func_hgmma=2 * 8 + 8),
         "bwd_tile_sm90": _sm90_report("bwd_tile_sm90", func_insts=1000 + 50),
         "bwd_gemm_sm90<DwSm90>": _sm90_report("bwd_gemm_sm90", "DwSm90"),
-        "bwd_gemm_sm90<DxSm90>": _sm90_report("bwd_gemm_sm90", "DxSm90"),
+        "bwd_gemm_sm90<DxSm90><BN=256>": _sm90_dx256_report(),
     }
     r = reps["fwd_main_sm90"]
     assert (r.tile_extra, r.cta_extra, r.k_per_iter()) == (600, 100, 64)
@@ -379,12 +400,17 @@ def test_model_of_the_sm90_path_closed_form():
     assert (count, grid) == (62, 128)
     assert terms["exposed"] == pytest.approx(62 * 4 * 8 * 600 / 4 / clk)
     assert terms["refill"] == 0
-    # dX: 8 splits (partial budget) of k_split = 2048 (a multiple of 64), grid 4 x 4 x 8
-    assert (res["layout"]["dx_splits"], res["layout"]["k_split"]) == (8, 2048)
-    _, count, grid, _, _, terms, _ = bwd["bwd_gemm_sm90<DxSm90>"]
+    # dX: 128 x 256 tiles (D_pad = 512 >= 256), 16 splits (the 16 MiB partial budget: 1 MiB
+    # each) of k_split = 1024 (a multiple of 64), grid 2 x 4 x 16
+    assert (res["layout"]["dx_splits"], res["layout"]["k_split"]) == (16, 1024)
+    assert reps["bwd_gemm_sm90<DxSm90><BN=256>"].k_per_iter() == 64
+    _, count, grid, _, _, terms, _ = bwd["bwd_gemm_sm90<DxSm90><BN=256>"]
     assert grid == 128
-    assert terms["issue"] == pytest.approx(62 * 8 * (600 + 2048 / 64 * 200) / 4 / clk)
-    assert terms["tensor"] == pytest.approx(62 * 2 * 128 * 128 * 2048 / 4096 / clk)
+    assert terms["issue"] == pytest.approx(62 * 8 * (600 + 1024 / 64 * 200) / 4 / clk)
+    assert terms["tensor"] == pytest.approx(62 * 2 * 128 * 256 * 1024 / 4096 / clk)
+    # L2: per CTA dS' 128 x 1024 and W 1024 x 256; the partials read and written
+    assert terms["L2"] == pytest.approx(
+        62 * (128 * (128 + 256) * 1024 * 2 + 2 * 16 * 512 * 512 * 4) / 5.5e12)
     # dW: 4 x 128 CTAs, 4 per SM: 3 refills per launch; W resident (16 + 16 MiB of L2): HBM
     # is dW's write only
     _, count, grid, _, _, terms, _ = bwd["bwd_gemm_sm90<DwSm90>"]
@@ -408,11 +434,16 @@ def test_host_rules_mirrored():
     lay = kr.backward_layout(128, 512, 1_000_000, 132, 2, True)
     assert (lay["cc"], lay["chunks"]) == (65536, 16)
     assert kr.backward_layout(128, 512, 1_000_000, 132, 2, True, cc_cap=30000)["cc"] == 29952
-    # dX: 32 splits (the 8 MiB partial budget) of 31744 / 32 = 992 classes, rounded up to the
-    # dX kernel's k-block: 1024 for bwd_gemm_sm90<DxSm90> (31 splits), 992 for bwd_dx
-    for sm90_dx, k_split, splits in ((True, 1024, 31), (False, 992, 32)):
-        lay = kr.backward_layout(128, 512, 1_000_000, 132, 2, sm90_dx, cc_cap=31744)
-        assert (lay["cc"], lay["k_split"], lay["dx_splits"]) == (31744, k_split, splits)
+    # dX: 64 splits (the 16 MiB partial budget, 256 KiB each) of 30720 / 64 = 480 classes,
+    # rounded up to the dX kernel's k-block: 512 for bwd_gemm_sm90<DxSm90> (60 splits of its
+    # 2 tiles of 128 x 256), 480 for bwd_dx (64 splits of 4 tiles of 128 x 128)
+    for sm90_dx, k_split, splits, bn in ((True, 512, 60, 256), (False, 480, 64, 128)):
+        lay = kr.backward_layout(128, 512, 1_000_000, 132, 2, sm90_dx, cc_cap=30720)
+        assert (lay["cc"], lay["k_split"], lay["dx_splits"]) == (30720, k_split, splits)
+        assert (lay["dx_bn"], lay["dx_d_tiles"]) == (bn, 512 // bn)
+    # D_pad = 128 keeps 128-wide dX tiles; D = 320 (D_pad 384): 2, the second partial
+    assert kr.backward_layout(128, 128, 10**6, 132, 2, True)["dx_bn"] == 128
+    assert kr.backward_layout(128, 320, 10**6, 132, 2, True)["dx_d_tiles"] == 2
     # the chunk rule: W chunk + dS' within 0.75 x 50 MiB: 39321600 / ((512 + 128) x 2)
     assert kr.chunk_rule(128, 512, kr.Machine()) == 30720
     assert kr.chunk_rule(512, 512, kr.Machine()) == 16384  # the budget's
@@ -562,7 +593,7 @@ def _fused_report(main_insts=900, serial_insts=400, outside=800):
 def test_model_of_the_fused_backward_closed_form():
     reps = {
         "fwd_main_sm90": _sm90_report("fwd_main_sm90"),
-        "bwd_gemm_sm90<DxSm90>": _sm90_report("bwd_gemm_sm90", "DxSm90"),
+        "bwd_gemm_sm90<DxSm90><BN=256>": _sm90_dx256_report(),
         "bwd_fused_sm90<kDB=4>": _fused_report(),
     }
     m = kr.Machine()
@@ -572,7 +603,7 @@ def test_model_of_the_fused_backward_closed_form():
     res = kr.model_shape(reps, n, d, c, m, path=kr.FUSED_PATH)
     bwd = {x[0]: x for x in res["bwd"]}
     assert [x[0] for x in res["bwd"]] == ["prep", "bwd_fused_sm90<kDB=4>",
-                                          "bwd_gemm_sm90<DxSm90>", "finalize"]
+                                          "bwd_gemm_sm90<DxSm90><BN=256>", "finalize"]
     # prep reads x and writes no x̂: n d 2 bytes of HBM
     assert bwd["prep"][5]["HBM"] == pytest.approx(n * d * 2 / 3e12)
     # 62 chunks of 16384 classes: 256 CTAs of 64 classes, each walking 8 row tiles; 2 per SM

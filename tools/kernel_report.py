@@ -312,6 +312,9 @@ POLICY_FAMILIES = ("bwd_gemm_sm90",)
 #: The int template parameters after the flags, in order: bwd_fused_sm90's kDB, the 64-wide
 #: D blocks of dW per consumer warpgroup (ceil(D / 128): D <= 128·kDB).
 INT_PARAMS = {"bwd_fused_sm90": ("kDB",)}
+#: The int template parameters of an epilogue policy after its element type: DxSm90's tile
+#: width BN (128, or 256 where D_pad >= 256: Backward::layout's dx_bn).
+POLICY_INT_PARAMS = {"DxSm90": ("BN",)}
 
 
 def kernel_id(demangled: str) -> KernelId:
@@ -330,6 +333,9 @@ def kernel_id(demangled: str) -> KernelId:
     rest = args[1 + len(params):]
     ints = tuple((p, int(re.sub(r"^\(\w+\)", "", a)))  # "4" or "(int)4"
                  for p, a in zip(INT_PARAMS.get(name, ()), rest))
+    if policy:  # the policy's own parameters: "DxSm90<__nv_bfloat16, 256>" -> BN = 256
+        ints += tuple((p, int(re.sub(r"^\(\w+\)|>+$", "", a)))
+                      for p, a in zip(POLICY_INT_PARAMS.get(policy, ()), args[2:]))
     return KernelId(name, dtype, flags.get("sub", False), flags.get("hard", False), policy, ints)
 
 
@@ -570,7 +576,8 @@ def dynamic_smem(kid: KernelId, subcenters: int = 2) -> int | None:
     """The launch's dynamic shared memory (TileGemm<T, ATrans, BTrans>::kSmemBytes mirrored;
     K > 1 adds K x BN x 4 bytes, printed for K = `subcenters`; bwd_fused_sm90: fused_smem of
     its kDB); None for the other sm_90a kernels, whose figure depends on D
-    (Sm90Cfg::smem_bytes: 194 KiB at D = 512) or is fixed (Sm90GemmCfg::kSmemBytes: 129 KiB)."""
+    (Sm90Cfg::smem_bytes: 194 KiB at D = 512) or is fixed (Sm90GemmShape<BN>::kSmemBytes:
+    129 KiB at BN = 128, 193 KiB at BN = 256)."""
     if kid.name == "bwd_fused_sm90" and kid.int_param("kDB") is not None:
         return fused_smem(kid.int_param("kDB"))
     if kid.name.endswith("_sm90"):
@@ -630,12 +637,17 @@ class KernelReport:
         return self.epi.insts - self.epi_kblocks if self.epi and self.main else None
 
     @property
+    def acc_per_thread(self) -> int:
+        """Accumulator elements per thread: ACC_PER_THREAD, twice that for DxSm90's BN = 256."""
+        return BM * (self.kid.int_param("BN") or BN) // THREADS
+
+    @property
     def epi_per_elem(self) -> float | None:
-        return self.epi_insts / ACC_PER_THREAD if self.epi and self.main else None
+        return self.epi_insts / self.acc_per_thread if self.epi and self.main else None
 
     @property
     def epi_static_per_elem(self) -> float | None:
-        return self.epi_static / ACC_PER_THREAD if self.epi else None
+        return self.epi_static / self.acc_per_thread if self.epi else None
 
     @property
     def tile_extra(self) -> float:
@@ -654,8 +666,9 @@ class KernelReport:
         return self.func.insts - self.main.insts
 
     def k_per_iter(self) -> float:
-        """The K depth one mainloop iteration covers for the CTA's BM x BN tile."""
-        return WARPS * self.main.mma * self.mma_flop / (2 * BM * BN)
+        """The K depth one mainloop iteration covers for the CTA's BM x BN tile (DxSm90's
+        BN where it has one)."""
+        return WARPS * self.main.mma * self.mma_flop / (2 * BM * (self.kid.int_param("BN") or BN))
 
 
 def kblock_slots(path: HotPath, main: HotPath) -> float:
@@ -935,7 +948,8 @@ def round_up(a: int, b: int) -> int:
 # ---------------------------------------------------------------------------------------
 
 SCRATCH_BUDGET = 16 << 20  # kScratchBudget (margin_lse_backward.cu): the dS' chunk, bytes
-PARTIAL_BUDGET = 8 << 20  # kPartialBudget (margin_lse_backward.cu): the fp32 dX partials
+PARTIAL_BUDGET = 16 << 20  # kPartialBudget (margin_lse_backward.cu): the fp32 dX partials
+SM90_DX_WIDE_BN = 256  # DxSm90's tile width where D_pad >= 256 (Backward::layout's dx_bn)
 MMA_SYNC_BK = 32  # Cfg<bf16>::BK (margin_lse_tile_gemm.cuh): mma.sync kernels' k-block
 SM90_BK = 64  # Sm90WarpRoles::BK (margin_lse_wgmma_desc.cuh): the sm_90a kernels' k-block
 FWD_AHEAD_KBLOCKS = 2  # kFwdAhead (margin_lse_forward_sm90.cu)
@@ -976,21 +990,25 @@ def forward_layout(n: int, c: int, sms: int) -> dict:
 def backward_layout(n: int, d: int, c: int, sms: int, esize: int, sm90_dx: bool, *,
                     budget: int = SCRATCH_BUDGET, cc_cap: int | None = None) -> dict:
     """Backward::layout (margin_lse_backward.cu): class chunks of cc classes from the dS'
-    budget (cc_cap: a further cap, the chunk study's), dX splits (~2 CTAs per SM, >= 256
-    classes each, partials within their budget), k_split rounded to the k-block of the dX
-    kernel (64 for bwd_gemm_sm90<DxSm90>, 32 for bwd_dx)."""
+    budget (cc_cap: a further cap, the chunk study's), dX tiles (bwd_gemm_sm90<DxSm90>: 256
+    wide where D_pad >= 256), dX splits (~2 CTAs per SM, >= 256 classes each, partials
+    within their budget), k_split rounded to the k-block of the dX kernel (64 for
+    bwd_gemm_sm90<DxSm90>, 32 for bwd_dx)."""
     n_pad, d_pad = round_up(n, 128), round_up(d, 128)
     row_tiles, d_tiles = n_pad // BM, d_pad // BN
+    dx_bn = SM90_DX_WIDE_BN if sm90_dx and d_pad >= SM90_DX_WIDE_BN else BN
+    dx_d_tiles = ceil_div(d_pad, dx_bn)
     fit = budget // (n_pad * esize) // 128 * 128
     cc = min(round_up(c, 128), max(128, fit))
     if cc_cap is not None:
         cc = min(cc, max(128, cc_cap // 128 * 128))
-    splits = ceil_div(2 * sms, row_tiles * d_tiles)
+    splits = ceil_div(2 * sms, row_tiles * dx_d_tiles)
     splits = min(splits, max(1, cc // 256))
     splits = max(1, min(splits, max(1, PARTIAL_BUDGET // (n_pad * d_pad * 4))))
     k_split = round_up(ceil_div(cc, splits), SM90_BK if sm90_dx else MMA_SYNC_BK)
-    return dict(n_pad=n_pad, d_pad=d_pad, row_tiles=row_tiles, d_tiles=d_tiles, cc=cc,
-                chunks=ceil_div(c, cc), dx_splits=ceil_div(cc, k_split), k_split=k_split)
+    return dict(n_pad=n_pad, d_pad=d_pad, row_tiles=row_tiles, d_tiles=d_tiles, dx_bn=dx_bn,
+                dx_d_tiles=dx_d_tiles, cc=cc, chunks=ceil_div(c, cc),
+                dx_splits=ceil_div(cc, k_split), k_split=k_split)
 
 
 FUSED_CLASSES, FUSED_ROWS = 64, 64  # kBwdFusedClasses, BwdFusedSm90Cfg::BM
@@ -1048,22 +1066,34 @@ LOOKAHEAD_KBLOCKS = {"fwd_main_sm90": FWD_AHEAD_KBLOCKS}
 
 
 def model_key(kid: KernelId) -> str:
-    """A kernel's name in PATHS: its family, with the epilogue policy of bwd_gemm_sm90 (and
-    bwd_fused_sm90's kDB: instance_key)."""
-    if kid.ints:
-        return instance_key(kid.name, kid.int_param("kDB"))
-    return f"{kid.name}<{kid.policy}>" if kid.policy else kid.name
+    """A kernel's name in PATHS: its family, with the epilogue policy of bwd_gemm_sm90, and
+    the instantiation: bwd_fused_sm90's kDB, DxSm90's BN when it is not 128 (instance_key)."""
+    if kid.int_param("kDB") is not None:
+        return f"{kid.name}<kDB={kid.int_param('kDB')}>"
+    key = f"{kid.name}<{kid.policy}>" if kid.policy else kid.name
+    bn = kid.int_param("BN")
+    return f"{key}<BN={bn}>" if bn is not None and bn != BN else key
 
 
-def instance_key(key: str, k_db: int | None) -> str:
-    """bwd_fused_sm90's model key for one kDB (the instantiation a D runs); other keys as
-    they are."""
-    return f"{key}<kDB={k_db}>" if key == "bwd_fused_sm90" else key
+def instance_key(key: str, d: int) -> str:
+    """The model key of the instantiation the host runs for a PATHS key at feature dimension
+    d: bwd_fused_sm90's kDB (fused_dw_blocks), bwd_gemm_sm90<DxSm90>'s 256-wide tile where
+    D_pad >= 256; other keys as they are."""
+    if key == "bwd_fused_sm90":
+        return f"{key}<kDB={fused_dw_blocks(d)}>"
+    if key == "bwd_gemm_sm90<DxSm90>" and round_up(d, 128) >= SM90_DX_WIDE_BN:
+        return f"{key}<BN={SM90_DX_WIDE_BN}>"
+    return key
 
 
 def family_key(key: str) -> str:
-    """A model key without bwd_fused_sm90's kDB (the key of PATHS and CTAS_PER_SM)."""
-    return re.sub(r"<kDB=\d+>$", "", key)
+    """A model key without its instantiation (the key of PATHS and CTAS_PER_SM)."""
+    return re.sub(r"<(?:kDB|BN)=\d+>$", "", key)
+
+
+def tile_bn(r: KernelReport) -> int:
+    """The width of a kernel's CTA tile: BN, or DxSm90's BN."""
+    return r.kid.int_param("BN") or BN
 
 
 def is_sm90(r: KernelReport) -> bool:
@@ -1075,13 +1105,13 @@ def k_block(r: KernelReport) -> int:
 
 
 def tile_slots(r: KernelReport, k: int) -> float:
-    """Issue slots per warp of one BM x BN tile of depth k: the tile's slots beyond its
+    """Issue slots per warp of one BM x tile_bn tile of depth k: the tile's slots beyond its
     k-blocks, plus k (rounded up to the kernel's k-block) at the mainloop's rate."""
     return r.tile_extra + round_up(k, k_block(r)) / r.k_per_iter() * r.main.insts
 
 
 def tile_flop(r: KernelReport, k: int) -> float:
-    return 2.0 * BM * BN * round_up(k, k_block(r))
+    return 2.0 * BM * tile_bn(r) * round_up(k, k_block(r))
 
 
 @dataclasses.dataclass
@@ -1165,11 +1195,13 @@ def bwd_dw_launch(r: KernelReport, p: Problem) -> LaunchModel:
 
 
 def bwd_dx_launch(r: KernelReport, p: Problem) -> LaunchModel:
-    # one tile per CTA over k_split classes; fp32 partials read and written
+    # one BM x dx_bn tile per CTA over k_split classes (dS' once per D tile, W once per row
+    # tile); fp32 partials read and written (a last 256-wide tile stores up to D_pad only)
     bl = p.bwd
-    grid = bl["d_tiles"] * bl["row_tiles"] * bl["dx_splits"]
+    assert tile_bn(r) == bl["dx_bn"], (r.kid.label, bl["dx_bn"])
+    grid = bl["dx_d_tiles"] * bl["row_tiles"] * bl["dx_splits"]
     return launch(r, p, bl["chunks"], grid, 1, bl["k_split"],
-                  grid * (BM + BN) * bl["k_split"] * p.esize
+                  grid * (BM + bl["dx_bn"]) * bl["k_split"] * p.esize
                   + 2 * bl["dx_splits"] * p.n_pad * p.d_pad * 4,
                   0 if p.w_resident else p.w_chunk)
 
@@ -1208,7 +1240,7 @@ LAUNCHES = {"fwd_main": fwd_main_launch, "bwd_tile": bwd_tile_launch, "bwd_dw": 
 def path_keys(path: str, d: int = 512) -> list[str]:
     """The kernels a path launches (PATHS), in order, at feature dimension d (bwd_fused_sm90's
     instantiation: kDB from d)."""
-    return [instance_key(key, fused_dw_blocks(d)) for launches in PATHS[path].values()
+    return [instance_key(key, d) for launches in PATHS[path].values()
             for _, key in launches]
 
 
@@ -1226,7 +1258,7 @@ def path_kernels(kernels: dict[str, KernelReport], path: str, d: int,
     """Per pass, the (role, kernel report) of a path's launches at feature dimension d."""
     ok = sm90_eligible(d, esize) if path != "mma.sync" else {}
     fallback = {role: key for launches in PATHS["mma.sync"].values() for role, key in launches}
-    return {pas: [(role, kernels[instance_key(key, fused_dw_blocks(d)) if ok.get(role, True)
+    return {pas: [(role, kernels[instance_key(key, d) if ok.get(role, True)
                                  else fallback[role]])
                   for role, key in launches] for pas, launches in PATHS[path].items()}
 

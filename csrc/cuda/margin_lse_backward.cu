@@ -28,7 +28,7 @@ namespace {
 #define MARGIN_OPS_BWD_SCRATCH_BUDGET (int64_t(16) << 20)
 #endif
 #ifndef MARGIN_OPS_BWD_PARTIAL_BUDGET
-#define MARGIN_OPS_BWD_PARTIAL_BUDGET (int64_t(8) << 20)
+#define MARGIN_OPS_BWD_PARTIAL_BUDGET (int64_t(16) << 20)
 #endif
 constexpr int64_t kScratchBudget = MARGIN_OPS_BWD_SCRATCH_BUDGET;  // dS' chunk, N_pad x cc of T
 constexpr int64_t kPartialBudget = MARGIN_OPS_BWD_PARTIAL_BUDGET;  // dX̂ split partials, fp32/fp64
@@ -529,9 +529,12 @@ struct DwSm90 {
   }
 };
 
-template <class T>
+// kBN: 256 where d_pad >= 256 (Backward::layout's dx_bn), so that each dS' tile is read
+// d_pad / 256 times instead of d_pad / 128; a last D tile past d_pad (d_pad = 128 mod 256)
+// computes zeros from TMA's fill and stores nothing there.
+template <class T, int kBN>
 struct DxSm90 {
-  using G = Sm90GemmCfg;
+  using G = Sm90GemmShape<kBN>;
   static constexpr bool kAMnMajor = false;  // dS': the scratch [rows = M][classes = K]
   DxArgs<T> args;  // k_split: a multiple of BK (Backward::layout)
 
@@ -543,12 +546,15 @@ struct DxSm90 {
   }
 
   // Runs of 4 columns (for_each_row_run): one 16-byte read-modify-write of the partial each
-  // (the tile lies inside the n_pad x d_pad partial, rows 16-byte aligned).
-  __device__ void store(const float (&acc)[64], int row0, int lane) const {
+  // (the tile's rows lie inside the n_pad x d_pad partial, 16-byte aligned; its columns up
+  // to d_pad, a multiple of 128).
+  __device__ void store(const float (&acc)[G::kAccRegs], int row0, int lane) const {
     const int64_t split = blockIdx.z;
     const int64_t row = split * args.n_pad + int64_t(blockIdx.y) * G::BM + row0 + (lane >> 2);
-    float* out = args.part + row * args.d_pad + int64_t(blockIdx.x) * G::BN;
+    const int64_t d0 = int64_t(blockIdx.x) * G::BN;
+    float* out = args.part + row * args.d_pad + d0;
     for_each_row_run<4>(acc, lane, [&](int r, int col, const float (&v)[4]) {
+      if (G::BN > 128 && d0 + col >= args.d_pad) return;
       float4* e = reinterpret_cast<float4*>(out + 8 * r * args.d_pad + col);
       float4 n = make_float4(v[0], v[1], v[2], v[3]);
       if (args.accumulate) {
@@ -561,7 +567,7 @@ struct DxSm90 {
 };
 
 template <class T, class Epi>
-__global__ void __launch_bounds__(Sm90GemmCfg::kThreads, 1)
+__global__ void __launch_bounds__(Sm90WarpRoles::kThreads, 1)
     bwd_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
                          const __grid_constant__ CUtensorMap tmap_b, const Epi epi) {
   extern __shared__ __align__(16) unsigned char smem_raw[];  // aligned to 1024 by gemm_sm90
@@ -636,7 +642,9 @@ struct BwdLayout {
   int64_t ld;        // scratch row length: K·cc (sub-center k's block from k·cc)
   int64_t chunks;
   int row_tiles;     // n_pad / BM
-  int d_tiles;       // d_pad / BN
+  int d_tiles;       // d_pad / BN (bwd_dw, and bwd_dx on mma.sync)
+  int dx_bn;         // bwd_dx's tile width: 256 for bwd_gemm_sm90<DxSm90> where d_pad >= 256
+  int dx_d_tiles;    // ceil(d_pad / dx_bn)
   int splits;        // bwd_dx splits per chunk
   int64_t k_split;   // classes per split
 };
@@ -710,8 +718,12 @@ struct Backward {
     l.cc = std::min(c_pad, std::max<int64_t>(128, fit));
     l.ld = p.subcenters * l.cc;
     l.chunks = ceil_div(p.c, l.cc);
-    // Splits: about two CTAs per SM for bwd_dx, each with >= 256 classes, partials in budget.
-    const int64_t tiles = int64_t(l.row_tiles) * l.d_tiles;
+    l.dx_bn = sm90_dx<T>(p) && l.d_pad >= 256 ? 256 : C::BN;
+    l.dx_d_tiles = int(ceil_div(l.d_pad, int64_t(l.dx_bn)));
+    // Splits: about two CTAs per SM for bwd_dx, each with >= 256 classes, partials in budget
+    // (16 MiB: bwd_gemm_sm90<DxSm90>'s 128 x 256 tiles, 1 CTA per SM, then fill one wave of
+    // >= 128 CTAs at N = 128 .. 1024, D = 512).
+    const int64_t tiles = int64_t(l.row_tiles) * l.dx_d_tiles;
     const int64_t sms = p.num_sms > 0 ? p.num_sms : 1;
     int64_t splits = ceil_div(2 * sms, tiles);
     splits = std::min(splits, std::max<int64_t>(1, l.cc / 256));
@@ -724,6 +736,14 @@ struct Backward {
         round_up(ceil_div(l.cc, splits), sm90_dx<T>(p) ? int64_t(Sm90GemmCfg::BK) : C::BK);
     l.splits = int(ceil_div(l.cc, l.k_split));
     return l;
+  }
+
+  // bwd_gemm_sm90_kernel with epilogue policy Epi (its tile's shared memory).
+  template <class T, class Epi>
+  static void launch_gemm_sm90(dim3 grid, const CUtensorMap& tmap_a, const CUtensorMap& tmap_b,
+                               const Epi& epi, cudaStream_t stream) {
+    const auto kernel = bwd_gemm_sm90_kernel<T, Epi>;
+    kernel<<<grid, Sm90WarpRoles::kThreads, Epi::G::kSmemBytes, stream>>>(tmap_a, tmap_b, epi);
   }
 
   template <class T>
@@ -788,8 +808,11 @@ struct Backward {
           return err;
         }
       }
-      if (dx90 && (err = allow_smem(bwd_gemm_sm90_kernel<T, DxSm90<T>>, G90::kSmemBytes)) !=
-                      cudaSuccess) {
+      if (dx90 && (err = l.dx_bn == 256
+                             ? allow_smem(bwd_gemm_sm90_kernel<T, DxSm90<T, 256>>,
+                                          Sm90GemmShape<256>::kSmemBytes)
+                             : allow_smem(bwd_gemm_sm90_kernel<T, DxSm90<T, 128>>,
+                                          G90::kSmemBytes)) != cudaSuccess) {
         return err;
       }
     }
@@ -894,7 +917,7 @@ struct Backward {
 
       xa.kc = kc;
       xa.chunk_index = p.class_index != nullptr ? p.class_index + c0 : nullptr;
-      const dim3 grid_dx(unsigned(l.d_tiles), unsigned(l.row_tiles), unsigned(l.splits));
+      const dim3 grid_dx(unsigned(l.dx_d_tiles), unsigned(l.row_tiles), unsigned(l.splits));
       for (int64_t k = 0; k < p.subcenters; ++k) {  // in order: the partials' sums are fixed
         xa.scratch = buf.scratch + k * l.cc;
         xa.weight_chunk = in.weight + (p.class_index != nullptr ? k : c0 * p.subcenters + k) * p.d;
@@ -910,9 +933,11 @@ struct Backward {
                                          p.subcenters * p.d * 2, G90::BK)) != cudaSuccess) {
               return err;
             }
-            const auto kernel = bwd_gemm_sm90_kernel<T, DxSm90<T>>;
-            const DxSm90<T> epi{xa};
-            kernel<<<grid_dx, G90::kThreads, G90::kSmemBytes, stream>>>(map_a, map_b, epi);
+            if (l.dx_bn == 256) {
+              launch_gemm_sm90<T>(grid_dx, map_a, map_b, DxSm90<T, 256>{xa}, stream);
+            } else {
+              launch_gemm_sm90<T>(grid_dx, map_a, map_b, DxSm90<T, 128>{xa}, stream);
+            }
           }
         }
         if (!dx90) bwd_dx_kernel<T><<<grid_dx, kThreads, GemmDx::kSmemBytes, stream>>>(xa);

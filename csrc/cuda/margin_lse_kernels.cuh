@@ -163,7 +163,8 @@
 // bwd_gemm_sm90_kernel on the same grids, epilogues and partials: one TMA + wgmma mainloop
 // (128 x 128 tiles, BK = 64, a 4-stage 128B-swizzled ring with full/empty mbarriers, a
 // producer warpgroup and two consumer warpgroups of m64n128k16; ≈ 129 KiB of shared memory,
-// Sm90GemmCfg). dW reads dS'ᵀ (the scratch) and x̂ MN-major (wgmma tnsp-a / tnsp-b); dX reads
+// Sm90GemmCfg; dX where D_pad >= 256: 128 x 256 tiles of m64n256k16, ≈ 193 KiB, so that
+// its grid has D_pad / 256 D tiles). dW reads dS'ᵀ (the scratch) and x̂ MN-major (wgmma tnsp-a / tnsp-b); dX reads
 // dS' K-major and the chunk's sub-center rows of W MN-major through a tensor map of row
 // pitch K·D, its k_split a multiple of 64; tensor maps (margin_lse_tma.cuh) end at n rows
 // and kc classes, so TMA's zero fill masks the partial tiles. bwd_dx keeps mma.sync with
@@ -177,10 +178,10 @@
 //
 // Extra memory (beyond inputs and outputs): forward 8 + 20 x splits bytes per padded row
 // (fp32 statistics); backward x̂ + the dS' chunk scratch (<= 16 MiB unless N is so large that
-// even 128 classes exceed it) + the split partials (<= 8 MiB, or one N_pad x D_pad
+// even 128 classes exceed it) + the split partials (<= 16 MiB, or one N_pad x D_pad
 // accumulator when that alone is larger) + O(N_pad + cc * N_pad / 64) (r_c partials, the
 // feature-scale row partials per 128-class tile, or 64 in 16-bit for bwd_fused_sm90). At N = 512, D = 512,
-// C = 1M, bf16: 0.5 + 16 + 8 + 0.3 ≈ 25 MiB. (kScratchBudget / kPartialBudget in
+// C = 1M, bf16: 0.5 + 16 + 16 + 0.3 ≈ 33 MiB. (kScratchBudget / kPartialBudget in
 // margin_lse_backward.cu.)
 //
 // Precision: cosines, statistics, dc and every reduction in fp32 (fp64 for float64), from

@@ -25,9 +25,10 @@ CSRC = REPO / "csrc"
 BUILD = REPO / "build" / "cuda_emulator"
 
 #: Backward workspace budgets for the emulated build (bytes), far below the GPU build's so
-#: that small test problems take several class chunks (and, in 16-bit, several dX splits).
+#: that small test problems take several class chunks and dX splits (the partials: two
+#: splits of N_pad = 128 x D_pad = 384 fp32, sm_90a's 128 x 256 dX tile with a partial one).
 SCRATCH_BUDGET = 128 << 10
-PARTIAL_BUDGET = 64 << 10
+PARTIAL_BUDGET = 384 << 10
 
 
 def load(verbose: bool = False):
