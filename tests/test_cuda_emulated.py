@@ -410,6 +410,24 @@ def _reference_grads(x, w, y, args, options, upstream):
         sum((o * g.double()).sum() for o, g in zip((want[0], want[1], want[4]), upstream)), [x64, w64])
 
 
+def _check_sm90_grads_under_every_schedule(x, w, y, args, options, upstream, dtype):
+    """_sm90_grads against the float64 reference at the sm90 backend's gradient tolerance of
+    dtype, and the same bits under the emulator's four schedules."""
+    want = _reference_grads(x, w, y, args, options, upstream)
+    grad_tol = SM90.tolerances[dtype][1]
+    results = []
+    try:
+        for schedule in (0, 1, 2, 3):
+            emulator().set_schedule(schedule)
+            results.append(_sm90_grads(x, w, y, args, options, upstream))
+    finally:
+        emulator().set_schedule(0)
+    assert_close(results[0][0], want[0], grad_tol, "grad_x")
+    assert_close(results[0][1], want[1], grad_tol, "grad_weight")
+    for schedule, other in enumerate(results[1:], 1):
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other)), f"schedule {schedule} differs"
+
+
 @pytest.mark.parametrize("shape", SM90_BACKWARD_SHAPES)
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=DTYPE_IDS.get)
 def test_sm90_backward_across_chunks_tiles_and_schedules(dtype, shape):
@@ -427,19 +445,7 @@ def test_sm90_backward_across_chunks_tiles_and_schedules(dtype, shape):
     y[7] = c - 1  # a target in the partial last tile of the last chunk
     y[9] = 255  # the last class of a tile (and of the first chunk at N = 200)
     upstream = [torch.randn(n, dtype=torch.float32) for _ in range(3)]
-    want_grads = _reference_grads(x, w, y, args, options, upstream)
-    grad_tol = SM90.tolerances[dtype][1]
-    results = []
-    try:
-        for schedule in (0, 1, 2, 3):
-            emulator().set_schedule(schedule)
-            results.append(_sm90_grads(x, w, y, args, options, upstream))
-    finally:
-        emulator().set_schedule(0)
-    assert_close(results[0][0], want_grads[0], grad_tol, "grad_x")
-    assert_close(results[0][1], want_grads[1], grad_tol, "grad_weight")
-    for schedule, other in enumerate(results[1:], 1):
-        assert all(torch.equal(a, b) for a, b in zip(results[0], other)), f"schedule {schedule} differs"
+    _check_sm90_grads_under_every_schedule(x, w, y, args, options, upstream, dtype)
 
 
 #: dW's sm_90a epilogue (DwSm90::store): (D, sub-centers, class_index, W's storage offset in
@@ -505,19 +511,7 @@ def test_sm90_fused_backward_across_chunks_tiles_and_schedules(dtype, shape):
     dW, the staging tiles' and row sums' alternation must order the warpgroups)."""
     x, w, y, options, upstream = _sm90_fused_problem(shape, dtype)
     args = PRIMITIVE_ARGS[9]  # external, feature scale
-    want = _reference_grads(x, w, y, args, options, upstream)
-    grad_tol = SM90.tolerances[dtype][1]
-    results = []
-    try:
-        for schedule in (0, 1, 2, 3):
-            emulator().set_schedule(schedule)
-            results.append(_sm90_grads(x, w, y, args, options, upstream))
-    finally:
-        emulator().set_schedule(0)
-    assert_close(results[0][0], want[0], grad_tol, "grad_x")
-    assert_close(results[0][1], want[1], grad_tol, "grad_weight")
-    for schedule, other in enumerate(results[1:], 1):
-        assert all(torch.equal(a, b) for a, b in zip(results[0], other)), f"schedule {schedule} differs"
+    _check_sm90_grads_under_every_schedule(x, w, y, args, options, upstream, dtype)
 
 
 def _backward_launches(x, w, y, args, options, upstream):
