@@ -784,8 +784,8 @@ struct Backward {
     if ((err = allow_smem(tile_kernel, tile_smem)) != cudaSuccess) return err;
     const bool fused90 = sm90_fused<T>(p, l);
     const bool tile90 = !fused90 && sm90_tile<T>(p);
-    BwdTileSm90Maps map_tile;  // x, W
-    BwdFusedSm90Maps map_fused;  // x, W
+    XwTensorMaps map_tile;  // x, W
+    XwTensorMaps map_fused;  // x, W
     if constexpr (kWgmmaType<T>) {
       if (tile90 && (err = prepare_bwd_tile_sm90<T>(p, map_tile)) != cudaSuccess) return err;
       if (fused90 && (err = prepare_bwd_fused_sm90<T>(p, map_fused)) != cudaSuccess) return err;

@@ -60,6 +60,7 @@
 #include "margin_lse_norms.cuh"
 #include "margin_lse_ptx.cuh"
 #include "margin_lse_reduce.cuh"
+#include "margin_lse_sm90_mainloop.cuh"  // WgmmaFragN
 #include "margin_lse_tile_gemm.cuh"  // WeightNorm::sq16
 #include "margin_lse_tma.cuh"
 #include "margin_lse_wgmma_desc.cuh"
@@ -99,24 +100,6 @@ constexpr size_t bwd_fused_smem_bytes(int64_t d) {
 }
 static_assert(bwd_fused_smem_bytes(BwdFusedSm90Cfg::kMaxD) <= BwdFusedSm90Cfg::kMaxSmem,
               "W, two x buffers and two staging tiles fit at D = 512");
-
-// The wgmma m64n32 accumulator fragment of one warp (WgmmaFrag's mapping, 32 columns):
-// thread 4g + q holds d[i] at row g + 8·((i / 2) % 2), column 8·(i / 4) + 2q + i % 2.
-struct WgmmaFragN32 {
-  static constexpr int TR = 2, TC = 8;
-  static constexpr bool kPairCols = true;
-  static __device__ __forceinline__ int row(int ri, int lane) { return (lane >> 2) + 8 * ri; }
-  static __device__ __forceinline__ int col(int ci, int lane) {
-    return (ci >> 1) * 8 + (lane & 3) * 2 + (ci & 1);
-  }
-  static __device__ __forceinline__ int col_quad(int col) { return (col >> 1) & 3; }
-  static __device__ __forceinline__ float& at(float (&d)[16], int ri, int ci) {
-    return d[(ci >> 1) * 4 + ri * 2 + (ci & 1)];
-  }
-  static __device__ __forceinline__ float at(const float (&d)[16], int ri, int ci) {
-    return d[(ci >> 1) * 4 + ri * 2 + (ci & 1)];
-  }
-};
 
 // The 256 consumers' barrier on one mbarrier, used over and over: use k waits for phase k.
 struct ConsumerBarrier {
@@ -162,7 +145,7 @@ __global__ void __launch_bounds__(Sm90WarpRoles::kThreads, 1)
                           T* const grad_weight) {
 #if MARGIN_OPS_SM90A
   using G = BwdFusedSm90Cfg;
-  using F = WgmmaFragN32;
+  using F = WgmmaFragN<32>;  // S: m64n32k16
   using Epi = GradEpilogue<F, kHard>;
   constexpr int kBlocks = 2 * kDB;  // D blocks of W and of an x buffer (those past d: zeros)
   constexpr int kXBytes = kBlocks * G::kBlockBytes;
@@ -443,7 +426,7 @@ bool sm90_bwd_fused_eligible(const BackwardParams& p) {
 }
 
 template <class T>
-cudaError_t prepare_bwd_fused_sm90(const BackwardParams& p, BwdFusedSm90Maps& maps) {
+cudaError_t prepare_bwd_fused_sm90(const BackwardParams& p, XwTensorMaps& maps) {
   const bool bf16 = p.dtype == DType::kBFloat16;
   cudaError_t err = encode_tma_2d_b16(&maps.x, bf16, p.x, p.d, p.n, p.d * 2, G::BM);
   if (err == cudaSuccess) err = encode_tma_2d_b16(&maps.w, bf16, p.weight, p.d, p.c, p.d * 2, G::BN);
@@ -452,7 +435,7 @@ cudaError_t prepare_bwd_fused_sm90(const BackwardParams& p, BwdFusedSm90Maps& ma
 }
 
 template <class T>
-cudaError_t launch_bwd_fused_sm90(const BackwardParams& p, const BwdFusedSm90Maps& maps,
+cudaError_t launch_bwd_fused_sm90(const BackwardParams& p, const XwTensorMaps& maps,
                                   const dev::TileArgs<T>& args, int64_t kc, cudaStream_t stream) {
   const unsigned grid = unsigned(dev::ceil_div(kc, int64_t(G::BN)));
   const auto kernel = fused_kernel<T>(p);
@@ -461,13 +444,13 @@ cudaError_t launch_bwd_fused_sm90(const BackwardParams& p, const BwdFusedSm90Map
   return cudaGetLastError();
 }
 
-template cudaError_t prepare_bwd_fused_sm90<__nv_bfloat16>(const BackwardParams&, BwdFusedSm90Maps&);
-template cudaError_t prepare_bwd_fused_sm90<__half>(const BackwardParams&, BwdFusedSm90Maps&);
+template cudaError_t prepare_bwd_fused_sm90<__nv_bfloat16>(const BackwardParams&, XwTensorMaps&);
+template cudaError_t prepare_bwd_fused_sm90<__half>(const BackwardParams&, XwTensorMaps&);
 template cudaError_t launch_bwd_fused_sm90<__nv_bfloat16>(const BackwardParams&,
-                                                          const BwdFusedSm90Maps&,
+                                                          const XwTensorMaps&,
                                                           const dev::TileArgs<__nv_bfloat16>&,
                                                           int64_t, cudaStream_t);
-template cudaError_t launch_bwd_fused_sm90<__half>(const BackwardParams&, const BwdFusedSm90Maps&,
+template cudaError_t launch_bwd_fused_sm90<__half>(const BackwardParams&, const XwTensorMaps&,
                                                    const dev::TileArgs<__half>&, int64_t,
                                                    cudaStream_t);
 

@@ -10,6 +10,7 @@
 
 #include "margin_lse_bwd_epilogue.cuh"
 #include "margin_lse_kernels.cuh"
+#include "margin_lse_tma.cuh"  // XwTensorMaps
 
 namespace margin_ops {
 namespace cuda {
@@ -22,21 +23,16 @@ constexpr int kBwdFusedClasses = 64;
 // budgets), x, W and grad_weight 16-byte aligned.
 bool sm90_bwd_fused_eligible(const BackwardParams& p);
 
-// x's (64-row boxes) and W's (64-class boxes) tensor maps, encoded once per backward.
-struct BwdFusedSm90Maps {
-  CUtensorMap x, w;
-};
-
 // Encodes the maps and allows the kernel's dynamic shared memory (T: __nv_bfloat16 or
 // __half); tensor-map encoding failures are returned as a cudaError.
 template <class T>
-cudaError_t prepare_bwd_fused_sm90(const BackwardParams& p, BwdFusedSm90Maps& maps);
+cudaError_t prepare_bwd_fused_sm90(const BackwardParams& p, XwTensorMaps& maps);
 
 // bwd_fused_sm90_kernel for the chunk of kc classes from args.c0: bwd_tile's scratch and
 // corr_part (per 64-class tile: corr_part[ct, i], ct < ceil(kc / 64)), and the chunk's dW
 // rows in p.grad_weight (r_part and w_norm are neither written nor needed).
 template <class T>
-cudaError_t launch_bwd_fused_sm90(const BackwardParams& p, const BwdFusedSm90Maps& maps,
+cudaError_t launch_bwd_fused_sm90(const BackwardParams& p, const XwTensorMaps& maps,
                                   const dev::TileArgs<T>& args, int64_t kc, cudaStream_t stream);
 
 }  // namespace cuda

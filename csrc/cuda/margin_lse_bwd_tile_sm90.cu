@@ -211,7 +211,7 @@ bool sm90_bwd_tile_eligible(const ProblemParams& p) {
 }
 
 template <class T>
-cudaError_t prepare_bwd_tile_sm90(const ProblemParams& p, BwdTileSm90Maps& maps) {
+cudaError_t prepare_bwd_tile_sm90(const ProblemParams& p, XwTensorMaps& maps) {
   const bool bf16 = p.dtype == DType::kBFloat16;
   cudaError_t err = encode_tma_2d_b16(&maps.x, bf16, p.x, p.d, p.n, p.d * 2, G::BM);
   if (err == cudaSuccess) err = encode_tma_2d_b16(&maps.w, bf16, p.weight, p.d, p.c, p.d * 2, G::BN);
@@ -223,7 +223,7 @@ cudaError_t prepare_bwd_tile_sm90(const ProblemParams& p, BwdTileSm90Maps& maps)
 }
 
 template <class T>
-cudaError_t launch_bwd_tile_sm90(const ProblemParams& p, const BwdTileSm90Maps& maps,
+cudaError_t launch_bwd_tile_sm90(const ProblemParams& p, const XwTensorMaps& maps,
                                  const dev::TileArgs<T>& args, int row_tiles, int64_t kc,
                                  cudaStream_t stream) {
   // About one CTA per SM: split the chunk's class tiles over ceil(#SMs / row tiles) CTAs
@@ -243,12 +243,12 @@ cudaError_t launch_bwd_tile_sm90(const ProblemParams& p, const BwdTileSm90Maps& 
   return cudaGetLastError();
 }
 
-template cudaError_t prepare_bwd_tile_sm90<__nv_bfloat16>(const ProblemParams&, BwdTileSm90Maps&);
-template cudaError_t prepare_bwd_tile_sm90<__half>(const ProblemParams&, BwdTileSm90Maps&);
-template cudaError_t launch_bwd_tile_sm90<__nv_bfloat16>(const ProblemParams&, const BwdTileSm90Maps&,
+template cudaError_t prepare_bwd_tile_sm90<__nv_bfloat16>(const ProblemParams&, XwTensorMaps&);
+template cudaError_t prepare_bwd_tile_sm90<__half>(const ProblemParams&, XwTensorMaps&);
+template cudaError_t launch_bwd_tile_sm90<__nv_bfloat16>(const ProblemParams&, const XwTensorMaps&,
                                                          const dev::TileArgs<__nv_bfloat16>&, int,
                                                          int64_t, cudaStream_t);
-template cudaError_t launch_bwd_tile_sm90<__half>(const ProblemParams&, const BwdTileSm90Maps&,
+template cudaError_t launch_bwd_tile_sm90<__half>(const ProblemParams&, const XwTensorMaps&,
                                                   const dev::TileArgs<__half>&, int, int64_t,
                                                   cudaStream_t);
 

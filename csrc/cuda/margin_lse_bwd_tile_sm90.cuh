@@ -9,6 +9,7 @@
 
 #include "margin_lse_bwd_epilogue.cuh"
 #include "margin_lse_kernels.cuh"
+#include "margin_lse_tma.cuh"  // XwTensorMaps
 
 namespace margin_ops {
 namespace cuda {
@@ -17,20 +18,15 @@ namespace cuda {
 // class_index, TMA alignment, x's row tile resident beside a W ring of >= 2 stages).
 bool sm90_bwd_tile_eligible(const ProblemParams& p);
 
-// x's and W's tensor maps (encoded once per backward) and the kernel's shared memory.
-struct BwdTileSm90Maps {
-  CUtensorMap x, w;
-};
-
 // Encodes the maps and allows the kernel's dynamic shared memory (T: __nv_bfloat16 or
 // __half); tensor-map encoding failures are returned as a cudaError.
 template <class T>
-cudaError_t prepare_bwd_tile_sm90(const ProblemParams& p, BwdTileSm90Maps& maps);
+cudaError_t prepare_bwd_tile_sm90(const ProblemParams& p, XwTensorMaps& maps);
 
 // bwd_tile_sm90_kernel for the chunk of kc classes from args.c0: exactly bwd_tile_kernel's
 // outputs (scratch, r_part, w_norm, corr_part), on a grid of (row tile, class-tile range).
 template <class T>
-cudaError_t launch_bwd_tile_sm90(const ProblemParams& p, const BwdTileSm90Maps& maps,
+cudaError_t launch_bwd_tile_sm90(const ProblemParams& p, const XwTensorMaps& maps,
                                  const dev::TileArgs<T>& args, int row_tiles, int64_t kc,
                                  cudaStream_t stream);
 

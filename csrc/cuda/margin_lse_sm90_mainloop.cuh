@@ -80,25 +80,28 @@ struct Sm90Cfg : Sm90WarpRoles {
   }
 };
 
-// The wgmma m64n128 accumulator fragment of one warp of a consumer warpgroup (the fragment
+// The wgmma m64nN accumulator fragment of one warp of a consumer warpgroup (the fragment
 // mapping of margin_lse_epilogue.cuh): thread 4g + q of the warp holds d[i] at row
 // g + 8·((i / 2) % 2) of the warp's 16 rows, column 8·(i / 4) + 2q + i % 2; ri = (i / 2) % 2,
 // ci = 2·(i / 4) + i % 2 (so columns ci and ci + 1, ci even, are adjacent: kPairCols).
-struct WgmmaFrag {
-  static constexpr int TR = 2, TC = 32;
+// kN: the wgmma's N (its kN / 2 accumulators per thread, TC = kN / 4 columns).
+template <int kN>
+struct WgmmaFragN {
+  static constexpr int TR = 2, TC = kN / 4;
   static constexpr bool kPairCols = true;
   static __device__ __forceinline__ int row(int ri, int lane) { return (lane >> 2) + 8 * ri; }
   static __device__ __forceinline__ int col(int ci, int lane) {
     return (ci >> 1) * 8 + (lane & 3) * 2 + (ci & 1);
   }
   static __device__ __forceinline__ int col_quad(int col) { return (col >> 1) & 3; }
-  static __device__ __forceinline__ float& at(float (&d)[64], int ri, int ci) {
+  static __device__ __forceinline__ float& at(float (&d)[kN / 2], int ri, int ci) {
     return d[(ci >> 1) * 4 + ri * 2 + (ci & 1)];
   }
-  static __device__ __forceinline__ float at(const float (&d)[64], int ri, int ci) {
+  static __device__ __forceinline__ float at(const float (&d)[kN / 2], int ri, int ci) {
     return d[(ci >> 1) * 4 + ri * 2 + (ci & 1)];
   }
 };
+using WgmmaFrag = WgmmaFragN<128>;  // m64n128k16
 
 // The engine's shared memory, carved from the kernel's dynamic shared memory.
 struct Sm90Smem {

@@ -11,6 +11,12 @@
 namespace margin_ops {
 namespace cuda {
 
+// The tensor maps of x and W that an sm_90a backward kernel reads (encoded once per
+// backward).
+struct XwTensorMaps {
+  CUtensorMap x, w;
+};
+
 // The 2-D tensor of 16-bit elements (bf16 or fp16) at `base`: `outer` rows of `inner`
 // elements, `pitch_bytes` from one row to the next (a multiple of 16; base 16-byte
 // aligned), as boxes of `box_outer` rows x 64 elements (128 bytes, the swizzle span),
