@@ -195,13 +195,15 @@ def liger_step(margin: Margin) -> Callable:
     return fwd_bwd(lambda x, weight, labels: ce(F.normalize(weight, dim=1), s * F.normalize(x, dim=1), labels))
 
 
-def cce_step(margin: Margin) -> Callable:
-    """Apple's Cut Cross-Entropy on s·x̂ and ŵ (margin-free problem only)."""
+def cce_step(margin: Margin, impl: str = "cce") -> Callable:
+    """Apple's Cut Cross-Entropy on s·x̂ and ŵ (margin-free problem only). ``impl="cce"``:
+    its Triton kernels (CUDA only); ``impl="torch_compile"``: its own torch.compile'd
+    formulation, the one it offers where its kernels do not run (a CPU included)."""
     from cut_cross_entropy import linear_cross_entropy
 
     s = margin.kwargs["s"]
-    return fwd_bwd(lambda x, weight, labels: linear_cross_entropy(s * F.normalize(x, dim=1),
-                                                                  F.normalize(weight, dim=1), labels))
+    return fwd_bwd(lambda x, weight, labels: linear_cross_entropy(
+        s * F.normalize(x, dim=1), F.normalize(weight, dim=1), labels, impl=impl))
 
 
 def torch_lce_step(margin: Margin, chunked: bool = False) -> Callable:
@@ -264,13 +266,14 @@ MARGIN_FREE = "softmax"
 #: Peer contender -> (module it needs, its kernels run on CUDA only). torch-lce needs no
 #: module but torch.nn.functional.linear_cross_entropy (torch >= 2.13), torch-lce-chunked
 #: also torch.nn.LinearCrossEntropyOptions.
-PEERS = {"liger": ("liger_kernel", True), "cce": ("cut_cross_entropy", True), "quack": ("quack", True),
+PEERS = {"liger": ("liger_kernel", True), "cce": ("cut_cross_entropy", True),
+         "cce-compile": ("cut_cross_entropy", False), "quack": ("quack", True),
          "torch-lce": (None, False), "torch-lce-chunked": (None, False)}
 
 
 def all_contenders() -> dict[str, Contender]:
     """Every contender run.py knows, in report order: backends, eager, compile, gemm3, peers
-    (torch-lce, torch-lce-chunked, then the margin-free-only liger, cce, quack)."""
+    (torch-lce, torch-lce-chunked, then the margin-free-only liger, cce, cce-compile, quack)."""
     contenders = [Contender(b, "margin_ops", lambda margin, b=b: margin_ops_step(b, margin), compiles=b == "triton")
                   for b in BACKENDS]
     contenders += [
@@ -282,6 +285,8 @@ def all_contenders() -> dict[str, Contender]:
                   margin_free=True),
         Contender("liger", "peer", liger_step, (MARGIN_FREE,), compiles=True),
         Contender("cce", "peer", cce_step, (MARGIN_FREE,), compiles=True),
+        Contender("cce-compile", "peer", lambda margin: cce_step(margin, impl="torch_compile"),
+                  (MARGIN_FREE,), compiles=True),
         Contender("quack", "peer", quack_step, (MARGIN_FREE,), compiles=True),
     ]
     return {c.name: c for c in contenders}

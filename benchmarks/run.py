@@ -25,10 +25,13 @@ Contenders, side by side in one run on every (shape, dtype, margin):
   they run on every margin as a lower bound (the margin-free loss of the same size), and
   are checked against the reference on the margin-free problem only — elsewhere their
   check reads "no margin: not comparable";
-* "liger" (Liger-Kernel's fused linear cross-entropy), "cce" (Apple's Cut Cross-Entropy)
-  and "quack" (quack's cross-entropy kernel on materialized logits) when installed, on a
-  GPU, on the margin-free problem only (``--margins softmax``: cross-entropy of s·x̂·ŵ,
-  which margin_ops computes as CosFace with m = 0).
+* "liger" (Liger-Kernel's fused linear cross-entropy), "cce" (Apple's Cut Cross-Entropy,
+  its Triton kernels) and "quack" (quack's cross-entropy kernel on materialized logits)
+  when installed, on a GPU, and "cce-compile" (Cut Cross-Entropy's own torch.compile
+  formulation, ``impl="torch_compile"``) when installed, on a GPU or a CPU: all on the
+  margin-free problem only (``--margins softmax``: cross-entropy of s·x̂·ŵ, which
+  margin_ops computes as CosFace with m = 0). ``pip install liger-kernel
+  cut-cross-entropy`` adds them (quack: ``pip install quack-kernels``, CUDA only).
 
 Margins (``--margins``): arcface, cosface, combined, sphereface, adaface (per-row margins
 from the feature norms, through ``adaptive``), subcenter-arcface (K = 3: the shape's C is
@@ -126,7 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--margins", nargs="+", choices=tuple(MARGINS), metavar="MARGIN",
                         help=f"any of {', '.join(MARGINS)}; default: arcface, plus softmax when a "
-                             f"margin-free-only peer (liger, cce, quack) is usable")
+                             f"margin-free-only peer (liger, cce, cce-compile, quack) is usable")
     parser.add_argument("--contenders", nargs="+", choices=tuple(contenders), metavar="NAME",
                         help=f"any of {', '.join(contenders)}; default: every one usable here "
                              f"(triton on a CPU only when named)")
