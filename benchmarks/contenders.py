@@ -128,13 +128,14 @@ def parse_dtype(text: str) -> str:
     return name
 
 
-def make_inputs(shape: Shape, dtype: str, device: str, seed: int):
+def make_inputs(shape: Shape, dtype: str, device: str, seed: int, subcenters: int = 1):
     """Fresh random ``(x, weight, labels)`` for ``shape``: normal features and weights
-    (never zeros), uniform labels; x and weight require grad."""
+    (never zeros), uniform labels; x and weight require grad. ``shape.c`` counts weight
+    rows: with K sub-centers they are shape.c / K classes, and the labels are class ids."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(shape.n, shape.d, generator=generator)
     weight = torch.randn(shape.c, shape.d, generator=generator)
-    labels = torch.randint(0, shape.c, (shape.n,), generator=generator)
+    labels = torch.randint(0, shape.c // subcenters, (shape.n,), generator=generator)
     to = dict(device=device, dtype=DTYPES[dtype])
     return (x.to(**to).requires_grad_(), weight.to(**to).requires_grad_(), labels.to(device))
 

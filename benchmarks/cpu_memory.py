@@ -75,8 +75,9 @@ def release_freed_heap() -> None:
 def measure(spec: dict) -> dict:
     """Runs the contender of ``spec`` twice and measures the second run (see module docstring)."""
     shape = Shape("custom", spec["n"], spec["d"], spec["c"])
-    inputs = make_inputs(shape, spec["dtype"], "cpu", spec["seed"])
-    step = all_contenders()[spec["contender"]].build(MARGINS[spec["margin"]])
+    margin = MARGINS[spec["margin"]]
+    inputs = make_inputs(shape, spec["dtype"], "cpu", spec["seed"], margin.subcenters)
+    step = all_contenders()[spec["contender"]].build(margin)
     step(*inputs)
     release_freed_heap()
     rss_before = status_kib("VmRSS") * 1024

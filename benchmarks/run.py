@@ -568,7 +568,7 @@ def main(argv=None) -> None:
             for subcenters in sorted({MARGINS[name].subcenters for name in margin_names}):
                 # K sub-centers: C·K weight rows, and C·K classes' worth of work
                 problem = shape if subcenters == 1 else dataclasses.replace(shape, c=shape.c * subcenters)
-                inputs = make_inputs(problem, dtype, args.device, args.seed)
+                inputs = make_inputs(problem, dtype, args.device, args.seed, subcenters)
                 for name in margin_names:
                     if MARGINS[name].subcenters == subcenters:
                         rows += run_group(problem, dtype, MARGINS[name], contenders, inputs,
