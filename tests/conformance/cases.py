@@ -35,14 +35,14 @@ OP_CONFIGS = [
     ("arcface", dict(s=64.0, m=0.5, label_smoothing=0.1)),
     ("arcface", dict(s=32.0, m=0.5, subcenters=3)),
     ("cosface", dict(s=30.0, m=0.35, subcenters=2, label_smoothing=0.2)),
-    ("combined", dict(s=32.0, m1=0.95, m2=0.3, m3=0.1, subcenters=2, margin_grad="detach")),
+    ("combined", dict(s=32.0, m1=0.95, m2=0.3, m3=0.1, subcenters=2, margin_grad="detach", label_smoothing=0.05)),
     ("sphereface", dict(m=3, lamb=0.5, s=20.0, gamma=2.0, label_smoothing=0.1)),
     # per-row margins, as (low, high) ranges spread over the rows (conftest.op_arguments):
     # AdaFace's ranges (m = 0.4), MagFace's (l_m, u_m), ElasticFace-arc and -cos around m
     ("adaptive", dict(angle_mode="clip", m_angle=(-0.4, 0.4), m_add=(0.0, 0.8))),
     ("adaptive", dict(s=32.0, angle_mode="arcface", m_angle=(0.45, 0.8), m_add=(0.0, 0.0), label_smoothing=0.1)),
     ("adaptive", dict(s=16.0, angle_mode="plain", m_angle=(0.3, 0.7), m_add=(0.0, 0.0))),
-    ("adaptive", dict(angle_mode="plain", m_angle=(0.0, 0.0), m_add=(0.2, 0.5))),
+    ("adaptive", dict(angle_mode="plain", m_angle=(0.0, 0.0), m_add=(0.2, 0.5), label_smoothing=0.2)),
     ("curricular", dict(t=0.3)),
     ("curricular", dict(s=32.0, m=0.5, t=2.0, label_smoothing=0.1)),  # t large
 ]

@@ -1,6 +1,8 @@
 """Every backend on the edges: empty batches, ignored rows, zero-norm rows, |cos| = 1, NaN,
 huge logits, confident focal rows, float16 rows past float16's range."""
 
+import math
+
 import pytest
 import torch
 
@@ -8,8 +10,8 @@ import margin_ops
 from margin_ops import reference
 
 from conformance.cases import DTYPE_IDS, OP_CONFIGS, PRIMITIVE_ARGS, config_id
-from conftest import (assert_close, call_op, cancellation_scales, compare_to_reference, make_inputs, make_op_inputs,
-                      reference_result, run_with_grads)
+from conftest import (assert_close, call_op, cancellation_scales, compare_to_reference, leaf_copy, make_inputs,
+                      make_op_inputs, reference_result, run_with_grads)
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 slow = pytest.mark.slow
@@ -129,18 +131,55 @@ def test_every_row_parallel_to_its_class(name, kwargs, dtype, backend):
             compare_to_reference(name, x, w, y, backend=backend, cancellation=True, **kwargs)
 
 
+def _adaptive_target_closed_form(c, m_angle, m_add, angle_mode):
+    """The issue's cos θ̃ − m_add, θ = acos(c), written independently of margin_ops.reference
+    (which the op and the reference share: comparing them alone cannot catch a wrong θ̃)."""
+    theta = torch.acos(c)
+    if angle_mode == "clip":  # AdaFace
+        return torch.cos(torch.clamp(theta + m_angle, 1e-3, math.pi - 1e-3)) - m_add
+    if angle_mode == "arcface":  # InsightFace's fallback, per row (MagFace)
+        fallback = c <= torch.cos(math.pi - m_angle)
+        return torch.where(fallback, c - m_angle * torch.sin(m_angle), torch.cos(theta + m_angle)) - m_add
+    return torch.cos(theta + m_angle) - m_add  # "plain" (ElasticFace): no clamp, no fallback
+
+
 @pytest.mark.parametrize("angle_mode", ["clip", "arcface", "plain"])
 def test_adaptive_margins_past_the_ends(angle_mode, backend):
     """m_angle from −3 to 3: θ + m_angle below 0 and past π for some rows (θ̃ wraps for
     "plain", is clamped for "clip", turns linear for "arcface"); |cos| = 1 rows included.
-    Finite everywhere and equal to the reference."""
+    Finite everywhere and equal to the reference; the per-row losses and the gradients of
+    m_angle and m_add equal the closed form of each mode, every branch of it taken."""
+    s = 8.0
     (x, w, y), _ = make_op_inputs("adaptive", {}, 8, 8, 10, F64, device=backend.device)
     x = x.detach()
     x[:2] = w.detach()[y[:2]] * torch.tensor([[1.0], [-1.0]], dtype=F64)
     m_angle = torch.linspace(-3.0, 3.0, 8, dtype=F64, device=backend.device)
-    got = compare_to_reference("adaptive", x, w, y, backend=backend, cancellation=True, s=8.0, angle_mode=angle_mode,
-                               m_angle=m_angle, m_add=0.1 * m_angle.flip(0))
+    m_add = 0.1 * m_angle.flip(0)
+    got = compare_to_reference("adaptive", x, w, y, backend=backend, cancellation=True, s=s, angle_mode=angle_mode,
+                               m_angle=m_angle, m_add=m_add)
     assert torch.isfinite(got.grad_x).all() and torch.isfinite(got.grad_weight).all()
+
+    rows = torch.arange(8, device=x.device)
+    c = (torch.nn.functional.normalize(x) @ torch.nn.functional.normalize(w.detach()).t()).clamp(-1, 1)
+    theta = torch.acos(c[rows, y])
+    branches = {"clip": (theta + m_angle < 1e-3, theta + m_angle > math.pi - 1e-3),
+                "arcface": (c[rows, y] <= torch.cos(math.pi - m_angle), c[rows, y] > torch.cos(math.pi - m_angle)),
+                "plain": (theta + m_angle < 0, theta + m_angle > math.pi)}[angle_mode]
+    assert all(branch.any() for branch in branches), f"{angle_mode}: not every branch taken"
+    margins = [leaf_copy(m_angle), leaf_copy(m_add)]
+    got_loss = call_op("adaptive", x, w.detach(), y, backend=backend, m_angle=margins[0], m_add=margins[1], s=s,
+                       angle_mode=angle_mode, reduction="none")
+    got_grads = torch.autograd.grad(got_loss.sum(), margins)
+    want_margins = [leaf_copy(m_angle), leaf_copy(m_add)]
+    target = s * _adaptive_target_closed_form(c[rows, y], *want_margins, angle_mode)
+    logits = (s * c).scatter(1, y[:, None], target[:, None])
+    want_loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    want_grads = torch.autograd.grad(want_loss.sum(), want_margins)
+    # |cos| = 1 rows: the kernels' cosine may be 1 ulp inside, θ off by sqrt(ulp)
+    atol = s * math.sqrt(torch.finfo(F64).eps) * 10
+    assert_close(got_loss, want_loss, 1e-10, f"{angle_mode}: per-row loss (closed form)", atol=atol)
+    for got_g, want_g, what in zip(got_grads, want_grads, ("m_angle", "m_add")):
+        assert_close(got_g, want_g, 1e-10, f"{angle_mode}: grad {what} (closed form)", atol=atol)
 
 
 @pytest.mark.parametrize("name,kwargs", [("arcface", dict(m=0.5)), ("cosface", dict()), ("combined", dict(m3=0.1))])

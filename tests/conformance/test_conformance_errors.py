@@ -120,9 +120,21 @@ SCALAR_CASES = [
 
 def test_per_row_margins_and_t(inputs):
     """adaptive's m_angle / m_add are (N,) floating tensors on x's device; curricular's t a
-    0-d floating tensor."""
+    0-d floating tensor on x's device, never differentiated (one that requires grad is
+    taken as its value)."""
     x, w, y = inputs
-    zeros = torch.zeros(4)
+    zeros = torch.zeros(4, device=x.device)
+    elsewhere = torch.zeros(4, device="meta")
+    with pytest.raises(ValueError, match=r"m_angle must be on x's device"):
+        torch.ops.margin.adaptive(x, w, y, elsewhere, zeros)
+    with pytest.raises(ValueError, match=r"m_add must be on x's device"):
+        torch.ops.margin.adaptive(x, w, y, zeros, elsewhere)
+    with pytest.raises(ValueError, match=r"t must be on x's device"):
+        torch.ops.margin.curricular(x, w, y, elsewhere[0])
+    t = torch.tensor(0.3, device=x.device, requires_grad=True)
+    loss = torch.ops.margin.curricular(x, w, y, t)
+    assert torch.equal(loss, torch.ops.margin.curricular(x, w, y, t.detach()))
+    assert torch.autograd.grad(loss, [x, t], allow_unused=True)[1] is None, "t must not be differentiated"
     with pytest.raises(ValueError, match=r"m_angle must be \(N,\) with N = x.shape\[0\] = 4"):
         torch.ops.margin.adaptive(x, w, y, zeros[:3], zeros)
     with pytest.raises(TypeError, match=r"m_add must be floating point"):
