@@ -120,7 +120,7 @@ def curricular_loss(x, weight, labels, t, spec: MarginSpec, reduction="mean", ig
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"t must be a tensor, got {type(t).__name__}")
     checks.expect(t.numel() == 1 and t.dim() <= 1 and t.is_floating_point(), ValueError,
-                  lambda: f"t must be a 0-d floating tensor, got {t.dtype} of shape {list(t.shape)}")
+                  lambda: f"t must be a 0-d (or one-element) floating tensor, got {t.dtype} of shape {list(t.shape)}")
     checks.expect(t.device == x.device, ValueError, lambda: f"t must be on x's device {x.device}, got {t.device}")
     acc = reference.accumulation_dtype(x.dtype)
     has_target = labels != ignore_index

@@ -18,8 +18,10 @@ Logits and losses are computed in the accumulation dtype: float64 for float64 in
 float32 for everything else (bfloat16/float16 inputs are multiplied in their own dtype,
 as ``F.linear`` does, then upcast).
 
-The reference assumes valid input: the margins, their parameters and their rules are the
-registry's (:mod:`margin_ops.spec`), tensor checks are :mod:`margin_ops.checks`'.
+The margins, their parameters and their rules are the registry's (:mod:`margin_ops.spec`),
+tensor checks are :mod:`margin_ops.checks`'. The public losses check their tensors as the
+ops do (a label outside [0, C) that is not ``ignore_index`` raises instead of counting as a
+row without a target); the primitive :func:`margin_lse` and the helpers assume valid input.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import math
 
 import torch
 
+from . import checks
 from . import spec as margin_spec
 from .spec import NORM_EPS, SIN_THETA_EPS, MarginSpec
 
@@ -251,6 +254,7 @@ def loss_from_lse(lse, target_logit, labels, gamma=0.0, reduction="mean", ignore
 def margin_loss(x, weight, labels, spec: MarginSpec, reduction="mean", ignore_index=-100,
                 lse_fn=margin_lse):
     """The loss of ``spec`` from a ``margin_lse`` implementation (the reference by default)."""
+    checks.check_loss_inputs(x, weight, labels, reduction, ignore_index, spec.subcenters)
     lse, target_logit, _, _, nontarget_sum = lse_fn(x, weight, labels, *spec.primitive_args(), None,
                                                     spec.subcenters)
     return loss_from_lse(lse, target_logit, labels, spec.gamma, reduction, ignore_index, spec.label_smoothing,
@@ -312,6 +316,7 @@ def adaptive(x, weight, labels, m_angle, m_add, s=64.0, angle_mode="clip", reduc
              ignore_index=-100, label_smoothing=0.0):
     """Per-row margins (AdaFace, MagFace, ElasticFace) of :func:`adaptive_logits`."""
     margin_spec.adaptive(s, angle_mode, label_smoothing)
+    checks.check_loss_inputs(x, weight, labels, reduction, ignore_index)
     logits = adaptive_logits(x, weight, labels, m_angle, m_add, s, angle_mode, ignore_index)
     return _smoothed_loss(logits, labels, reduction, ignore_index, label_smoothing)
 
@@ -335,5 +340,6 @@ def curricular(x, weight, labels, t, s=64.0, m=0.5, reduction="mean", ignore_ind
                label_smoothing=0.0):
     """CurricularFace, from :func:`curricular_logits`."""
     margin_spec.curricular(s, m, label_smoothing)
+    checks.check_loss_inputs(x, weight, labels, reduction, ignore_index)
     logits = curricular_logits(x, weight, labels, t, s, m, ignore_index)
     return _smoothed_loss(logits, labels, reduction, ignore_index, label_smoothing)

@@ -295,3 +295,20 @@ def test_module_defaults_equal_schema_defaults(module, name):
     for param, default in _defaults(module.__init__).items():
         if param in schema and schema[param].has_default_value():
             assert default == schema[param].default_value, f"{module.__name__}.{param}"
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("arcface", {"subcenters": 3}), ("cosface", {}), ("combined", {}), ("sphereface", {}),
+    ("adaptive", {"m_angle": torch.zeros(4), "m_add": torch.zeros(4)}),
+    ("curricular", {"t": torch.tensor(0.0)}),
+])
+def test_reference_losses_refuse_labels_out_of_range(name, kwargs):
+    """The public reference losses (the benchmark's "eager" contender, users' oracle) check
+    their labels as the ops do: a label ≥ C (here: a weight-row index with K = 3 sub-centers)
+    would otherwise count silently as a row without a target."""
+    x, weight = torch.randn(4, 8), torch.randn(30, 8)
+    classes = 30 // kwargs.get("subcenters", 1)
+    labels = torch.tensor([0, 5, -100, classes])
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, {classes}\) or equal ignore_index=-100; got {classes}"):
+        getattr(reference, name)(x, weight, labels, **kwargs)
+    getattr(reference, name)(x, weight, labels.clamp(max=classes - 1), **kwargs)  # in range: no error

@@ -141,9 +141,9 @@ def test_per_row_margins_and_t(inputs):
         torch.ops.margin.adaptive(x, w, y, zeros, zeros.long())
     with pytest.raises(TypeError, match=r"m_angle must not be float64 when x is torch.float32"):
         torch.ops.margin.adaptive(x, w, y, zeros.double(), zeros)
-    with pytest.raises(ValueError, match=r"t must be a 0-d floating tensor"):
+    with pytest.raises(ValueError, match=r"t must be a 0-d \(or one-element\) floating tensor"):
         torch.ops.margin.curricular(x, w, y, zeros)
-    with pytest.raises(ValueError, match=r"t must be a 0-d floating tensor"):
+    with pytest.raises(ValueError, match=r"t must be a 0-d \(or one-element\) floating tensor"):
         torch.ops.margin.curricular(x, w, y, torch.tensor(1))
 
 
