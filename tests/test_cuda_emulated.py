@@ -389,13 +389,14 @@ SM90_BACKWARD_SHAPES = {"row-tiles": (200, 72, 700), "splits": (100, 72, 700),
                         "dx-256": (100, 320, 700)}
 
 
-def _sm90_grads(x, w, y, args, options, upstream, w_offset=0):
-    """(grad_x, grad_weight) of the emulated primitive told arch 90, for upstream gradients of
-    (lse, target_logit, nontarget_sum); W read from w_offset elements into its storage."""
+def _sm90_grads(x, w, y, args, options, upstream, w_offset=0, backend=SM90):
+    """(grad_x, grad_weight) of the emulated primitive told arch 90 (or the arch of ``backend``:
+    EMULATED, 80), for upstream gradients of (lse, target_logit, nontarget_sum); W read from
+    w_offset elements into its storage."""
     x = leaf_copy(x)
     storage = torch.cat([torch.zeros(w_offset, dtype=w.dtype), w.flatten()]).requires_grad_()
     w_in = storage[w_offset:].view(w.shape)
-    with SM90.active():
+    with backend.active():
         out = torch.ops.margin.margin_lse_cuda_emulated(x, w_in, y, *args, *options)
         loss = sum((o * g).sum() for o, g in zip((out[0], out[1], out[4]), upstream))
         grad_x, grad_storage = torch.autograd.grad(loss, [x, storage])
@@ -410,16 +411,16 @@ def _reference_grads(x, w, y, args, options, upstream):
         sum((o * g.double()).sum() for o, g in zip((want[0], want[1], want[4]), upstream)), [x64, w64])
 
 
-def _check_sm90_grads_under_every_schedule(x, w, y, args, options, upstream, dtype):
-    """_sm90_grads against the float64 reference at the sm90 backend's gradient tolerance of
-    dtype, and the same bits under the emulator's four schedules."""
+def _check_sm90_grads_under_every_schedule(x, w, y, args, options, upstream, dtype, backend=SM90):
+    """_sm90_grads (told ``backend``'s arch) against the float64 reference at its gradient
+    tolerance of dtype, and the same bits under the emulator's four schedules."""
     want = _reference_grads(x, w, y, args, options, upstream)
-    grad_tol = SM90.tolerances[dtype][1]
+    grad_tol = backend.tolerances[dtype][1]
     results = []
     try:
         for schedule in (0, 1, 2, 3):
             emulator().set_schedule(schedule)
-            results.append(_sm90_grads(x, w, y, args, options, upstream))
+            results.append(_sm90_grads(x, w, y, args, options, upstream, backend=backend))
     finally:
         emulator().set_schedule(0)
     assert_close(results[0][0], want[0], grad_tol, "grad_x")
@@ -514,11 +515,11 @@ def test_sm90_fused_backward_across_chunks_tiles_and_schedules(dtype, shape):
     _check_sm90_grads_under_every_schedule(x, w, y, args, options, upstream, dtype)
 
 
-def _backward_launches(x, w, y, args, options, upstream):
+def _backward_launches(x, w, y, args, options, upstream, backend=SM90):
     """The gradients and the kernels the emulated backward launched (demangled names; "?" for
-    the kernels of anonymous namespaces), told arch 90."""
+    the kernels of anonymous namespaces), told arch 90 (or ``backend``'s)."""
     x, w = leaf_copy(x), leaf_copy(w)
-    with SM90.active():
+    with backend.active():
         out = torch.ops.margin.margin_lse_cuda_emulated(x, w, y, *args, *options)
         emulator().take_launched_kernels()  # the forward's
         loss = sum((o * g).sum() for o, g in zip((out[0], out[1], out[4]), upstream))
@@ -554,3 +555,82 @@ def test_sm90_fused_backward_runs_where_eligible(case):
     else:
         assert not fused, names
         assert bool(tile90) == (case != "class_index"), names
+
+
+# ---- the mma.sync fused backward (bwd_fused_kernel: bwd_tile + bwd_dw in one kernel), arch 80 ----
+
+#: The sm_90a fused kernel's scenario (_sm90_fused_problem) at the mma.sync kernel's tile
+#: shapes: "d64": SM90_FUSED_SHAPES', 64-row x tiles (kDB = 1), one 16-column dW group per
+#: warp of the two it holds, 3 chunks, the last CTA 60 classes; "d320": 64-row tiles at
+#: kDB = 3, 5 groups of 6; "d512": 32-row x tiles (kDB = 4: two 64-row tiles beside W
+#: exceed sm_80's 163 KiB), 7 row tiles, all 8 groups. D = 320 / 512 take 2 chunks (256 and
+#: 44 classes: one CTA whose third warp column has 12 classes, its fourth none), to keep
+#: the emulator's time down.
+MMA_FUSED_SHAPES = {"d64": SM90_FUSED_SHAPES["d64"], "d320": (200, 320, 300), "d512": (200, 512, 300)}
+#: (primitive arguments, hard examples): "options": margin "external" with feature scale and
+#: hard examples (bwd_fused_kernel<T, true, kDB>, bwd_corr's row sums); "arcface": the target
+#: margin and its slope, no hard examples (<T, false, kDB>).
+MMA_FUSED_VARIANTS = {"options": (PRIMITIVE_ARGS[9], True), "arcface": (PRIMITIVE_ARGS[0], False)}
+#: Every kDB path of the kernel (both x-tile heights) in both variants and dtypes, not every
+#: product: 30 to 120 s each on the emulator; D = 320 and 512 are slow.
+MMA_FUSED_CASES = [pytest.param(dtype, shape, variant, id=f"{DTYPE_IDS[dtype]}-{shape}-{variant}",
+                                marks=() if shape == "d64" else pytest.mark.slow)
+                   for dtype, shape, variant in ((BF16, "d64", "options"), (F16, "d64", "options"),
+                                                 (BF16, "d64", "arcface"), (BF16, "d320", "options"),
+                                                 (F16, "d512", "options"), (BF16, "d512", "arcface"))]
+
+
+@pytest.mark.parametrize("dtype, shape, variant", MMA_FUSED_CASES)
+def test_mma_fused_backward_across_chunks_tiles_and_schedules(dtype, shape, variant):
+    """bwd_fused_kernel (with prep, bwd_corr, bwd_dx, finalize), told arch 80, on the sm_90a
+    fused kernel's scenario (_sm90_fused_problem): several class chunks, row tiles of 64 or 32
+    rows with a partial last one, partial class tiles, targets at tile and chunk ends: the
+    float64 reference's gradients at the FUSED tolerances, and the same bits under the
+    emulator's four schedules (the x double buffer's waits and barriers, the staging tile
+    reused every tile, the row sums and column sums must order the warps)."""
+    args, hard = MMA_FUSED_VARIANTS[variant]
+    x, w, y, options, upstream = _sm90_fused_problem(MMA_FUSED_SHAPES[shape], dtype, hard=hard)
+    _check_sm90_grads_under_every_schedule(x, w, y, args, options, upstream, dtype, backend=EMULATED)
+
+
+def _emulated_chunks(n: int, classes: int, dtype) -> int:
+    """Backward::layout's class chunks in the emulated build (its dS' scratch budget)."""
+    from margin_emulated import build_emulator
+
+    n_pad = -(-n // 128) * 128
+    cc = max(128, build_emulator.SCRATCH_BUDGET // (n_pad * dtype.itemsize) // 128 * 128)
+    return -(-classes // cc)
+
+
+@pytest.mark.parametrize("case", ["eligible", "d-72", "one-class-tile", "class_index", "f32", "arch-90"])
+def test_mma_fused_backward_runs_where_eligible(case):
+    """Told arch 80, an eligible problem (16-bit, d % 64 == 0, K = 1, no class_index, 64-class
+    tiles for at least 7/8 of the SMs: 2 in the emulated build) runs bwd_fused_kernel once per
+    class chunk and besides it only prep, bwd_dx per chunk and finalize: 2 launches per chunk.
+    d = 72, a single 64-class tile, class_index and float32 run the 3-launch mma.sync backward
+    (prep, {bwd_tile, bwd_dw, bwd_dx} per chunk, finalize); told arch 90, the same eligible
+    problem runs bwd_fused_sm90_kernel, not the mma.sync one. All give the reference's
+    gradients."""
+    n, c = 100, 60 if case == "one-class-tile" else 700  # N_pad = 128: chunks of 512 classes
+    d = 72 if case == "d-72" else 128
+    dtype = F32 if case == "f32" else BF16
+    weight_rows, classes, options = primitive_options(n, c, sampled=case == "class_index")
+    x, w, _ = make_inputs(n, d, weight_rows, dtype, requires_grad=False)
+    y = torch.randint(0, classes, (n,))
+    upstream = [torch.randn(n, dtype=torch.float32) for _ in range(3)]
+    args = PRIMITIVE_ARGS[0]
+    backend = SM90 if case == "arch-90" else EMULATED
+    grads, names = _backward_launches(x, w, y, args, options, upstream, backend=backend)
+    want = _reference_grads(x, w, y, args, options, upstream)
+    assert_close(grads[0], want[0], backend.tolerances[dtype][1], "grad_x")
+    assert_close(grads[1], want[1], backend.tolerances[dtype][1], "grad_weight")
+    fused = [name for name in names if "bwd_fused_kernel" in name]
+    chunks = _emulated_chunks(n, classes, dtype)
+    if case == "eligible":
+        assert len(fused) == chunks, names
+        assert len(names) == 2 + 2 * chunks, names  # prep, {fused, bwd_dx} per chunk, finalize
+    elif case == "arch-90":
+        assert not fused and sum("bwd_fused_sm90_kernel" in name for name in names) == chunks, names
+    else:
+        assert not fused, names
+        assert len(names) == 2 + 3 * chunks, names  # prep, {bwd_tile, bwd_dw, bwd_dx}, finalize

@@ -306,12 +306,13 @@ class KernelId:
 #: The bool template parameters after the element type, in order, of each kernel family
 #: (the others: <T, kSub, kHard>).
 FLAG_PARAMS = {"fwd_main_sm90": ("hard",), "bwd_tile_sm90": ("hard",), "bwd_gemm_sm90": (),
-               "bwd_fused_sm90": ("hard",)}
+               "bwd_fused_sm90": ("hard",), "bwd_fused": ("hard",)}
 #: Kernel families whose second template parameter is an epilogue policy (a type).
 POLICY_FAMILIES = ("bwd_gemm_sm90",)
 #: The int template parameters after the flags, in order: bwd_fused_sm90's kDB, the 64-wide
-#: D blocks of dW per consumer warpgroup (ceil(D / 128): D <= 128·kDB).
-INT_PARAMS = {"bwd_fused_sm90": ("kDB",)}
+#: D blocks of dW per consumer warpgroup (ceil(D / 128): D <= 128·kDB); the mma.sync
+#: bwd_fused's kDB, the same ceil(D / 128).
+INT_PARAMS = {"bwd_fused_sm90": ("kDB",), "bwd_fused": ("kDB",)}
 #: The int template parameters of an epilogue policy after its element type: DxSm90's tile
 #: width BN (128, or 256 where D_pad >= 256: Backward::layout's dx_bn).
 POLICY_INT_PARAMS = {"DxSm90": ("BN",)}
@@ -572,14 +573,28 @@ def fused_smem(k_db: int) -> int:
     return 1024 + (6 * k_db + 2) * FUSED_BLOCK_BYTES + FUSED_TAIL
 
 
+#: bwd_fused (margin_lse_bwd_fused_sm80.cu): sizeof(BwdFusedTail) (3 x 64 floats per class,
+#: 2 x 64 column sums, 4 x 64 feature-scale sums, MarginParams: 88 bytes on x86-64).
+MMA_FUSED_TAIL = 3 * 64 * 4 + 2 * 64 * 4 + 4 * 64 * 4 + 88
+
+
+def mma_fused_smem(d: int) -> int:
+    """bwd_fused_smem_bytes: W's 64 rows and two x tiles of BM rows (64, or 32 at kDB = 4),
+    rows of d + 8 16-bit elements, + the BM x 72 staging tile + the tail."""
+    bm = 64 if (d + 127) // 128 <= 3 else 32
+    return (64 + 2 * bm) * (d + 8) * 2 + bm * 72 * 2 + MMA_FUSED_TAIL
+
+
 def dynamic_smem(kid: KernelId, subcenters: int = 2) -> int | None:
     """The launch's dynamic shared memory (TileGemm<T, ATrans, BTrans>::kSmemBytes mirrored;
     K > 1 adds K x BN x 4 bytes, printed for K = `subcenters`; bwd_fused_sm90: fused_smem of
-    its kDB); None for the other sm_90a kernels, whose figure depends on D
+    its kDB; bwd_fused: mma_fused_smem at its largest D, 128·kDB); None for the other sm_90a kernels, whose figure depends on D
     (Sm90Cfg::smem_bytes: 194 KiB at D = 512) or is fixed (Sm90GemmShape<BN>::kSmemBytes:
     129 KiB at BN = 128, 193 KiB at BN = 256)."""
     if kid.name == "bwd_fused_sm90" and kid.int_param("kDB") is not None:
         return fused_smem(kid.int_param("kDB"))
+    if kid.name == "bwd_fused" and kid.int_param("kDB") is not None:  # at D = 128·kDB
+        return mma_fused_smem(128 * kid.int_param("kDB"))
     if kid.name.endswith("_sm90"):
         return None
     if kid.dtype in ("bf16", "fp16"):

@@ -4,6 +4,7 @@
 #include <type_traits>
 
 #include "margin_lse_bwd_epilogue.cuh"
+#include "margin_lse_bwd_fused_sm80.cuh"
 #include "margin_lse_bwd_fused_sm90.cuh"
 #include "margin_lse_bwd_tile_sm90.cuh"
 #include "margin_lse_dtype.cuh"
@@ -691,16 +692,25 @@ struct Backward {
     return kWgmmaType<T> && sm90_bwd_tile_eligible(p);
   }
 
-  // bwd_fused_sm90_kernel for bwd_tile + bwd_dw where it applies (then neither runs, nor
-  // does prep write x̂: the fused kernel's dW reads x itself) and a chunk's 64-class tiles
-  // give at least 7 / 8 of the SMs a CTA: each CTA walks all N rows, so with fewer tiles
-  // (large N, hence small chunks, or few classes) the separate kernels' grids spread the
-  // work better (a prediction: not measured). On 132 SMs in bf16: N <= 1024.
+  // A fused backward kernel (bwd_fused_sm90, bwd_fused) for bwd_tile + bwd_dw (then neither
+  // runs, nor does prep write x̂: the fused kernels' dW reads x itself) where a chunk's
+  // 64-class tiles give at least 7 / 8 of the SMs a CTA: each CTA walks all N rows, so with
+  // fewer tiles (large N, hence small chunks, or few classes) the separate kernels' grids
+  // spread the work better (a prediction: not measured). In bf16: N <= 1024 on 132 SMs,
+  // N <= 1280 on 108.
+  static bool fused_fills_sms(const BackwardParams& p, const BwdLayout& l) {
+    const int64_t tiles = ceil_div(std::min(l.cc, p.c), int64_t(kBwdFusedClasses));
+    return 8 * tiles >= 7 * int64_t(std::max(p.num_sms, 1));
+  }
+  // bwd_fused_sm90_kernel where it applies.
   template <class T>
   static bool sm90_fused(const BackwardParams& p, const BwdLayout& l) {
-    const int64_t tiles = ceil_div(std::min(l.cc, p.c), int64_t(kBwdFusedClasses));
-    return kWgmmaType<T> && sm90_bwd_fused_eligible(p) &&
-           8 * tiles >= 7 * int64_t(std::max(p.num_sms, 1));
+    return kWgmmaType<T> && sm90_bwd_fused_eligible(p) && fused_fills_sms(p, l);
+  }
+  // bwd_fused_kernel (mma.sync) where it applies and bwd_fused_sm90 does not.
+  template <class T>
+  static bool mma_fused(const BackwardParams& p, const BwdLayout& l) {
+    return kWgmmaType<T> && !sm90_fused<T>(p, l) && bwd_fused_eligible(p) && fused_fills_sms(p, l);
   }
 
   template <class T>
@@ -783,18 +793,21 @@ struct Backward {
             : (hard ? bwd_tile_kernel<T, false, true> : bwd_tile_kernel<T, false, false>);
     if ((err = allow_smem(tile_kernel, tile_smem)) != cudaSuccess) return err;
     const bool fused90 = sm90_fused<T>(p, l);
-    const bool tile90 = !fused90 && sm90_tile<T>(p);
+    const bool fused80 = mma_fused<T>(p, l);
+    const bool fused = fused90 || fused80;
+    const bool tile90 = !fused && sm90_tile<T>(p);
     XwTensorMaps map_tile;  // x, W
     XwTensorMaps map_fused;  // x, W
     if constexpr (kWgmmaType<T>) {
       if (tile90 && (err = prepare_bwd_tile_sm90<T>(p, map_tile)) != cudaSuccess) return err;
       if (fused90 && (err = prepare_bwd_fused_sm90<T>(p, map_fused)) != cudaSuccess) return err;
+      if (fused80 && (err = prepare_bwd_fused<T>(p)) != cudaSuccess) return err;
     }
     if ((err = allow_smem(bwd_dw_kernel<T>, GemmDw::kSmemBytes)) != cudaSuccess) return err;
     if ((err = allow_smem(bwd_dx_kernel<T>, GemmDx::kSmemBytes)) != cudaSuccess) return err;
 
     using G90 = Sm90GemmCfg;
-    const bool dw90 = !fused90 && sm90_dw<T>(p), dx90 = sm90_dx<T>(p);
+    const bool dw90 = !fused && sm90_dw<T>(p), dx90 = sm90_dx<T>(p);
     const bool bf16 = p.dtype == DType::kBFloat16;
     CUtensorMap map_dw_a, map_dw_b;  // the scratch (ld x n), x̂ (d_pad x n)
     if constexpr (kWgmmaType<T>) {
@@ -818,7 +831,7 @@ struct Backward {
     }
 
     const PrepArgs<T> pa =
-        make_prep_args<T>(p, l.n_pad, l.d_pad, fused90 ? nullptr : buf.x_hat, buf.x_norm,
+        make_prep_args<T>(p, l.n_pad, l.d_pad, fused ? nullptr : buf.x_hat, buf.x_norm,
                           buf.scale, nullptr);
     prep_kernel<T><<<unsigned(l.n_pad), kThreads, 0, stream>>>(pa);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
@@ -888,12 +901,13 @@ struct Backward {
                            cudaSuccess) {
           return err;
         }
+        if (fused80 && (err = launch_bwd_fused<T>(p, ta, kc, stream)) != cudaSuccess) return err;
       }
-      if (!tile90 && !fused90) tile_kernel<<<grid_tile, kThreads, tile_smem, stream>>>(ta);
+      if (!tile90 && !fused) tile_kernel<<<grid_tile, kThreads, tile_smem, stream>>>(ta);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
       if (p.margin.feature_scale) {
-        ra.tiles = int(fused90 ? ceil_div(kc, int64_t(kBwdFusedClasses)) : grid_tile.y);
+        ra.tiles = int(fused ? ceil_div(kc, int64_t(kBwdFusedClasses)) : grid_tile.y);
         ra.accumulate = chunk > 0;
         bwd_corr_kernel<Acc><<<unsigned(ceil_div(p.n, kThreads)), kThreads, 0, stream>>>(ra);
         if ((err = cudaGetLastError()) != cudaSuccess) return err;
@@ -910,7 +924,7 @@ struct Backward {
           kernel<<<grid_dw, G90::kThreads, G90::kSmemBytes, stream>>>(map_dw_a, map_dw_b, epi);
         }
       }
-      if (!dw90 && !fused90) {
+      if (!dw90 && !fused) {
         bwd_dw_kernel<T><<<grid_dw, kThreads, GemmDw::kSmemBytes, stream>>>(da);
       }
       if ((err = cudaGetLastError()) != cudaSuccess) return err;

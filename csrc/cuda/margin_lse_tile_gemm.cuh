@@ -131,6 +131,50 @@ __device__ __forceinline__ void load_tile(T* smem, int pitch, const T* __restric
   }
 }
 
+// ------------------------------------------------------------------------------------
+// Warp-level mma.sync pieces (16-bit T), shared by TileGemm and the mma.sync fused backward
+// (margin_lse_bwd_fused_sm80.cu), on shared-memory tiles of `pitch` elements per stored row
+// (16-byte aligned rows): the A fragment of one m16 x k16 block and the B fragments of one
+// n16 x k16 block (two n8 blocks) by ldmatrix(.trans), and their two m16n8k16 products into
+// Cfg<T, true>'s accumulator layout, acc[2 mi + h][4 nj + 2 b + e] (m16 block mi, n8 block
+// 2 nj + b). kTrans: the operand stored [k][m] (or [k][n]), else [m][k] ([n][k]).
+// ------------------------------------------------------------------------------------
+template <bool kTrans, class T>
+__device__ __forceinline__ void ldsm_a16(uint32_t (&a)[4], const T* s, int pitch, int m0, int k0,
+                                         int lane) {
+  const T* p;
+  if constexpr (kTrans) {  // matrices (m0-7,k0-7) (m8-15,k0-7) (m0-7,k8-15) (m8-15,k8-15)
+    p = s + (k0 + (lane & 7) + (lane >> 4) * 8) * pitch + m0 + ((lane >> 3) & 1) * 8;
+  } else {
+    p = s + (m0 + (lane & 15)) * pitch + k0 + (lane >> 4) * 8;
+  }
+  ldmatrix_x4<kTrans>(a, p);
+}
+
+// Matrices (n0-7, k0-7) (n0-7, k8-15) (n8-15, k0-7) (n8-15, k8-15): b[0..1] the B fragment
+// of n8 block n0, b[2..3] that of n0 + 8.
+template <bool kTrans, class T>
+__device__ __forceinline__ void ldsm_b16(uint32_t (&b)[4], const T* s, int pitch, int n0, int k0,
+                                         int lane) {
+  const T* p;
+  if constexpr (kTrans) {
+    p = s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * pitch + n0 + (lane >> 4) * 8;
+  } else {
+    p = s + (n0 + (lane & 7) + (lane >> 4) * 8) * pitch + k0 + ((lane >> 3) & 1) * 8;
+  }
+  ldmatrix_x4<kTrans>(b, p);
+}
+
+template <class T, int TR, int TC>
+__device__ __forceinline__ void mma_m16n16(float (&acc)[TR][TC], int mi, int nj,
+                                           const uint32_t (&a)[4], const uint32_t (&b)[4]) {
+  const uint32_t b_lo[2] = {b[0], b[1]}, b_hi[2] = {b[2], b[3]};
+  mma_16816<T>(acc[2 * mi][4 * nj], acc[2 * mi][4 * nj + 1], acc[2 * mi + 1][4 * nj],
+               acc[2 * mi + 1][4 * nj + 1], a, b_lo);
+  mma_16816<T>(acc[2 * mi][4 * nj + 2], acc[2 * mi][4 * nj + 3], acc[2 * mi + 1][4 * nj + 2],
+               acc[2 * mi + 1][4 * nj + 3], a, b_hi);
+}
+
 // One GEMM operand in global memory. For A, "mn" is M (the tile's rows); for B, N (its
 // columns). kTrans: stored [K][MN] (MN contiguous), else [MN][K] (K contiguous). Stored row
 // q starts at ptr + row(q) * ld, row(q) = index[q] when `index` is given (W's rows of the
@@ -249,38 +293,13 @@ struct TileGemm {
     for (int kk = 0; kk < C::BK; kk += 16) {
       uint32_t af[MI][4];
 #pragma unroll
-      for (int mi = 0; mi < MI; ++mi) {
-        const T* p;
-        if constexpr (kATrans) {  // stored [k][m]: matrices (m0-7,k0-7) (m8-15,k0-7) (m0-7,k8-15) (m8-15,k8-15)
-          p = sa + (kk + (lane & 7) + (lane >> 4) * 8) * kPitchA + wm0 + mi * 16 +
-              ((lane >> 3) & 1) * 8;
-        } else {  // stored [m][k]
-          p = sa + (wm0 + mi * 16 + (lane & 15)) * kPitchA + kk + (lane >> 4) * 8;
-        }
-        ldmatrix_x4<kATrans>(af[mi], p);
-      }
+      for (int mi = 0; mi < MI; ++mi) ldsm_a16<kATrans>(af[mi], sa, kPitchA, wm0 + mi * 16, kk, lane);
 #pragma unroll
       for (int nj = 0; nj < NI / 2; ++nj) {
-        // matrices: (n0-7, k0-7) (n0-7, k8-15) (n8-15, k0-7) (n8-15, k8-15), i.e. b0 b1 of
-        // n8 block 2nj, then b0 b1 of block 2nj + 1.
-        const T* p;
-        if constexpr (kBTrans) {  // stored [k][n]
-          p = sb + (kk + (lane & 7) + ((lane >> 3) & 1) * 8) * kPitchB + wn0 + nj * 16 +
-              (lane >> 4) * 8;
-        } else {  // stored [n][k]
-          p = sb + (wn0 + nj * 16 + (lane & 7) + (lane >> 4) * 8) * kPitchB + kk +
-              ((lane >> 3) & 1) * 8;
-        }
-        uint32_t r[4];
-        ldmatrix_x4<kBTrans>(r, p);
-        const uint32_t b_lo[2] = {r[0], r[1]}, b_hi[2] = {r[2], r[3]};
+        uint32_t bf[4];
+        ldsm_b16<kBTrans>(bf, sb, kPitchB, wn0 + nj * 16, kk, lane);
 #pragma unroll
-        for (int mi = 0; mi < MI; ++mi) {
-          mma_16816<T>(acc[2 * mi][4 * nj], acc[2 * mi][4 * nj + 1], acc[2 * mi + 1][4 * nj],
-                       acc[2 * mi + 1][4 * nj + 1], af[mi], b_lo);
-          mma_16816<T>(acc[2 * mi][4 * nj + 2], acc[2 * mi][4 * nj + 3],
-                       acc[2 * mi + 1][4 * nj + 2], acc[2 * mi + 1][4 * nj + 3], af[mi], b_hi);
-        }
+        for (int mi = 0; mi < MI; ++mi) mma_m16n16<T>(acc, mi, nj, af[mi], bf);
       }
     }
   }
