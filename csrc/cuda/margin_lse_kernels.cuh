@@ -18,8 +18,9 @@
 // Design (the algorithm: docs/design.md §2)
 // ---------------------------------------------------------------------------------------
 // Files: this header (parameters, launchers), margin_lse_forward.cu, margin_lse_forward_sm90.cu
-// (+ .cuh: its host entry), margin_lse_backward.cu, margin_lse_bwd_tile_sm90.cu and
-// margin_lse_bwd_fused_sm90.cu (+ .cuh: their host entries), and the device headers they share:
+// (+ .cuh: its host entry), margin_lse_backward.cu, margin_lse_bwd_tile_sm90.cu,
+// margin_lse_bwd_fused_sm90.cu and margin_lse_bwd_fused_sm80.cu (+ .cuh: their host entries),
+// and the device headers they share:
 // margin_lse_epilogue.cuh (the forward main kernels' arguments and per-tile epilogue),
 // margin_lse_bwd_epilogue.cuh (bwd_tile's arguments and per-element gradient epilogue),
 // margin_lse_sm90_mainloop.cuh (the sm_90a engine of both passes' cosine tiles),
@@ -141,6 +142,16 @@
 //             ‖w_c‖² is written once, as 16-byte stores of the CTA's 64 consecutive dW rows. So
 //             dS' is written once and read once (by bwd_dx) per chunk, x̂, r_part and w_norm
 //             are not needed (design details: margin_lse_bwd_fused_sm90.cu).
+//   bwd_fused replaces bwd_tile + bwd_dw on mma.sync where bwd_fused_sm90 does not run and
+//             bwd_fused_eligible holds (bf16/fp16, K = 1, no class_index, d % 64 == 0,
+//             d <= 512, 16-byte aligned x / W / dW, its shared memory within the device's
+//             opt-in limit: every such d on sm_80, d <= 192 on sm_86/89), with the same 7/8-of-
+//             the-SMs rule (Backward::fused_fills_sms). A CTA owns 64 classes, keeps their W
+//             rows in padded shared memory (cp.async), double-buffers x row tiles of 64 rows
+//             (32 at d > 384), computes S on mma.sync (ldmatrix), forms dS' with GradEpilogue,
+//             stages dS' / ‖x‖ and accumulates dW[64, d] in registers with a second mma.sync on
+//             the same x tile (ldmatrix.trans); dW is written once with 16-byte stores (design
+//             details: margin_lse_bwd_fused_sm80.cu).
 //   bwd_corr  feature_scale only: adds the chunk's class-tile partials to the per-row
 //             correction, in tile order.
 //   bwd_dw    dW (chunk) = dS'ᵀ x̂ − w_c r_c / ‖w_c‖²: GEMM with K = N over the scratch;
@@ -180,7 +191,7 @@
 // (fp32 statistics); backward x̂ + the dS' chunk scratch (<= 16 MiB unless N is so large that
 // even 128 classes exceed it) + the split partials (<= 16 MiB, or one N_pad x D_pad
 // accumulator when that alone is larger) + O(N_pad + cc * N_pad / 64) (r_c partials, the
-// feature-scale row partials per 128-class tile, or 64 in 16-bit for bwd_fused_sm90). At N = 512, D = 512,
+// feature-scale row partials per 128-class tile, or 64 in 16-bit for the fused kernels). At N = 512, D = 512,
 // C = 1M, bf16: 0.5 + 16 + 16 + 0.3 ≈ 33 MiB. (kScratchBudget / kPartialBudget in
 // margin_lse_backward.cu.)
 //
