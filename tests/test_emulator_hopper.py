@@ -555,6 +555,16 @@ def test_cta_exiting_before_a_peer_access_is_ordered_fails(probe, schedule):
         _run_cluster(probe, 6, schedule)
 
 
+@pytest.mark.parametrize("schedule", [0, 1, 2, 3])
+def test_cta_exiting_with_a_copy_in_flight_into_it_fails(probe, schedule):
+    """The producers multicast a third image that no consumer waits for: a CTA whose last
+    thread exits with that copy (its own or the peer's half) still in flight fails, under every
+    schedule."""
+    with pytest.raises(RuntimeError, match=r"the last thread of CTA rank [01] of the cluster exits with a bulk / TMA "
+                       r"copy still in flight into its shared memory"):
+        _run_cluster(probe, 7, schedule)
+
+
 def test_multicast_mask_outside_the_cluster_fails(probe):
     """A ctaMask naming rank 2 of a 2-CTA cluster fails at the issue."""
     with pytest.raises(RuntimeError, match=r"ctaMask 0x7 names CTA rank 2, outside the cluster of 2 CTAs"):

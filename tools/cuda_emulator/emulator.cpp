@@ -98,7 +98,6 @@ struct BulkCopy {
   std::vector<unsigned char> data;
   const void* bar;  // in the destination CTA
   Knowledge known;  // the issuer's, at issue: carried to the mbarrier's phase as it lands
-  bool remote = false;  // issued by another CTA of the cluster
 };
 
 // What cuTensorMapEncodeTiled records, inside the 128-byte CUtensorMap (2-D tiled maps only).
@@ -462,11 +461,6 @@ bool land_bulk_copies(const void* bar) {
     BulkCopy done = std::move(c);
     s.bulk_in_flight.erase(s.bulk_in_flight.begin() + long(i));
     Block& cta = *done.cta;
-    if (cta.exited) {
-      fail_outside("a copy lands in the shared memory of CTA rank " + std::to_string(cta.rank) +
-                   " of the cluster, which has exited");
-      return false;
-    }
     std::memcpy(done.dst, done.data.data(), done.data.size());
     std::memcpy(&cta.async_view[static_cast<unsigned char*>(done.dst) - cta.smem], done.data.data(), done.data.size());
     auto it = cta.mbarriers.find(done.bar);
@@ -909,7 +903,6 @@ void issue_copy(Block& target, uint32_t dst, std::vector<unsigned char> data, co
   c.data = std::move(data);
   c.bar = bar;
   c.known = f.known;
-  c.remote = remote;
   unreadable_until_landed(target, c.dst, c.data.size());
   s.bulk_in_flight.push_back(std::move(c));
 }
@@ -1130,8 +1123,8 @@ void cluster_thread_exits(Fiber& f) {
 }
 
 // The last thread of `cta` has exited: its shared memory is gone, so every access a peer made
-// to it must happen before the exit of one of its threads, and no peer's copy may be in flight
-// into it.
+// to it must happen before the exit of one of its threads, and no copy (its own or a peer's
+// multicast) may be in flight into it.
 void cta_exits(Block& cta) {
   State& s = state();
   cta.exited = true;
@@ -1143,9 +1136,11 @@ void cta_exits(Block& cta) {
          "(barrier.cluster.arrive.release + barrier.cluster.wait.acquire) in every CTA after its last remote access");
   }
   for (const BulkCopy& c : s.bulk_in_flight) {
-    if (c.cta == &cta && c.remote) {
-      fail("CTA rank " + std::to_string(cta.rank) + " of the cluster exits with a multicast copy from another CTA "
-           "still in flight into its shared memory");
+    if (c.cta == &cta) {
+      fail("the last thread of " + (s.blocks.size() > 1 ? "CTA rank " + std::to_string(cta.rank) + " of the cluster"
+                                                         : std::string("the block")) +
+           " exits with a bulk / TMA copy still in flight into its shared memory (no thread waited for it on its "
+           "mbarrier): its shared memory is gone when it exits");
     }
   }
 }

@@ -421,6 +421,7 @@ enum ClusterCase : int {
   kNoFinalClusterSync = 4,     // the CTAs exit without a final cluster barrier
   kMaskOutsideCluster = 5,     // the producer's ctaMask also names rank 2 (the cluster has 2 CTAs)
   kFinalArriveBeforeRelease = 6,  // the consumers' final cluster arrive before their last remote release
+  kCopyNeverWaited = 7,        // the producers multicast a third image that no consumer waits for
 };
 
 struct ClusterProbe {
@@ -460,10 +461,10 @@ void cluster_kernel(const ClusterProbe* p) {
   if (t >= 128) {
     if (t == 128) {
       const uint16_t mask = p->mode == kMaskOutsideCluster ? 0x7 : 0x3;
-      for (int image = 0; image < 2; ++image) {
+      for (int image = 0; image < (p->mode == kCopyNeverWaited ? 3 : 2); ++image) {
         ptx::mbarrier_wait_parity(empty, unsigned(image & 1) ^ 1u);
         ptx::mbarrier_arrive_expect_tx(full, kBytes);
-        ptx::tma_load_2d_multicast(smem + rank * kHalf, p->map, 0, 18 * image + 9 * int(rank), full, mask);
+        ptx::tma_load_2d_multicast(smem + rank * kHalf, p->map, 0, 18 * (image % 2) + 9 * int(rank), full, mask);
       }
     }
   } else {
