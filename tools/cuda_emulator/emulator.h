@@ -28,7 +28,8 @@
 // warpgroup-wide one), a missing proxy fence (the Hopper section below), a misaligned or
 // non-shared address given to cp.async / ldmatrix, a cp.async group never waited for, a
 // bulk or TMA copy issued into shared memory that a wgmma not yet retired reads (of any CTA
-// of the cluster), a CTA exiting while a peer may still access its shared memory, a remote
+// of the cluster), a CTA exiting while a peer may still access its shared memory or with a
+// bulk / TMA copy still in flight into it, a remote
 // arrive or multicast on a peer's mbarrier whose init is not published to the cluster, a
 // multicast ctaMask naming a CTA outside the cluster,
 // dynamic shared memory above 48 KiB without cudaFuncSetAttribute (or above 227 KiB).
