@@ -531,7 +531,8 @@ def _backward_launches(x, w, y, args, options, upstream, backend=SM90):
 def test_sm90_fused_backward_runs_where_eligible(case):
     """Told arch 90, an eligible problem (d % 64 == 0, K = 1, no class_index, 64-class tiles
     for at least 7/8 of the SMs: 2 in the emulated build) runs bwd_fused_sm90_kernel once per class
-    chunk and besides it only prep, bwd_dx per chunk and finalize: 2 launches per chunk (no
+    chunk (as 2-CTA clusters where the chunk's class tiles are even in number) and besides it
+    only prep, bwd_dx per chunk and finalize: 2 launches per chunk (no
     feature scale: no bwd_corr). d = 72 and a single 64-class tile run bwd_tile_sm90_kernel
     instead, class_index the mma.sync path; all give the reference's gradients."""
     # N_pad = 128: chunks of 512 classes (the emulated scratch budget), 2 chunks
@@ -551,6 +552,8 @@ def test_sm90_fused_backward_runs_where_eligible(case):
     if case == "eligible":
         chunks = 2
         assert len(fused) == chunks and not tile90, names
+        # 8 class tiles, then 3: 2-CTA clusters (kCtas = 2, x multicast), then single CTAs
+        assert [name.split("(")[0].endswith(", 2>") for name in fused] == [True, False], fused
         assert len(names) == 2 + 2 * chunks, names  # prep, {fused, bwd_dx} per chunk, finalize
     else:
         assert not fused, names

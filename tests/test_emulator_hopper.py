@@ -17,7 +17,10 @@ no wgmma.fence, reading or writing accumulators before wgmma.wait_group, overwri
 operand in flight, a descriptor with the wrong swizzle, an mbarrier wait on the wrong
 phase, an expect_tx that never completes, a missing or misplaced proxy fence, a bulk or TMA
 copy issued into an operand of a wgmma not yet retired, setmaxnreg by part of a warpgroup or
-with differing counts.
+with differing counts; and clusters: TMA multicast and remote mbarrier arrivals between the
+CTAs of a cluster, failing on a remote release above the wait_group, a peer's mbarrier used
+before its init is published to the cluster, a CTA exiting before its peers' last access,
+and a ctaMask outside the cluster.
 """
 
 from __future__ import annotations
@@ -456,6 +459,116 @@ def test_copy_into_an_in_flight_wgmma_operand_fails(probe, tma, schedule):
                            r"wgmma of warpgroup 0 \(its wgmma.mma_async #1 in this block, operand A, not retired by "
                            r"a wgmma.wait_group ordered before this copy"):
             _run_refill(probe, mode, tma, schedule)
+
+
+# ---------------------------------------------------------------------------------------
+# Clusters (modes: hopper_probe.cpp's ClusterCase). Two CTAs launched as one cluster
+# (cudaLaunchKernelEx, cudaLaunchAttributeClusterDimension) share each image: each CTA's
+# producer loads one half with a TMA multicast to both (ctaMask 0b11), so each CTA's `full`
+# completes only with the peer's bytes too, and each CTA's `empty` counts the consumers of
+# both CTAs (remote arrivals through mapa). The CTAs of a cluster must run together for this
+# to make progress; the emulator then fails on a remote release placed above the wait_group
+# (the peer's multicast overwrites an operand in flight), on a peer's mbarrier used before
+# its init is published to the cluster (fence.mbarrier_init.release.cluster, then a cluster
+# barrier), on a CTA exiting while a peer may still arrive on its mbarrier (no final cluster
+# barrier), and on a ctaMask naming a CTA outside the cluster.
+
+
+def _run_cluster(probe, mode, schedule=0, clusters=2):
+    """Returns (D per CTA rank and image per (thread, value), A B^T of each image there, ids)."""
+    g = torch.Generator().manual_seed(11)
+    a_tile, b_tile = SmemTile("K", "INTER", 64, 16, base=0), SmemTile("K", "INTER", 8, 16, base=2048)
+    images = torch.zeros(2, 2304 // 2, dtype=torch.int16)
+    products = []
+    for i in range(2):
+        a, b = torch.randn(64, 16, generator=g).to(BF16), torch.randn(8, 16, generator=g).to(BF16)
+        a_tile.place(images[i], _bits(a))
+        b_tile.place(images[i], _bits(b))
+        products.append(a.double() @ b.double().t())
+    probe.set_schedule(schedule)
+    try:
+        d, ids = probe.probe_cluster(images, a_tile.descriptor(0), b_tile.descriptor(0), mode, clusters)
+    finally:
+        probe.set_schedule(0)
+    thr, val = _c_layout(8)
+    pos = torch.tensor([[cute_index(*thr, t) + cute_index(*val, v) for v in range(4)] for t in range(128)])
+    want = torch.stack([p[pos % 64, pos // 64] for p in products])
+    return d, torch.stack([want, want]), ids
+
+
+@pytest.mark.parametrize("schedule", [0, 1, 2, 3])
+def test_cluster_multicast_with_remote_releases_passes(probe, schedule):
+    """Both CTAs of the last of two clusters see their cluster ids, and each computes A B^T of
+    each image from the halves multicast by both producers, under every schedule: the data
+    lands at the same CTA-relative offset in both CTAs, each CTA's mbarrier gets the bytes,
+    and the CTAs of a cluster run together (a producer waits for the peer's consumers)."""
+    d, want, ids = _run_cluster(probe, 0, schedule)
+    _assert_matches(d, want)
+    assert ids.tolist() == [[2, 0, 2, 1], [3, 1, 2, 1]]
+
+
+@pytest.mark.parametrize("schedule", [0, 1, 2, 3])
+def test_multicast_into_a_peer_buffer_released_before_its_wait_group_fails(probe, schedule):
+    """Each consumer releases the buffer on the PEER's `empty` between its commit_group and
+    its wait_group (its own `empty` after the wait): a producer's multicast of the second image
+    into the peer CTA fails at its issue, naming that CTA's in-flight wgmma, under every
+    schedule (happens-before carried through remote arrivals, not the emulated order)."""
+    with pytest.raises(RuntimeError, match=r"TMA multicast copy \(cp.async.bulk.tensor .multicast::cluster\) into "
+                       r"shared memory bytes \[\d+, \d+\) read by an in-flight wgmma of warpgroup 0 of CTA rank [01] "
+                       r"\(its wgmma.mma_async #1 in that CTA, operand A, not retired by a wgmma.wait_group ordered "
+                       r"before this copy"):
+        _run_cluster(probe, 1, schedule)
+
+
+@pytest.mark.parametrize("schedule", [0, 1, 2, 3])
+@pytest.mark.parametrize("mode", [2, 3], ids=["no_fence_mbarrier_init", "no_cluster_sync_after_init"])
+def test_remote_use_of_an_unpublished_mbarrier_fails(probe, mode, schedule):
+    """A peer's mbarrier used (remote arrive or multicast complete_tx) with only a
+    fence.proxy.async after its init, or with fence.mbarrier_init but no cluster barrier
+    between it and the use, fails under every schedule (when the peer has not even run its
+    init yet in the emulated order, as not initialised)."""
+    published = (r"has had no fence.mbarrier_init.release.cluster since its mbarrier.init" if mode == 2 else
+                 r"(is initialised and fenced, but that fence is not ordered before this remote use"
+                 r"|mbarrier not initialised \(mbarrier.init\) in CTA rank [01])")
+    with pytest.raises(RuntimeError, match=published):
+        _run_cluster(probe, mode, schedule)
+
+
+@pytest.mark.parametrize("schedule", [0, 1, 2, 3])
+def test_cta_exiting_before_a_peer_access_fails(probe, schedule):
+    """Without the final cluster barrier a CTA may exit while its peer's consumers still
+    arrive on its `empty`: the exit fails (or, when the emulated order runs the exit first,
+    the late arrive into the exited CTA), under every schedule."""
+    with pytest.raises(RuntimeError, match=r"(exits while CTA rank [01] may still access its shared memory"
+                       r"|into the shared memory of CTA rank [01] of the cluster, which has exited)"):
+        _run_cluster(probe, 4, schedule)
+
+
+@pytest.mark.parametrize("schedule", [0, 1, 2, 3])
+def test_cta_exiting_before_a_peer_access_is_ordered_fails(probe, schedule):
+    """The consumers arrive on the final cluster barrier before their last remote release
+    (arrive, release, wait): in the emulated order the release always comes before the peer
+    resumes from the barrier and exits, but it is not ordered before that exit, which fails
+    under every schedule (happens-before, not the emulated order)."""
+    with pytest.raises(RuntimeError, match=r"exits while CTA rank [01] may still access its shared memory: a remote "
+                       r"mbarrier arrive or multicast copy into it is not ordered before the exit"):
+        _run_cluster(probe, 6, schedule)
+
+
+@pytest.mark.parametrize("schedule", [0, 1, 2, 3])
+def test_cta_exiting_with_a_copy_in_flight_into_it_fails(probe, schedule):
+    """The producers multicast a third image that no consumer waits for: a CTA whose last
+    thread exits with that copy (its own or the peer's half) still in flight fails, under every
+    schedule."""
+    with pytest.raises(RuntimeError, match=r"the last thread of CTA rank [01] of the cluster exits with a bulk / TMA "
+                       r"copy still in flight into its shared memory"):
+        _run_cluster(probe, 7, schedule)
+
+
+def test_multicast_mask_outside_the_cluster_fails(probe):
+    """A ctaMask naming rank 2 of a 2-CTA cluster fails at the issue."""
+    with pytest.raises(RuntimeError, match=r"ctaMask 0x7 names CTA rank 2, outside the cluster of 2 CTAs"):
+        _run_cluster(probe, 5)
 
 
 # ---------------------------------------------------------------------------------------

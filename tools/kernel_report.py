@@ -310,9 +310,10 @@ FLAG_PARAMS = {"fwd_main_sm90": ("hard",), "bwd_tile_sm90": ("hard",), "bwd_gemm
 #: Kernel families whose second template parameter is an epilogue policy (a type).
 POLICY_FAMILIES = ("bwd_gemm_sm90",)
 #: The int template parameters after the flags, in order: bwd_fused_sm90's kDB, the 64-wide
-#: D blocks of dW per consumer warpgroup (ceil(D / 128): D <= 128·kDB); the mma.sync
+#: D blocks of dW per consumer warpgroup (ceil(D / 128): D <= 128·kDB), and kCtas, the CTAs
+#: of its cluster (2: pairs of class tiles sharing each x tile by TMA multicast); the mma.sync
 #: bwd_fused's kDB, the same ceil(D / 128).
-INT_PARAMS = {"bwd_fused_sm90": ("kDB",), "bwd_fused": ("kDB",)}
+INT_PARAMS = {"bwd_fused_sm90": ("kDB", "kCtas"), "bwd_fused": ("kDB",)}
 #: The int template parameters of an epilogue policy after its element type: DxSm90's tile
 #: width BN (128, or 256 where D_pad >= 256: Backward::layout's dx_bn).
 POLICY_INT_PARAMS = {"DxSm90": ("BN",)}
@@ -1234,12 +1235,15 @@ def bwd_fused_launch(r: KernelReport, p: Problem) -> LaunchModel:
     included). The serial segment (from the wait on S to the first dW wgmma: the epilogue)
     runs with the tensor cores idle; the rest of the body (the dW and next S issue, the row
     factors) overlaps the wgmmas in flight. L2: x whole per CTA (TMA: the n rows that exist;
-    the rows past n are zero-filled), the row factors per CTA, W's tile once, dS' written
-    (every row tile's 64 rows), dW written once; HBM: W read and dW written."""
+    the rows past n are zero-filled), halved where the chunk's class tiles pair up into 2-CTA
+    clusters (an even grid: each CTA loads half of every x tile and multicasts it to both),
+    the row factors per CTA, W's tile once, dS' written (every row tile's 64 rows), dW
+    written once; HBM: W read and dW written."""
     row_tiles = ceil_div(p.n, FUSED_ROWS)
     grid = ceil_div(p.kc, FUSED_CLASSES)
     key = model_key(r.kid)
-    l2 = (grid * p.n * (p.d * p.esize + FUSED_ROW_FACTOR_BYTES) + p.w_chunk
+    x_share = 0.5 if grid % 2 == 0 else 1.0  # launch_bwd_fused_sm90: clusters of 2 on an even grid
+    l2 = (grid * p.n * (x_share * p.d * p.esize + FUSED_ROW_FACTOR_BYTES) + p.w_chunk
           + row_tiles * FUSED_ROWS * grid * FUSED_CLASSES * p.esize + p.w_chunk)
     return LaunchModel(key, p.bwd["chunks"], grid, r.outside_main + row_tiles * r.main.insts,
                        row_tiles * WARPS * r.main_flop, l2, 2 * p.w_chunk, hgmma=True,
@@ -1399,9 +1403,11 @@ AUX_KERNELS = ("prep", "combine", "finalize")  # charged their HBM bytes and a l
 
 def model_kernels(reports: list[KernelReport], dtype: str) -> dict[str, KernelReport]:
     """The K = 1, no-hard-example instantiations of `dtype` whose mainloop the tool found,
-    keyed as in PATHS."""
+    keyed as in PATHS (bwd_fused_sm90: the kCtas = 1 instantiation's SASS stands for both;
+    bwd_fused_launch charges the 2-CTA clusters' halved x reads)."""
     return {model_key(r.kid): r for r in reports if r.kid.dtype == dtype and not r.kid.sub
-            and not r.kid.hard and r.main is not None and r.tile is not None}
+            and not r.kid.hard and r.main is not None and r.tile is not None
+            and r.kid.int_param("kCtas") in (None, 1)}
 
 
 def model_notes(m: Machine) -> list[str]:

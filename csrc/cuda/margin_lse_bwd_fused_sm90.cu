@@ -45,6 +45,19 @@
 //     at least 7/8 of the SMs.
 //   * Deterministic: fixed summation orders, each output element written by one thread of one
 //     CTA, no atomics.
+//   * 2-CTA clusters (kCtas = 2, where a chunk has an even number of class tiles): the CTAs of
+//     a cluster own adjacent 64-class tiles and read the same x tiles, so each CTA's producer
+//     loads only half the rows of each x tile (a 32-row box, the x_half tensor map) and
+//     multicasts it into both CTAs' buffer at the same offset: x's L2 -> SM traffic halves.
+//     Each CTA's x_full still expects the whole tile's bytes (half from each producer), and a
+//     buffer may be refilled only once the consumers of BOTH CTAs are done with it: x_empty
+//     counts 2 x 256 arrivals, the CTA's own and the peer's (remote arrivals through mapa).
+//     A cluster barrier after the mbarrier inits (published by fence.mbarrier_init) comes
+//     before any remote use, and one at the end keeps each CTA alive until the peer's last
+//     release has arrived on its x_empty. The shared-memory image of a tile is the same as
+//     with one 64-row box (32 rows are 4 KiB, a multiple of the 128B swizzle's 1 KiB
+//     period), so every product and sum is the same: the outputs are bitwise those of
+//     kCtas = 1.
 #include <cuda.h>  // CUtensorMap (types only: no -lcuda)
 #include <cuda_runtime.h>
 
@@ -138,7 +151,7 @@ __device__ __forceinline__ uint32_t sw128_offset(int row, int col, int pitch) {
   return uint32_t(row * pitch + ((((col >> 3) ^ row) & 7) | ((col >> 3) & ~7)) * 16 + (col & 7) * 2);
 }
 
-template <class T, bool kHard, int kDB>
+template <class T, bool kHard, int kDB, int kCtas>
 __global__ void __launch_bounds__(Sm90WarpRoles::kThreads, 1)
     bwd_fused_sm90_kernel(const __grid_constant__ CUtensorMap tmap_x,
                           const __grid_constant__ CUtensorMap tmap_w, const TileArgs<T> args,
@@ -165,10 +178,11 @@ __global__ void __launch_bounds__(Sm90WarpRoles::kThreads, 1)
   const int64_t cls0 = args.c0 + ct_local0;  // its first class
   const int row_tiles = int((args.in.n + G::BM - 1) / G::BM);
 
+  static_assert(kCtas == 1 || kCtas == 2, "clusters of 1 or 2 CTAs");
   if (tid == 0) {
     for (int b = 0; b < 2; ++b) {
       mbarrier_init(&tail->x_full[b], 1);
-      mbarrier_init(&tail->x_empty[b], G::kConsumers);
+      mbarrier_init(&tail->x_empty[b], G::kConsumers * kCtas);  // both CTAs' consumers
     }
     mbarrier_init(&tail->w_full, 1);
     mbarrier_init(&tail->cons, G::kConsumers);
@@ -186,6 +200,13 @@ __global__ void __launch_bounds__(Sm90WarpRoles::kThreads, 1)
     fence_proxy_async_shared_cta();  // wgmma reads them through the async proxy
   }
   __syncthreads();
+  // The peer's mbarriers are initialised (and published by fence.mbarrier_init) before this
+  // CTA arrives on them or multicasts to them.
+  if constexpr (kCtas > 1) {
+    cluster_arrive();
+    cluster_wait();
+  }
+  const unsigned rank = kCtas > 1 ? cluster_ctarank() : 0u;
 
   if (tid < 128) {  // producer warpgroup
     setmaxnreg_dec<G::kProducerRegs>();
@@ -200,8 +221,15 @@ __global__ void __launch_bounds__(Sm90WarpRoles::kThreads, 1)
         mbarrier_wait_parity(&tail->x_empty[b], (unsigned(t >> 1) & 1u) ^ 1u);
         mbarrier_arrive_expect_tx(&tail->x_full[b], unsigned(nkb) * G::kBlockBytes);
         for (int kb = 0; kb < nkb; ++kb) {
-          tma_load_2d(sx + b * kXBytes + kb * G::kBlockBytes, &tmap_x, kb * G::BK, t * G::BM,
-                      &tail->x_full[b]);
+          unsigned char* const dst = sx + b * kXBytes + kb * G::kBlockBytes;
+          if constexpr (kCtas > 1) {  // this CTA's half of the rows, into both CTAs
+            constexpr int kRows = G::BM / kCtas;
+            tma_load_2d_multicast(dst + rank * kRows * 128, &tmap_x, kb * G::BK,
+                                  t * G::BM + int(rank) * kRows, &tail->x_full[b],
+                                  uint16_t((1u << kCtas) - 1));
+          } else {
+            tma_load_2d(dst, &tmap_x, kb * G::BK, t * G::BM, &tail->x_full[b]);
+          }
         }
       }
     }
@@ -216,6 +244,8 @@ __global__ void __launch_bounds__(Sm90WarpRoles::kThreads, 1)
   const bool external = args.margin.kind == MarginKind::External;
   const bool fs = args.margin.feature_scale;
   ConsumerBarrier cons{&tail->cons};
+  // The peer's x_empty (kCtas = 2): this CTA's consumers release its buffers there too.
+  const uint32_t peer_x_empty = kCtas > 1 ? mapa_shared(smem_addr(tail->x_empty), rank ^ 1u) : 0u;
 
   // ‖w_c‖ from the resident W tile: 2 threads per class, each 64 bytes of every 128-byte
   // k-block row (the swizzle permutes a row's 16-byte chunks only), in k-block order.
@@ -285,7 +315,10 @@ __global__ void __launch_bounds__(Sm90WarpRoles::kThreads, 1)
     wgmma_wait_group<0>();  // S, and tile t − 1's dW: its x buffer and staging tile are read
     wgmma_fence_operand(acc);
     wgmma_fence_operand(acc_w);
-    if (t > 0) mbarrier_arrive(&tail->x_empty[b ^ 1]);
+    if (t > 0) {
+      mbarrier_arrive(&tail->x_empty[b ^ 1]);
+      if constexpr (kCtas > 1) mbarrier_arrive_cluster(peer_x_empty + 8u * unsigned(b ^ 1));
+    }
 
     // dS' per row, into the scratch and (/ ‖x_i‖, 16-bit) into the staging tile.
     unsigned char* const stage = sds + b * G::kBlockBytes;
@@ -338,6 +371,9 @@ __global__ void __launch_bounds__(Sm90WarpRoles::kThreads, 1)
   }
   wgmma_wait_group<0>();
   wgmma_fence_operand(acc_w);
+  // This CTA's last remote releases are in; it waits for the peer's at the end (its x_empty
+  // must outlive them).
+  if constexpr (kCtas > 1) cluster_arrive();
 
   // r_c: over the lanes of a column (lane bits 2-4), then the warpgroup's 4 warps in order.
 #pragma unroll
@@ -384,6 +420,7 @@ __global__ void __launch_bounds__(Sm90WarpRoles::kThreads, 1)
     const int m = idx / chunks, ch = idx % chunks;
     dst[idx] = *reinterpret_cast<const uint4*>(out_stage + sw128_offset(m, 8 * ch, kOutPitch));
   }
+  if constexpr (kCtas > 1) cluster_wait();
 #else
   __trap();  // sm_90a only: sm90_bwd_fused_eligible never picks this kernel elsewhere
 #endif
@@ -396,24 +433,25 @@ namespace {
 using G = dev::BwdFusedSm90Cfg;
 
 template <class T>
-using FusedKernel = decltype(&dev::bwd_fused_sm90_kernel<T, false, 1>);
+using FusedKernel = decltype(&dev::bwd_fused_sm90_kernel<T, false, 1, 1>);
 
-template <class T, bool kHard>
+template <class T, bool kHard, int kCtas>
 FusedKernel<T> fused_kernel_for(int dw_blocks) {
   switch (dw_blocks) {
-    case 1: return dev::bwd_fused_sm90_kernel<T, kHard, 1>;
-    case 2: return dev::bwd_fused_sm90_kernel<T, kHard, 2>;
-    case 3: return dev::bwd_fused_sm90_kernel<T, kHard, 3>;
-    default: return dev::bwd_fused_sm90_kernel<T, kHard, 4>;
+    case 1: return dev::bwd_fused_sm90_kernel<T, kHard, 1, kCtas>;
+    case 2: return dev::bwd_fused_sm90_kernel<T, kHard, 2, kCtas>;
+    case 3: return dev::bwd_fused_sm90_kernel<T, kHard, 3, kCtas>;
+    default: return dev::bwd_fused_sm90_kernel<T, kHard, 4, kCtas>;
   }
 }
 
-// The instantiation for p: hard examples or not, dW blocks per warpgroup from d.
-template <class T>
+// The instantiation for p: hard examples or not, dW blocks per warpgroup from d, CTAs per
+// cluster (1 or 2).
+template <class T, int kCtas>
 FusedKernel<T> fused_kernel(const BackwardParams& p) {
   const int blocks = G::dw_blocks(p.d);
-  return p.hard_threshold != nullptr ? fused_kernel_for<T, true>(blocks)
-                                     : fused_kernel_for<T, false>(blocks);
+  return p.hard_threshold != nullptr ? fused_kernel_for<T, true, kCtas>(blocks)
+                                     : fused_kernel_for<T, false, kCtas>(blocks);
 }
 
 }  // namespace
@@ -429,19 +467,34 @@ template <class T>
 cudaError_t prepare_bwd_fused_sm90(const BackwardParams& p, XwTensorMaps& maps) {
   const bool bf16 = p.dtype == DType::kBFloat16;
   cudaError_t err = encode_tma_2d_b16(&maps.x, bf16, p.x, p.d, p.n, p.d * 2, G::BM);
+  if (err == cudaSuccess) err = encode_tma_2d_b16(&maps.x_half, bf16, p.x, p.d, p.n, p.d * 2, G::BM / 2);
   if (err == cudaSuccess) err = encode_tma_2d_b16(&maps.w, bf16, p.weight, p.d, p.c, p.d * 2, G::BN);
+  if (err == cudaSuccess) err = dev::allow_smem(fused_kernel<T, 1>(p), dev::bwd_fused_smem_bytes(p.d));
   if (err != cudaSuccess) return err;
-  return dev::allow_smem(fused_kernel<T>(p), dev::bwd_fused_smem_bytes(p.d));
+  return dev::allow_smem(fused_kernel<T, 2>(p), dev::bwd_fused_smem_bytes(p.d));
 }
 
 template <class T>
 cudaError_t launch_bwd_fused_sm90(const BackwardParams& p, const XwTensorMaps& maps,
                                   const dev::TileArgs<T>& args, int64_t kc, cudaStream_t stream) {
   const unsigned grid = unsigned(dev::ceil_div(kc, int64_t(G::BN)));
-  const auto kernel = fused_kernel<T>(p);
-  kernel<<<grid, G::kThreads, dev::bwd_fused_smem_bytes(p.d), stream>>>(
-      maps.x, maps.w, args, static_cast<T*>(p.grad_weight));
-  return cudaGetLastError();
+  const size_t smem = dev::bwd_fused_smem_bytes(p.d);
+  T* const grad_weight = static_cast<T*>(p.grad_weight);
+  if (grid % 2 != 0) {  // an odd number of class tiles: no pairs, each CTA loads all of x
+    const auto kernel = fused_kernel<T, 1>(p);
+    kernel<<<grid, G::kThreads, smem, stream>>>(maps.x, maps.w, args, grad_weight);
+    return cudaGetLastError();
+  }
+  // Pairs of adjacent class tiles as 2-CTA clusters sharing each x tile (TMA multicast).
+  cudaLaunchAttribute cluster;
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = 2;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  // {gridDim, blockDim, dynamicSmemBytes, stream, attrs, numAttrs}, positional (the host
+  // emulator's gridDim / blockDim macros would rewrite the member names).
+  const cudaLaunchConfig_t config = {dim3(grid), dim3(G::kThreads), smem, stream, &cluster, 1};
+  return cudaLaunchKernelEx(&config, fused_kernel<T, 2>(p), maps.x_half, maps.w, args, grad_weight);
 }
 
 template cudaError_t prepare_bwd_fused_sm90<__nv_bfloat16>(const BackwardParams&, XwTensorMaps&);

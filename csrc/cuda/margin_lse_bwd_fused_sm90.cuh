@@ -23,14 +23,16 @@ constexpr int kBwdFusedClasses = 64;
 // budgets), x, W and grad_weight 16-byte aligned.
 bool sm90_bwd_fused_eligible(const BackwardParams& p);
 
-// Encodes the maps and allows the kernel's dynamic shared memory (T: __nv_bfloat16 or
-// __half); tensor-map encoding failures are returned as a cudaError.
+// Encodes the maps (x, x_half, w) and allows both variants' dynamic shared memory (T:
+// __nv_bfloat16 or __half); tensor-map encoding failures are returned as a cudaError.
 template <class T>
 cudaError_t prepare_bwd_fused_sm90(const BackwardParams& p, XwTensorMaps& maps);
 
 // bwd_fused_sm90_kernel for the chunk of kc classes from args.c0: bwd_tile's scratch and
 // corr_part (per 64-class tile: corr_part[ct, i], ct < ceil(kc / 64)), and the chunk's dW
-// rows in p.grad_weight (r_part and w_norm are neither written nor needed).
+// rows in p.grad_weight (r_part and w_norm are neither written nor needed). An even number
+// of class tiles runs as 2-CTA clusters sharing each x tile by TMA multicast (maps.x_half),
+// an odd one without clusters (maps.x); the outputs are the same bits.
 template <class T>
 cudaError_t launch_bwd_fused_sm90(const BackwardParams& p, const XwTensorMaps& maps,
                                   const dev::TileArgs<T>& args, int64_t kc, cudaStream_t stream);

@@ -140,6 +140,48 @@ __device__ __forceinline__ void tma_load_2d(void* smem, const void* tensor_map, 
       "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(x), "r"(y), "r"(smem_addr(bar))
       : "memory");
 }
+// ---- Thread block clusters (the fused backward's 2-CTA variant) ----
+// %cluster_ctarank: the CTA's rank in its cluster.
+__device__ __forceinline__ unsigned cluster_ctarank() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// barrier.cluster.arrive.release / barrier.cluster.wait.acquire (every non-exited thread of
+// the cluster arrives; exited threads count as arrived).
+__device__ __forceinline__ void cluster_arrive() {
+  asm volatile("barrier.cluster.arrive.release;\n" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() {
+  asm volatile("barrier.cluster.wait.acquire;\n" ::: "memory");
+}
+// mapa.shared::cluster: the shared::cluster address of shared::cta address `addr` in the
+// CTA of rank `rank`.
+__device__ __forceinline__ uint32_t mapa_shared(uint32_t addr, unsigned rank) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+  return r;
+}
+// One arrival on the mbarrier at a shared::cluster address (a peer CTA's, through mapa), with
+// the default .release.cta semantics: it signals that this thread's wgmma reads of a buffer
+// are retired (a wait_group before it), which the peer's TMA may then overwrite; nothing it
+// wrote needs to be visible to the peer. (.release.cluster would add a MEMBAR.ALL.GPU before
+// every release, waiting for the thread's dS' stores to global memory.)
+__device__ __forceinline__ void mbarrier_arrive_cluster(uint32_t cluster_addr) {
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_addr) : "memory");
+}
+// tma_load_2d multicast: the box lands at the same CTA-relative offset in every CTA of the
+// cluster whose bit is set in cta_mask, each completing its bytes on its mbarrier at bar's
+// offset.
+__device__ __forceinline__ void tma_load_2d_multicast(void* smem, const void* tensor_map, int x,
+                                                      int y, uint64_t* bar, uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(smem_addr(smem)),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(x), "r"(y), "r"(smem_addr(bar)),
+      "h"(cta_mask)
+      : "memory");
+}
 // setmaxnreg.{inc,dec}: the warpgroup's per-thread register budget (warpgroup-wide).
 template <int kRegs>
 __device__ __forceinline__ void setmaxnreg_inc() {

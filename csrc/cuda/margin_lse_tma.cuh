@@ -12,9 +12,10 @@ namespace margin_ops {
 namespace cuda {
 
 // The tensor maps of x and W that an sm_90a backward kernel reads (encoded once per
-// backward).
+// backward); x_half: x in boxes of half the row tile, for the fused backward's 2-CTA cluster
+// variant (each CTA of the pair loads one half and multicasts it to both).
 struct XwTensorMaps {
-  CUtensorMap x, w;
+  CUtensorMap x, w, x_half;
 };
 
 // The 2-D tensor of 16-bit elements (bf16 or fp16) at `base`: `outer` rows of `inner`

@@ -3,7 +3,9 @@
 A source tree is staged into a build directory: its headers are copied, and each ``.cu``
 file becomes a ``.cpp`` file rewritten in the only places where CUDA C++ is not C++:
 ``kernel<<<grid, block, smem, stream>>>(args)`` becomes
-``::emu::launch(grid, block, smem, stream, kernel, args)``, ``extern __shared__ T name[]``
+``::emu::launch(grid, block, smem, stream, kernel, args)`` and ``cudaLaunchKernelEx(config,
+kernel, args)`` (a launch with a cluster shape) ``::emu::launch_ex(config, kernel, args)``,
+``extern __shared__ T name[]``
 becomes a pointer to the emulated block's dynamic shared memory, and each static
 ``__shared__`` declaration (in the ``.cu`` files and in the headers) is followed by a call
 that poisons the variable once per block (on the same line: compiler messages keep the
@@ -36,6 +38,7 @@ TORCH_CUDA_DEFINES = ("__CUDA_NO_HALF_OPERATORS__", "__CUDA_NO_HALF_CONVERSIONS_
                       "__CUDA_NO_BFLOAT16_CONVERSIONS__", "__CUDA_NO_HALF2_OPERATORS__")
 
 _LAUNCH = re.compile(r"([\w:]+(?:<[^<>;()]*>)?)<<<(.+?)>>>\(")
+_LAUNCH_EX = re.compile(r"\bcudaLaunchKernelEx\(")
 _EXTERN_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?([\w ]+?) (\w+)\[\];")
 _STATIC_SHARED = re.compile(r"^(\s*)__shared__ ([^;=]+?) (\w+)((?:\[[^\]]+\])*);", re.MULTILINE)
 
@@ -64,8 +67,9 @@ def rewrite_header(text: str) -> str:
 
 def rewrite_kernel_source(text: str) -> str:
     """The .cu text as host C++ for the emulator (see the module docstring)."""
-    launches = len(_LAUNCH.findall(text))
+    launches = len(_LAUNCH.findall(text)) + len(_LAUNCH_EX.findall(text))
     text = _LAUNCH.sub(r"::emu::launch(\2, \1, ", text)
+    text = _LAUNCH_EX.sub("::emu::launch_ex(", text)
     text = _EXTERN_SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(::emu::dynamic_smem());", text)
     text = _poison_static_shared(text)
     if "<<<" in text or "extern __shared__" in text:

@@ -162,7 +162,7 @@ inline uint32_t to_tf32(float v) {
   return (bits + 0x1000u) & 0xffffe000u;
 }
 
-// ---- sm_90a: mbarrier, bulk copies, proxy fences, wgmma, setmaxnreg (emulator.h has the semantics) ----
+// ---- sm_90a: mbarrier, bulk copies, proxy fences, clusters, wgmma, setmaxnreg (emulator.h has the semantics) ----
 
 inline uint32_t smem_address(const void* p) { return emu::smem_address(p); }
 inline void mbarrier_init(uint64_t* bar, unsigned count) { emu::mbarrier_init(bar, count); }
@@ -192,6 +192,24 @@ inline void fence_mbarrier_init() { emu::fence_mbarrier_init(); }
 // The same two fences under their earlier names.
 inline void fence_proxy_async() { fence_proxy_async_shared_cta(); }
 inline void fence_barrier_init() { fence_mbarrier_init(); }
+
+// Clusters (emulator.h): %cluster_ctarank, %cluster_nctarank, barrier.cluster.arrive.release
+// and barrier.cluster.wait.acquire, mapa.shared::cluster, a (possibly remote) mbarrier arrive
+// at a shared::cluster address, and the 2-D TMA load multicast to the CTAs of cta_mask.
+inline unsigned cluster_ctarank() { return emu::cluster_ctarank(); }
+inline unsigned cluster_nctarank() { return emu::cluster_nctarank(); }
+inline void cluster_arrive() { emu::cluster_arrive(); }
+inline void cluster_wait() { emu::cluster_wait(); }
+inline void cluster_sync() {
+  cluster_arrive();
+  cluster_wait();
+}
+inline uint32_t mapa_shared(uint32_t address, unsigned rank) { return emu::mapa_shared(address, rank); }
+inline void mbarrier_arrive_cluster(uint32_t cluster_address) { emu::mbarrier_arrive_cluster(cluster_address); }
+inline void tma_load_2d_multicast(void* smem_dst, const void* tensor_map, int x, int y, uint64_t* bar,
+                                  uint16_t cta_mask) {
+  emu::tma_load_2d_multicast(smem_dst, tensor_map, x, y, bar, cta_mask);
+}
 
 // setmaxnreg.{inc,dec}.sync.aligned.u32 kRegs: warpgroup-wide (emulator.h); ptxas refuses a
 // count outside [24, 256] or not a multiple of 8, so does the compiler here.

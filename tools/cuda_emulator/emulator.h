@@ -3,12 +3,16 @@
 // rewrites (build.py), before the CUDA headers.
 //
 // What it models:
-//   * a launch runs its blocks one after another; each block's threads are cooperative
-//     fibers on one OS thread, scheduled in one of four reproducible orders (set_schedule);
+//   * a launch runs its blocks one after another, or, launched with a cluster shape
+//     (cudaLaunchKernelEx with cudaLaunchAttributeClusterDimension), its clusters one after
+//     another, the CTAs of a cluster together; the threads of the running block or cluster
+//     are cooperative fibers on one OS thread, scheduled in one of four reproducible orders
+//     (set_schedule);
 //   * __syncthreads is a block barrier that exited threads no longer count in;
 //   * warp-synchronous operations (__shfl_xor_sync, ldmatrix, mma.sync) are rendezvous of
 //     the warp's 32 lanes, which must all be alive and at the same kind of operation;
-//   * __shared__ variables are function statics (one block runs at a time); they and the
+//   * __shared__ variables are function statics (one block runs at a time; refused in
+//     cluster launches, whose CTAs run together); they and the
 //     dynamic shared buffer are poisoned with 0xff bytes (NaN in every float type) at
 //     block start;
 //   * cp.async copies are snapshots of the source, landed only by the cp.async.wait_group
@@ -17,12 +21,17 @@
 //   * sm_90a: mbarriers with phases and transaction counts, bulk and 2-D TMA copies landing
 //     on them, wgmma with shared-memory matrix descriptors and its fence / commit / wait
 //     rules, the generic / async proxy split of shared memory, setmaxnreg's warpgroup
-//     rendezvous (the Hopper section below; docs/design.md §3.3.1).
+//     rendezvous, and clusters: %cluster_ctarank, barrier.cluster, mapa and remote mbarrier
+//     arrivals, TMA multicast (the Hopper and cluster sections below; docs/design.md §3.3.1).
 // What it reports as a launch failure (cudaGetLastError, then emu::last_error()): a
 // deadlock, a diverged or partial warp at a warp-synchronous operation (or warpgroup at a
 // warpgroup-wide one), a missing proxy fence (the Hopper section below), a misaligned or
 // non-shared address given to cp.async / ldmatrix, a cp.async group never waited for, a
-// bulk or TMA copy issued into shared memory that a wgmma not yet retired reads,
+// bulk or TMA copy issued into shared memory that a wgmma not yet retired reads (of any CTA
+// of the cluster), a CTA exiting while a peer may still access its shared memory or with a
+// bulk / TMA copy still in flight into it, a remote
+// arrive or multicast on a peer's mbarrier whose init is not published to the cluster, a
+// multicast ctaMask naming a CTA outside the cluster,
 // dynamic shared memory above 48 KiB without cudaFuncSetAttribute (or above 227 KiB).
 // It does not detect out-of-bounds global accesses or report timing.
 #pragma once
@@ -139,6 +148,8 @@ void fence_proxy_async_shared();
 // fence.mbarrier_init.release.cluster: makes the block's initialised mbarriers visible to
 // the async proxy (so does fence.proxy.async); a bulk or TMA copy on an mbarrier initialised
 // with neither fence after its mbarrier.init fails.
+// Also a release at cluster scope: a peer may arrive on (or multicast to) an mbarrier of this
+// CTA only once such a fence after its mbarrier.init happens before (a cluster barrier).
 void fence_mbarrier_init();
 // setmaxnreg.{inc,dec}.sync.aligned.u32 regs: a rendezvous of the warpgroup's 128 threads,
 // which must all give the same direction and count (a multiple of 8 in [24, 256]). The
@@ -154,6 +165,39 @@ void wgmma_commit_group();
 void wgmma_wait_group(int pending_groups_allowed);
 // Fails if a wgmma still in flight writes any of d[0..count) (for a kernel's operand fence).
 void wgmma_check_registers(const float* d, int count);
+
+// ---- clusters (PTX ISA: barrier.cluster, mapa, mbarrier .shared::cluster, cp.async.bulk.tensor
+// .multicast::cluster; the CUDA programming guide, "Thread Block Clusters") ----
+
+// %cluster_ctarank and %cluster_nctarank: the CTA's rank in its cluster (x fastest, as
+// blockIdx within the cluster) and the cluster's CTA count (1 without a cluster launch).
+unsigned cluster_ctarank();
+unsigned cluster_nctarank();
+// barrier.cluster.arrive.release / barrier.cluster.wait.acquire (not .aligned: per thread).
+// A phase completes when every thread of the cluster that has not exited has arrived
+// (exiting releases it, as the PTX ISA says of exit); the wait blocks until the phase the
+// thread arrived on completes, and acquires what every arrival knew. A second arrive without
+// a wait between, or a wait without an arrive, fails.
+void cluster_arrive();
+void cluster_wait();
+// mapa.shared::cluster.u32: the shared::cluster address of the byte at shared::cta address
+// `address` in the CTA of rank `rank` (a rank outside the cluster fails). Shared::cta
+// addresses are shared::cluster addresses of the CTA's own shared memory.
+uint32_t mapa_shared(uint32_t address, unsigned rank);
+// mbarrier.arrive.release.cluster.shared::cluster.b64 _, [address]: one arrival on the
+// mbarrier at a shared::cluster address, possibly a peer CTA's. A peer's mbarrier must have
+// been published (fence_mbarrier_init) by a fence that happens before the arrive, and the
+// peer must not have exited; the arrive counts as an access to its shared memory, which the
+// peer must not exit before (a final cluster barrier). The arrival carries the arriving
+// thread's knowledge (wgmma retirements) to the peer's waiters: a release by a consumer of
+// one CTA orders its wait_group before a multicast by the peer's producer.
+void mbarrier_arrive_cluster(uint32_t address);
+// cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes
+// .multicast::cluster: the box lands at the same CTA-relative offset as smem_dst in every CTA
+// whose bit is set in cta_mask (bit r: rank r; a bit outside the cluster, or an empty mask,
+// fails), and the mbarrier at bar's offset in each of them gets the complete_tx of the bytes
+// landed there. Each destination is checked as tma_load_2d's (and as a remote access).
+void tma_load_2d_multicast(void* smem_dst, const void* tensor_map, int x, int y, void* bar, uint16_t cta_mask);
 
 // Records a failure of the running launch (the first one wins) and stops it.
 [[noreturn]] void fail(const std::string& what);
@@ -175,9 +219,10 @@ std::vector<std::string> take_launched_kernels();
 enum class Schedule : int { kRoundRobin = 0, kWarpsAscending = 1, kWarpsDescending = 2, kRandom = 3 };
 void set_schedule(Schedule schedule, uint64_t seed);
 
-// Runs `body` as the kernel `kernel_id` on every thread of every block.
+// Runs `body` as the kernel `kernel_id` on every thread of every block, in clusters of
+// `cluster` blocks.
 cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, const void* kernel_id,
-                     const std::function<void()>& body);
+                     const std::function<void()>& body, dim3 cluster = dim3(1, 1, 1));
 
 // kernel<<<grid, block, smem, stream>>>(args...), as build.py rewrites it.
 template <class... Params, class... Args>
@@ -185,6 +230,20 @@ cudaError_t launch(dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t,
                    void (*kernel)(Params...), Args&&... args) {
   return run_grid(grid, block, smem_bytes, reinterpret_cast<const void*>(kernel),
                   [&] { kernel(args...); });
+}
+
+// cudaLaunchKernelEx(config, kernel, args...), as build.py rewrites it: the cluster shape
+// from cudaLaunchAttributeClusterDimension, the only attribute modelled (others refused).
+template <class... Params, class... Args>
+cudaError_t launch_ex(const cudaLaunchConfig_t* config, void (*kernel)(Params...), Args&&... args) {
+  dim3 cluster(1, 1, 1);
+  for (unsigned i = 0; i < config->numAttrs; ++i) {
+    const cudaLaunchAttribute& a = config->attrs[i];
+    if (a.id != cudaLaunchAttributeClusterDimension) return cudaErrorNotSupported;
+    cluster = dim3(a.val.clusterDim.x, a.val.clusterDim.y, a.val.clusterDim.z);
+  }
+  return run_grid(config->gridDim, config->blockDim, config->dynamicSmemBytes,
+                  reinterpret_cast<const void*>(kernel), [&] { kernel(args...); }, cluster);
 }
 
 }  // namespace emu

@@ -1,5 +1,6 @@
 // Probe kernels for the emulator's sm_90a instructions (emulated_ptx.cuh: mbarrier, bulk
-// copies, wgmma, proxy fences, setmaxnreg, copies into an in-flight wgmma's operands), run
+// copies, wgmma, proxy fences, setmaxnreg, copies into an in-flight wgmma's operands,
+// clusters with TMA multicast and remote mbarrier arrivals), run
 // one instruction sequence at a time on operands given from Python, so that
 // tests/test_emulator_hopper.py can check them against an independent transcription of
 // CuTe's GMMA layout atoms and MMA traits, and show that the expected mistakes fail. Built
@@ -409,6 +410,86 @@ void setmaxnreg_kernel(int mode, int regs, int32_t* done) {
   done[t] = 1;
 }
 
+// ---- clusters: TMA multicast into a 2-CTA cluster, remote releases, the final cluster barrier ----
+
+// What the cluster probe does (correct first).
+enum ClusterCase : int {
+  kClusterCorrect = 0,         // init, fence.mbarrier_init, cluster sync; releases after wait_group; final cluster sync
+  kRemoteReleaseBeforeWait = 1,// the release on the peer's `empty` between commit_group and wait_group
+  kInitNotFencedForCluster = 2,// fence.proxy.async instead of fence.mbarrier_init after the init
+  kNoClusterSyncAfterInit = 3, // fence.mbarrier_init, but no cluster barrier before the peers use the mbarriers
+  kNoFinalClusterSync = 4,     // the CTAs exit without a final cluster barrier
+  kMaskOutsideCluster = 5,     // the producer's ctaMask also names rank 2 (the cluster has 2 CTAs)
+  kFinalArriveBeforeRelease = 6,  // the consumers' final cluster arrive before their last remote release
+  kCopyNeverWaited = 7,        // the producers multicast a third image that no consumer waits for
+};
+
+struct ClusterProbe {
+  const CUtensorMap* map;  // rows of 64 int16; image i is rows 18 i .. 18 i + 17
+  uint64_t desc_a, desc_b;
+  int mode;
+  float* d;       // (2 ranks, 2 images, 128, 4): D = A B^T of each image, as each CTA computed it
+  int32_t* ids;   // (2 ranks, 4): blockIdx.x, %cluster_ctarank, %cluster_nctarank, 1
+};
+
+// A cluster of 2 CTAs shares each 2304-byte image: the producer of rank r (thread 128) loads
+// its half (rows 9 r .. 9 r + 8) with one TMA multicast to both CTAs, so each CTA's `full`
+// gets both halves' bytes. A buffer is refilled once the consumers of BOTH CTAs have
+// released it: each CTA's `empty` counts its own 128 consumer threads and the peer's (remote
+// arrivals through mapa). Each consumer warpgroup runs one m64n8k16 wgmma per image.
+void cluster_kernel(const ClusterProbe* p) {
+  constexpr unsigned kBytes = 2304, kHalf = kBytes / 2;
+  unsigned char* smem = emu::dynamic_smem();
+  auto* full = reinterpret_cast<uint64_t*>(smem + kBytes);
+  uint64_t* empty = full + 1;
+  const int t = int(threadIdx.x);
+  const unsigned rank = ptx::cluster_ctarank(), peer = rank ^ 1u;
+  if (t == 0) {
+    int32_t* id = p->ids + 4 * rank;
+    id[0] = int32_t(blockIdx.x), id[1] = int32_t(rank), id[2] = int32_t(ptx::cluster_nctarank()), id[3] = 1;
+    ptx::mbarrier_init(full, 1);
+    ptx::mbarrier_init(empty, 256);
+    if (p->mode == kInitNotFencedForCluster) {
+      ptx::fence_proxy_async_shared_cta();
+    } else {
+      ptx::fence_mbarrier_init();
+    }
+  }
+  __syncthreads();
+  if (p->mode != kNoClusterSyncAfterInit) ptx::cluster_sync();
+  const uint32_t peer_empty = ptx::mapa_shared(ptx::smem_address(empty), peer);
+  if (t >= 128) {
+    if (t == 128) {
+      const uint16_t mask = p->mode == kMaskOutsideCluster ? 0x7 : 0x3;
+      for (int image = 0; image < (p->mode == kCopyNeverWaited ? 3 : 2); ++image) {
+        ptx::mbarrier_wait_parity(empty, unsigned(image & 1) ^ 1u);
+        ptx::mbarrier_arrive_expect_tx(full, kBytes);
+        ptx::tma_load_2d_multicast(smem + rank * kHalf, p->map, 0, 18 * (image % 2) + 9 * int(rank), full, mask);
+      }
+    }
+  } else {
+    for (int image = 0; image < 2; ++image) {
+      ptx::mbarrier_wait_parity(full, unsigned(image & 1));
+      float acc[4];
+      ptx::wgmma_fence();
+      ptx::wgmma_ss<__nv_bfloat16, 8>(acc, p->desc_a, p->desc_b, 0);
+      ptx::wgmma_commit_group();
+      if (p->mode == kRemoteReleaseBeforeWait) ptx::mbarrier_arrive_cluster(peer_empty);
+      ptx::wgmma_wait_group<0>();
+      ptx::mbarrier_arrive(empty);
+      if (image == 1 && p->mode == kFinalArriveBeforeRelease) ptx::cluster_arrive();
+      if (p->mode != kRemoteReleaseBeforeWait) ptx::mbarrier_arrive_cluster(peer_empty);
+      for (int i = 0; i < 4; ++i) p->d[((rank * 2 + image) * 128 + t) * 4 + i] = acc[i];
+    }
+  }
+  // The peer's last releases arrive on this CTA's `empty`: it must not exit before them.
+  if (p->mode == kFinalArriveBeforeRelease && t < 128) {
+    ptx::cluster_wait();
+  } else if (p->mode != kNoFinalClusterSync) {
+    ptx::cluster_sync();
+  }
+}
+
 }  // namespace
 
 // The shared-memory image (int16) of one TMA load of the box (box0 x box1 elements of 2
@@ -496,6 +577,37 @@ at::Tensor probe_refill(const at::Tensor& images, int64_t desc_a, int64_t desc_b
   return d;
 }
 
+// [(2, 2, 128, 4) float32: D of one m64n8k16 bf16 wgmma (scale-d 0) per image per CTA of a
+// 2-CTA cluster, (2, 4) int32: per CTA its blockIdx.x, %cluster_ctarank, %cluster_nctarank]:
+// the two images (2, 1152) int16 (A and B K-major without swizzle, as the descriptors address
+// them) land in both CTAs by TMA multicast of halves, as ClusterCase `mode` says. The grid
+// is `clusters` clusters of 2 along x; d and ids are those of the last cluster.
+std::vector<at::Tensor> probe_cluster(const at::Tensor& images, int64_t desc_a, int64_t desc_b, int64_t mode,
+                                      int64_t clusters) {
+  const auto ic = images.contiguous();
+  TORCH_CHECK(ic.numel() == 2 * 1152, "two images of 2304 bytes");
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {64, 36};
+  const cuuint64_t strides[1] = {128};
+  const cuuint32_t box[2] = {64, 9};
+  const cuuint32_t ones[2] = {1, 1};
+  const CUresult r = cuTensorMapEncodeTiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, ic.data_ptr(), dims, strides,
+                                            box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                                            CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(r == CUDA_SUCCESS, emu::last_error());
+  auto d = at::full({2, 2, 128, 4}, std::nanf(""), at::kFloat);
+  auto ids = at::full({2, 4}, -1, at::kInt);
+  ClusterProbe p{&map, uint64_t(desc_a), uint64_t(desc_b), int(mode), d.data_ptr<float>(), ids.data_ptr<int32_t>()};
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = 2, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
+  // {gridDim, blockDim, dynamicSmemBytes, stream, attrs, numAttrs}: positional, since the
+  // emulator's gridDim / blockDim macros (for kernel code) would rewrite the member names.
+  const cudaLaunchConfig_t config = {dim3(unsigned(2 * clusters)), dim3(256), 2304 + 16, nullptr, &attr, 1};
+  check(emu::launch_ex(&config, cluster_kernel, &p));
+  return {d, ids};
+}
+
 // (256,) int32: 1 for each thread of two warpgroups that got past setmaxnreg as RegsCase
 // `mode` uses it (`regs`: the count of kRegsCount).
 at::Tensor probe_setmaxnreg(int64_t mode, int64_t regs) {
@@ -539,5 +651,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("probe_mbarrier_init", &probe_mbarrier_init);
   m.def("probe_setmaxnreg", &probe_setmaxnreg);
   m.def("probe_refill", &probe_refill);
+  m.def("probe_cluster", &probe_cluster);
   m.def("set_schedule", &set_schedule);
 }

@@ -22,15 +22,21 @@ using ::emu::ptx::mma_1688_tf32;
 using ::emu::ptx::to_tf32;
 
 // sm_90a
+using ::emu::ptx::cluster_arrive;
+using ::emu::ptx::cluster_ctarank;
+using ::emu::ptx::cluster_wait;
 using ::emu::ptx::fence_mbarrier_init;
 using ::emu::ptx::fence_proxy_async_shared_cta;
+using ::emu::ptx::mapa_shared;
 using ::emu::ptx::mbarrier_arrive;
+using ::emu::ptx::mbarrier_arrive_cluster;
 using ::emu::ptx::mbarrier_arrive_expect_tx;
 using ::emu::ptx::mbarrier_init;
 using ::emu::ptx::mbarrier_wait_parity;
 using ::emu::ptx::setmaxnreg_dec;
 using ::emu::ptx::setmaxnreg_inc;
 using ::emu::ptx::tma_load_2d;
+using ::emu::ptx::tma_load_2d_multicast;
 using ::emu::ptx::wgmma_commit_group;
 using ::emu::ptx::wgmma_fence;
 using ::emu::ptx::wgmma_fence_operand;
