@@ -141,7 +141,10 @@
 //             m64n256). r_c = Σ dc ĉ stays in registers over the walk; dW = acc − w_c r_c /
 //             ‖w_c‖² is written once, as 16-byte stores of the CTA's 64 consecutive dW rows. So
 //             dS' is written once and read once (by bwd_dx) per chunk, x̂, r_part and w_norm
-//             are not needed (design details: margin_lse_bwd_fused_sm90.cu).
+//             are not needed. Where the chunk's class-tile count is even, pairs of tiles run
+//             as 2-CTA clusters (kCtas = 2) that share each x tile by TMA multicast, each CTA
+//             loading half its rows; both CTAs' consumers release a buffer (remote mbarrier
+//             arrivals) before either refills it (design details: margin_lse_bwd_fused_sm90.cu).
 //   bwd_fused replaces bwd_tile + bwd_dw on mma.sync where bwd_fused_sm90 does not run and
 //             bwd_fused_eligible holds (bf16/fp16, K = 1, no class_index, d % 64 == 0,
 //             d <= 512, 16-byte aligned x / W / dW, its shared memory within the device's
