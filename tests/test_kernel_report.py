@@ -615,17 +615,26 @@ def test_model_of_the_fused_backward_closed_form():
     assert terms["issue"] == pytest.approx(62 * 2 * 8 * (800 + 8 * 900) / 4 / clk)
     assert terms["tensor"] == pytest.approx(62 * 2 * 8 * 2048 / clk)
     assert terms["exposed"] == pytest.approx(62 * 2 * 8 * 800 / clk)
-    # L2 per chunk: every CTA reads x (512 x 512 x 2) and 64 B of row factors per row; W's
+    # L2 per chunk: every CTA reads half of x (512 x 512 x 2 / 2: the 256 tiles pair up
+    # into 2-CTA clusters that multicast each x tile) and 64 B of row factors per row; W's
     # 16384 x 512 x 2 once; dS' 512 x 16384 x 2 written; dW written once
     w = 16384 * 512 * 2
-    l2 = 256 * 512 * (1024 + 64) + w + 512 * 16384 * 2 + w
+    l2 = 256 * 512 * (512 + 64) + w + 512 * 16384 * 2 + w
     assert terms["L2"] == pytest.approx(62 * l2 / 5.5e12)
     assert terms["HBM"] == pytest.approx(62 * 2 * w / 3e12)  # W read, dW written
     assert terms["refill"] == pytest.approx(62 * 0.5e-6)  # 256 CTAs on 132 SMs: 1 more each
-    # time = max(issue, tensor + exposed, L2, HBM) + refill + launch: x re-read per CTA
-    # makes it L2-bound (35 us per chunk against 2 x 8 x (2048 + 800) clocks = 25 us)
-    assert 2 * 8 * (800 + 8 * 900) / 4 < 2 * 8 * (2048 + 800) < l2 / 5.5e12 * clk
-    assert bound == "L2" and t == pytest.approx(62 * (l2 / 5.5e12 + 0.5e-6 + 3e-6))
+    # time = max(issue, tensor + exposed, L2, HBM) + refill + launch: with x shared by the
+    # cluster the tensor cores and the serial epilogue bound it (2 x 8 x (2048 + 800) clocks
+    # per chunk against 20 us of L2)
+    assert 2 * 8 * (800 + 8 * 900) / 4 < l2 / 5.5e12 * clk < 2 * 8 * (2048 + 800)
+    assert bound == "tensor+epi"
+    assert t == pytest.approx(62 * (2 * 8 * (2048 + 800) / clk + 0.5e-6 + 3e-6))
+    # an odd grid (231 class tiles in one chunk) runs without clusters: x whole per CTA
+    odd = {x[0]: x for x in kr.model_shape(reps, n, d, 64 * 231, m, path=kr.FUSED_PATH)["bwd"]}
+    _, count, grid, _, _, terms, _ = odd["bwd_fused_sm90<kDB=4>"]
+    w = 64 * 231 * 512 * 2
+    assert (count, grid) == (1, 231)
+    assert terms["L2"] == pytest.approx((231 * 512 * (1024 + 64) + w + 512 * 64 * 231 * 2 + w) / 5.5e12)
     assert res["launches"] == 1 + 1 + 1 + 1 + 2 * 62 + 1  # fwd: prep, main, combine
 
 
